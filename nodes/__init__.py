@@ -1,0 +1,33 @@
+"""ComfyUI node classes of the pack: thin wrappers that check inputs, call ``py/`` and wrap results.
+
+Each module in ``_NODE_MODULES`` exports ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS``.
+A module that fails to import is logged and skipped so the rest of the pack still loads.
+"""
+
+import importlib
+import logging
+
+from .model_paths import register_model_folders
+
+log = logging.getLogger("facecond")
+
+_NODE_MODULES = ("weights_nodes", "faces", "face0")
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+
+register_model_folders()
+
+for _name in _NODE_MODULES:
+    try:
+        _mod = importlib.import_module(f".{_name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{_name}":
+            continue  # not written yet
+        log.exception("[facecond] could not load nodes/%s.py; its nodes are unavailable", _name)
+        continue
+    except Exception:
+        log.exception("[facecond] could not load nodes/%s.py; its nodes are unavailable", _name)
+        continue
+    NODE_CLASS_MAPPINGS.update(_mod.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_mod.NODE_DISPLAY_NAME_MAPPINGS)

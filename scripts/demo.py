@@ -1,0 +1,93 @@
+"""Queue an example workflow on a headless ComfyUI and print where the images went.
+
+    python -P scripts/demo.py [--workflow example_workflows/X.json] [--comfyui /path/to/ComfyUI]
+                              [--image face.jpg] [--out DIR]
+
+Without --comfyui it uses the pinned host from scripts/setup_host.sh (``make demo`` sets it up) and,
+where no user weights are there, the bundled stand-ins: a tiny random SD1.5 checkpoint under the name
+the examples use, the small insightface test pack from ../shared/data, and an untrained Face0 projection.
+Those make the graph run end to end; the pictures are noise-like until real weights are put in place
+(README, "Weights"). With --comfyui, the models of that ComfyUI are used (read-only, through an
+extra_model_paths file) and nothing is written into it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from facecond_dev import host
+from facecond_dev.client import ComfyClient
+
+log = logging.getLogger("facecond.demo")
+DEFAULT_WORKFLOW = host.REPO / "example_workflows" / "face0_single_photo.json"
+
+
+def _face_photo(given: str | None) -> Path:
+    if given:
+        return Path(given)
+    data = host.shared_data()
+    if data is not None:
+        return data / "faces" / "obama" / "obama.jpg"
+    raise SystemExit("demo: no face photo: pass --image PATH (a photo with one clearly visible face)")
+
+
+def _extra_model_paths(comfyui: Path, base: Path) -> Path:
+    """A yaml that adds the user's models folders to the throw-away base (read-only use)."""
+    folders = ["checkpoints", "loras", "vae", "clip", "clip_vision", "ipadapter", "embeddings", "facenet",
+               "insightface"]
+    lines = ["user_comfyui:", f"  base_path: {comfyui}"] + [f"  {f}: models/{f}" for f in folders]
+    lines += ["  facecond_face0: models/facecond/face0", "  facecond_embeds: models/facecond/embeds"]
+    path = base / "extra_model_paths.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workflow", default=str(DEFAULT_WORKFLOW), help="UI-format workflow JSON to queue")
+    ap.add_argument("--comfyui", default=None, help="an existing ComfyUI folder to run (default: the pinned host)")
+    ap.add_argument("--python", default=sys.executable, help="Python of that ComfyUI (default: this one)")
+    ap.add_argument("--image", default=None, help="face photo for the workflow's LoadImage nodes")
+    ap.add_argument("--out", default="demo_output", help="folder to copy the generated images to")
+    args = ap.parse_args(argv)
+
+    workflow = Path(args.workflow)
+    base = Path(tempfile.mkdtemp(prefix="facecond-demo-"))
+    extra: tuple[str, ...] = ()
+    if args.comfyui:
+        host.prepare_base(base, host.REPO, "facecond", tiny_checkpoint=False)
+        extra = ("--extra-model-paths-config", str(_extra_model_paths(Path(args.comfyui).resolve(), base)))
+    else:
+        host.import_comfy(base)  # the tiny checkpoint is built with ComfyUI's own classes
+        host.prepare_base(base, host.REPO, "facecond")
+        host.install_stand_in_models(base)
+    host.copy_inputs(base, {name: _face_photo(args.image) for name in host.workflow_input_images(workflow)})
+
+    log.info("starting ComfyUI (base %s)", base)
+    with host.ComfyServer(base, comfy_root=args.comfyui, python=args.python, extra_args=extra) as srv:
+        client = ComfyClient(srv.url, base)
+        result = client.run_workflow(workflow, timeout=900)
+        if result.status != "success":
+            err = result.error or {}
+            log.error("the workflow failed in %s (node %s): %s", err.get("node_type"), err.get("node_id"),
+                      err.get("exception_message", result.messages))
+            return 1
+        out = Path(args.out).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        images = client.output_images(result)
+        for img in images:
+            shutil.copy2(img, out / img.name)
+    shutil.rmtree(base, ignore_errors=True)
+    log.info("demo: %d image(s) from %s written to %s", len(images), workflow.name, out)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""A small client for ComfyUI's HTTP API, and UI-format workflow → API-format prompt conversion."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Front-end widgets that store an extra value after a seed ("control after generate").
+_SEED_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+_PRIMITIVE_WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+_UI_ONLY_NODES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+
+
+class PromptRejected(RuntimeError):
+    """POST /prompt refused the graph (validation error); ``details`` is the server's JSON answer."""
+
+    def __init__(self, details: dict):
+        self.details = details
+        super().__init__(json.dumps(details)[:2000])
+
+
+@dataclass
+class Result:
+    prompt_id: str
+    status: str                      # "success" or "error"
+    outputs: dict = field(default_factory=dict)
+    messages: list = field(default_factory=list)
+
+    @property
+    def error(self) -> dict | None:
+        """The ``execution_error`` message (node_id, node_type, exception_message, ...) if the run failed."""
+        for kind, data in self.messages:
+            if kind == "execution_error":
+                return data
+        return None
+
+
+class ComfyClient:
+    def __init__(self, url: str, base_dir: Path | None = None):
+        self.url = url.rstrip("/")
+        self.base_dir = Path(base_dir) if base_dir else None
+        self.client_id = uuid.uuid4().hex
+        self._object_info: dict | None = None
+
+    def _request(self, path: str, payload: dict | None = None, timeout: float = 30.0):
+        data = json.dumps(payload).encode() if payload is not None else None
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read() or b"null")
+
+    def object_info(self, refresh: bool = False) -> dict:
+        if self._object_info is None or refresh:
+            self._object_info = self._request("/object_info", timeout=120)
+        return self._object_info
+
+    def queue(self, prompt: dict) -> str:
+        try:
+            answer = self._request("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        except urllib.error.HTTPError as e:
+            raise PromptRejected(json.loads(e.read() or b"{}")) from None
+        return answer["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 300.0) -> Result:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self._request(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                status = entry["status"]
+                if status.get("status_str") in ("success", "error"):
+                    return Result(prompt_id, status["status_str"], entry.get("outputs", {}),
+                                  status.get("messages", []))
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f}s")
+
+    def run(self, prompt: dict, timeout: float = 300.0) -> Result:
+        return self.wait(self.queue(prompt), timeout)
+
+    def run_workflow(self, path: str | Path, timeout: float = 300.0) -> Result:
+        workflow = json.loads(Path(path).read_text())
+        return self.run(ui_to_api(workflow, self.object_info()), timeout)
+
+    def output_images(self, result: Result) -> list[Path]:
+        """Files of every image output of a finished prompt (needs ``base_dir``)."""
+        if self.base_dir is None:
+            raise ValueError("output_images needs the server's base_dir")
+        paths = []
+        for node_output in result.outputs.values():
+            for img in node_output.get("images", []):
+                paths.append(self.base_dir / img.get("type", "output") / img.get("subfolder", "") / img["filename"])
+        return paths
+
+
+def _widget_inputs(spec: dict) -> list[tuple[str, str, dict]]:
+    """(name, type, options) of each input the front end shows as a widget, in schema order."""
+    out = []
+    for section in ("required", "optional"):
+        for name, entry in spec.get("input", {}).get(section, {}).items():
+            kind = entry[0]
+            opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            if isinstance(kind, list) or kind in _PRIMITIVE_WIDGETS or kind == "COMBO":
+                out.append((name, kind if isinstance(kind, str) else "COMBO", opts))
+    return out
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a workflow saved by the ComfyUI front end (nodes + links) to an API-format prompt.
+
+    Widget values are matched to the node schema's widget inputs in order, skipping the seed
+    "control after generate" value; inputs fed by a link become ``[source_id, slot]``. Muted nodes (mode 2)
+    are dropped; bypassed nodes (mode 4) and Reroutes pass their input through.
+    """
+    nodes = {str(n["id"]): n for n in workflow["nodes"]}
+    links = {lk[0]: lk for lk in workflow.get("links", [])}  # id, from_node, from_slot, to_node, to_slot, type
+
+    def source(link_id):
+        """Follow reroutes and bypassed nodes back to a real output: (node_id, slot) or None."""
+        _, from_node, from_slot, *_ = links[link_id]
+        node = nodes[str(from_node)]
+        if node["type"] == "Reroute" or node.get("mode") == 4:
+            link_type = links[link_id][5]
+            for inp in node.get("inputs", []):
+                if inp.get("link") is not None and (node["type"] == "Reroute" or inp.get("type") == link_type):
+                    return source(inp["link"])
+            return None
+        return [str(from_node), from_slot]
+
+    prompt = {}
+    for node_id, node in nodes.items():
+        kind = node["type"]
+        if kind in _UI_ONLY_NODES or node.get("mode") in (2, 4):
+            continue
+        if kind not in object_info:
+            raise ValueError(f"workflow node {node_id} has type {kind!r}, which the server does not know")
+        spec = object_info[kind]
+        inputs: dict = {}
+        linked = {inp["name"]: inp["link"] for inp in node.get("inputs", []) if inp.get("link") is not None}
+        values = node.get("widgets_values", [])
+        if isinstance(values, dict):
+            inputs.update({k: v for k, v in values.items() if k not in linked})
+        else:
+            values = list(values)
+            for name, wtype, opts in _widget_inputs(spec):
+                if not values:
+                    break
+                value = values.pop(0)
+                if name not in linked:
+                    inputs[name] = value
+                if wtype == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")) \
+                        and values and values[0] in _SEED_CONTROL_VALUES:
+                    values.pop(0)
+        for name, link_id in linked.items():
+            src = source(link_id)
+            if src is not None:
+                inputs[name] = src
+        prompt[node_id] = {"class_type": kind, "inputs": inputs}
+    return prompt

@@ -1,0 +1,175 @@
+"""The pinned headless ComfyUI host: where it lives, how to import it in-process, how to run it as a server.
+
+``scripts/setup_host.sh`` installs it (ComfyUI 0.3.75 + a venv) under ``.host/``; this module uses it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+HOST_DIR = Path(os.environ.get("FACECOND_HOST", REPO / ".host"))
+SHARED_DATA = REPO.parent / "shared" / "data"
+# The example workflows name the checkpoint most SD1.5 users have; on a test or demo host that name
+# holds the tiny random checkpoint (tiny_model.py), so the same workflow files run everywhere.
+EXAMPLE_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
+BASE_SUBDIRS = ("custom_nodes", "models/checkpoints", "input", "output", "temp", "user")
+
+
+def comfy_dir(comfy_root: str | os.PathLike | None = None) -> Path:
+    path = Path(comfy_root) if comfy_root else HOST_DIR / "ComfyUI"
+    if not (path / "main.py").is_file():
+        raise FileNotFoundError(f"no ComfyUI at {path}: run scripts/setup_host.sh (or pass --comfyui PATH)")
+    return path
+
+
+def shared_data() -> Path | None:
+    return SHARED_DATA if SHARED_DATA.is_dir() else None
+
+
+def _tiny_checkpoint() -> Path:
+    """The tiny SD1.5 checkpoint, generated once into the host cache (about 1 s, 280 MB)."""
+    from .tiny_model import write_tiny_checkpoint
+
+    data = shared_data()
+    taesd = data / "models" / "taesd" if data and (data / "models" / "taesd").is_dir() else None
+    return write_tiny_checkpoint(HOST_DIR / "cache" / "tiny_sd15.safetensors", taesd_dir=taesd)
+
+
+def prepare_base(base: Path, pack_dir: Path | None = REPO, pack_name: str = "facecond", *,
+                 tiny_checkpoint: bool = True) -> Path:
+    """Lay out a throw-away ``--base-directory``: the pack linked into custom_nodes, the tiny checkpoint
+    linked under ``EXAMPLE_CKPT``. Call after ComfyUI is importable (the checkpoint is built with its classes)."""
+    for sub in BASE_SUBDIRS:
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    if pack_dir is not None:
+        link = base / "custom_nodes" / pack_name
+        if not link.exists():
+            link.symlink_to(pack_dir, target_is_directory=True)
+    ckpt = base / "models" / "checkpoints" / EXAMPLE_CKPT
+    if tiny_checkpoint and not ckpt.exists():
+        ckpt.symlink_to(_tiny_checkpoint())
+    return base
+
+
+def import_comfy(base: Path, comfy_root: str | os.PathLike | None = None) -> None:
+    """Import ComfyUI into this process on the CPU with ``base`` as its base directory.
+
+    Order matters (HOST.md): cli args before ``comfy.model_management``; ``utils.extra_config`` before
+    ``nodes`` (nodes.py puts comfy/ on sys.path, whose utils.py would shadow the top-level package).
+    """
+    root = str(comfy_dir(comfy_root))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.base_directory = str(base)
+    import utils.extra_config  # noqa: F401
+    import folder_paths  # noqa: F401  (reads base_directory now)
+    import nodes  # noqa: F401
+
+
+def load_pack(pack_dir: Path, name: str = "facecond"):
+    """Import the pack as package ``name`` (its real ``__init__``), as ComfyUI would under any folder name."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, pack_dir / "__init__.py", submodule_search_locations=[str(pack_dir)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """``main.py --cpu`` on a free loopback port with only the pack enabled; stopped by PID."""
+
+    def __init__(self, base: Path, *, pack_name: str = "facecond", comfy_root=None, python: str | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        self.base = Path(base)
+        self.pack_name = pack_name
+        self.root = comfy_dir(comfy_root)
+        self.python = python or sys.executable
+        self.extra_args = extra_args
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.base / "comfyui.log"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        return [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                "--base-directory", str(self.base), "--disable-all-custom-nodes",
+                "--whitelist-custom-nodes", self.pack_name, "--dont-print-server", *self.extra_args]
+
+    def start(self, timeout: float = 120.0) -> ComfyServer:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(self.command(), cwd=self.root, stdout=logf, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/system_stats", timeout=2) as r:
+                    if r.status == 200:
+                        log.info("ComfyUI ready at %s (base %s)", self.url, self.base)
+                        return self
+            except OSError:
+                time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"ComfyUI not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout)
+
+    def __enter__(self) -> ComfyServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def workflow_input_images(workflow: Path) -> set[str]:
+    """Image names that a UI-format workflow's LoadImage nodes read from the input folder."""
+    nodes = json.loads(Path(workflow).read_text())["nodes"]
+    return {n["widgets_values"][0] for n in nodes if n["type"] == "LoadImage"}
+
+
+def copy_inputs(base: Path, files: dict[str, Path]) -> None:
+    """Copy files into the base's input folder under the given names (what LoadImage lists)."""
+    for name, src in files.items():
+        shutil.copyfile(src, base / "input" / name)

@@ -1,0 +1,77 @@
+"""Test harness: real ComfyUI 0.3.75, in-process and as a headless server (see shared/HOST.md).
+
+At import, ComfyUI is imported into the pytest process on the CPU with a throw-away base directory,
+and the pack is imported as the package ``facecond`` (its real ``__init__``), so tests write
+``from facecond.nodes.faces import ...``. The ``server`` fixture runs ``main.py`` with the pack linked
+into its custom_nodes under an awkward folder name (the folder name must not matter).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from facecond_dev import host  # noqa: E402
+from facecond_dev.client import ComfyClient  # noqa: E402
+
+_INPROCESS_BASE = Path(tempfile.mkdtemp(prefix="facecond-inproc-"))
+host.import_comfy(_INPROCESS_BASE)
+host.load_pack(ROOT, "facecond")
+
+SERVER_PACK_NAME = "facecond-pack.dev"  # a dash and a dot: loads under any folder name
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_INPROCESS_BASE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    data = host.shared_data()
+    if data is None:
+        pytest.skip("../shared/data (real test photos and models) is not present")
+    return data
+
+
+@pytest.fixture(scope="session")
+def comfy_base() -> Path:
+    """The in-process ComfyUI base directory (models/, input/, output/), with the tiny checkpoint."""
+    return host.prepare_base(_INPROCESS_BASE, pack_dir=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(comfy_base) -> str:
+    """Checkpoint name (in models/checkpoints) of the tiny random SD1.5 model."""
+    return host.EXAMPLE_CKPT
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt):
+    """(MODEL, CLIP, VAE) of the tiny checkpoint, loaded once by ComfyUI's own loader."""
+    import nodes
+
+    return nodes.CheckpointLoaderSimple().load_checkpoint(tiny_ckpt)[:3]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> ComfyClient:
+    """A headless ComfyUI server with the pack, for the whole session; a client bound to it.
+
+    ``server.base_dir`` is its base directory; put input images in ``server.base_dir / "input"``.
+    """
+    base = host.prepare_base(tmp_path_factory.mktemp("server-base"), ROOT, SERVER_PACK_NAME)
+    srv = host.ComfyServer(base, pack_name=SERVER_PACK_NAME)
+    srv.start()
+    client = ComfyClient(srv.url, base)
+    client.process = srv
+    yield client
+    srv.stop()
+    if srv.proc.returncode not in (0, -15):
+        print(f"ComfyUI exited with {srv.proc.returncode}; log tail:\n{srv.log_tail()}", file=sys.stderr)
