@@ -1,0 +1,82 @@
+"""Every example workflow matches the node schemas the server reports (the front end's view of them).
+
+Widget values are checked by position against each node's widget inputs, the way the front end stores
+them, so a reordered or retyped widget in a shipped node breaks this test, not a user's saved workflow.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from facecond_dev.client import _SEED_CONTROL_VALUES, _widget_inputs
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".png", ".jpg", ".jpeg", ".webp")
+
+
+def test_there_are_examples():
+    assert len(EXAMPLES) >= 2, [p.name for p in EXAMPLES]
+
+
+def _check_widget(node_label: str, name: str, kind: str, opts: dict, choices, value) -> None:
+    where = f"{node_label} widget {name!r} = {value!r}"
+    if kind == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), where
+    elif kind == "FLOAT":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), where
+    elif kind == "STRING":
+        assert isinstance(value, str), where
+    elif kind == "COMBO" and choices is not None:
+        is_file = isinstance(value, str) and value.lower().endswith(FILE_SUFFIXES)
+        if not is_file:  # model/input file lists depend on the machine
+            assert value in choices, f"{where} not in {choices}"
+    if kind in ("INT", "FLOAT"):
+        if "min" in opts:
+            assert value >= opts["min"], where
+        if "max" in opts:
+            assert value <= opts["max"], where
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_matches_schemas(server, path):
+    info = server.object_info()
+    workflow = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for node in nodes.values():
+        kind = node["type"]
+        if kind in ("Note", "MarkdownNote", "Reroute", "PrimitiveNode"):
+            continue
+        assert kind in info, f"{path.name}: unknown node type {kind}"
+        spec = info[kind]
+        label = f"{path.name}: node {node['id']} ({kind})"
+        values = list(node.get("widgets_values", []))
+        all_inputs = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
+        for name, wkind, opts in _widget_inputs(spec):
+            assert values, f"{label}: no value for widget {name!r}"
+            value = values.pop(0)
+            raw = all_inputs[name][0]
+            choices = raw if isinstance(raw, list) else opts.get("options")
+            _check_widget(label, name, wkind, opts, choices, value)
+            if wkind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")) \
+                    and values and values[0] in _SEED_CONTROL_VALUES:
+                values.pop(0)
+        if kind.startswith("Facecond"):
+            assert not values, f"{label}: {len(values)} widget values left over: {values}"
+        # links: the declared type matches the source output and the target input
+        for slot, out in enumerate(node.get("outputs", [])):
+            if out.get("links"):
+                assert out["type"] == spec["output"][slot], f"{label}: output {slot} is {spec['output'][slot]}"
+    for link_id, src, src_slot, dst, dst_slot, ltype in workflow.get("links", []):
+        src_node, dst_node = nodes[src], nodes[dst]
+        if src_node["type"] in info:
+            assert info[src_node["type"]]["output"][src_slot] == ltype, f"{path.name}: link {link_id} type"
+        if dst_node["type"] in info:
+            dst_input = dst_node["inputs"][dst_slot]
+            all_in = {**info[dst_node["type"]]["input"].get("required", {}),
+                      **info[dst_node["type"]]["input"].get("optional", {})}
+            assert dst_input["name"] in all_in, f"{path.name}: link {link_id} into unknown input {dst_input['name']}"
+            want = all_in[dst_input["name"]][0]
+            assert want == ltype or want == "*" or isinstance(want, list) or ltype in str(want).split(","), \
+                f"{path.name}: link {link_id} carries {ltype} into {dst_input['name']} ({want})"
