@@ -264,6 +264,8 @@ def load_state_dict(path: str | os.PathLike) -> dict:
         raise WeightsError(f"{path}: refusing to load: it is not a plain tensor state dict ({e}). "
                            f"Use a .safetensors file or a state dict saved with torch.save(model.state_dict())."
                            ) from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # training checkpoints nest it
+        sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise WeightsError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
     bad = [k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]

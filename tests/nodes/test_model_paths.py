@@ -139,3 +139,13 @@ def test_fetch_weights_node_reports_path_and_status():
     out = FacecondFetchWeights().fetch("mtcnn_pnet", allow_download=False)
     path, status = out["result"]
     assert Path(path).name == "pnet.pt" and "verified" in status and out["ui"]["text"] == [status]
+
+
+def test_manifest_names_real_nodes():
+    """Each published weight names nodes that exist (slots for future files may name planned nodes)."""
+    import facecond
+
+    for entry in weights.load_manifest().values():
+        if entry.url:
+            missing = set(entry.nodes) - set(facecond.NODE_CLASS_MAPPINGS)
+            assert not missing, f"{entry.id} names unknown nodes {missing}"

@@ -1,0 +1,322 @@
+"""Faces in, identities out: FaceDetectCrop (IMAGE -> FACES), FaceEmbed (FACES -> FACE_EMBEDS), FaceSimilarity.
+
+Thin wrappers over ``py/crop.py``, ``py/detect.py``, ``py/embed.py`` and ``py/similarity.py``: they check the
+inputs, pick the model files (weights manifest, ComfyUI model folders ``facenet`` and ``insightface``),
+and wrap the results. Models are built once per process and cached in ``py/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+
+from ..py import crop, detect, draw, embed, similarity, weights
+from ..py import insightface_pack as ifp
+from ..py.face_types import FaceEmbeds, Faces
+from .model_paths import resolve_weight, verify_user_file
+
+log = logging.getLogger("facecond")
+
+CATEGORY = "facecond/faces"
+FACENET_MANIFEST = "facenet_vggface2"
+_MTCNN_FILES = {"pnet.pt", "rnet.pt", "onet.pt"}
+
+
+def _insightface_roots() -> list[str]:
+    try:
+        return list(folder_paths.get_folder_paths("insightface"))
+    except KeyError:
+        return [os.path.join(folder_paths.models_dir, "insightface")]
+
+
+def _facenet_files() -> list[str]:
+    try:
+        files = folder_paths.get_filename_list("facenet")
+    except KeyError:
+        return []
+    return [f"facenet/{f}" for f in files if os.path.basename(f) not in _MTCNN_FILES
+            and not os.path.basename(f).startswith("20180402-114759-vggface2")]
+
+
+# Files of the published insightface packs (weights_manifest.json) by role; listed even before they are
+# downloaded, so picking one fetches the pack (or says where to put it).
+PUBLISHED_PACK_FILES = {
+    "detection": ("antelopev2/scrfd_10g_bnkps.onnx", "buffalo_l/det_10g.onnx"),
+    "recognition": ("antelopev2/glintr100.onnx", "buffalo_l/w600k_r50.onnx"),
+}
+
+
+def _insightface_choices(kind: str) -> list[str]:
+    found = ifp.list_models(_insightface_roots(), kind)
+    return found + [f for f in PUBLISHED_PACK_FILES[kind] if f not in found]
+
+
+def _insightface_file(choice: str, node: str, input_name: str):
+    """Path of an insightface-pack file picked in a dropdown: found (either pack layout), or the published
+    pack fetched through the manifest; a known file is checked against its manifest sha256."""
+    pack = choice.rsplit("/", 1)[0] if "/" in choice else None
+    try:
+        path = ifp.resolve_model(_insightface_roots(), choice)
+    except FileNotFoundError as e:
+        if pack is None or pack not in weights.load_manifest():
+            raise FileNotFoundError(f"{node}: {input_name} {choice!r}: {e}") from None
+        resolve_weight(pack, node=node)  # downloads the pack, or raises "put ... into ... (from URL)"
+        path = ifp.resolve_model(_insightface_roots(), choice)
+    if pack is not None:
+        pins = weights.pins_for("insightface", f"models/{choice}")
+        if pins is not None:
+            entry, sha256, size = pins
+            weights.verify_file(path, sha256, size, url=entry.url, label=f"{entry.id}: {choice}")
+    return path
+
+
+def image_to_numpy(image: torch.Tensor, node: str, name: str = "image") -> np.ndarray:
+    """A ComfyUI IMAGE as (B, H, W, 3) float32 in [0, 1]; greyscale/alpha/odd ranges handled, NaN refused."""
+    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
+        raise ValueError(f"{node}: input '{name}' must be an IMAGE tensor (B, H, W, C); got "
+                         f"{getattr(image, 'shape', type(image).__name__)}.")
+    x = image if image.ndim == 4 else image.unsqueeze(0)
+    x = x.detach().float().cpu()
+    c = x.shape[-1]
+    if c in (1, 2):  # greyscale (+ alpha)
+        x = x[..., :1].expand(*x.shape[:-1], 3)
+    elif c == 4:  # RGBA: the alpha is ignored, the colour kept
+        x = x[..., :3]
+    elif c != 3:
+        raise ValueError(f"{node}: input '{name}' has {c} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA) "
+                         "in the last dimension (ComfyUI IMAGE is B, H, W, C).")
+    bad = ~torch.isfinite(x).flatten(1).all(1)
+    if bad.any():
+        idx = bad.nonzero().flatten().tolist()
+        raise ValueError(f"{node}: input '{name}' has NaN or infinite pixels in image(s) {idx} of {x.shape[0]}. "
+                         "Fix the node that produced it (an fp16 VAE decode often does this: try --fp32-vae or "
+                         "a different VAE), or replace the image.")
+    lo, hi = float(x.min()), float(x.max())
+    if hi > 1.0 or lo < 0.0:
+        scale = 1.0 if hi <= 1.0 else 255.0 if hi <= 255.0 else 65535.0 if hi <= 65535.0 else hi
+        log.warning("[facecond] %s: '%s' values span %.3g..%.3g, not 0..1; dividing by %g and clipping to 0..1",
+                    node, name, lo, hi, scale)
+        x = (x / scale).clamp(0.0, 1.0)
+    return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+
+
+_DETECTORS: dict[tuple, object] = {}
+
+
+def _detector(choice: str, node: str):
+    if choice == "mtcnn":
+        device = comfy.model_management.get_torch_device()
+        paths = tuple(resolve_weight(f"mtcnn_{n}", node=node) for n in ("pnet", "rnet", "onet"))
+        key = ("mtcnn", str(device), paths)
+        if key not in _DETECTORS:
+            _DETECTORS[key] = detect.MTCNN(*paths, device=device)
+        return _DETECTORS[key]
+    path = _insightface_file(choice, node, "detector")
+    kind = ifp.classify_file(path)
+    if kind != "detection":
+        raise ValueError(f"{node}: {choice} is a {kind} model, not a face detector; pick an SCRFD file "
+                         "(det_*.onnx / scrfd_*.onnx) or mtcnn.")
+    key = ("scrfd", os.path.realpath(path))
+    if key not in _DETECTORS:
+        _DETECTORS[key] = detect.SCRFD(ifp.cached_session(path), name=f"scrfd:{choice}")
+    return _DETECTORS[key]
+
+
+class FacecondFaceDetectCrop:
+    DESCRIPTION = ("Find faces in an image batch (MTCNN, or SCRFD from an insightface pack) and cut two crops of "
+                   "each: Face0's 160x160 margin crop for FaceNet and the 112x112 5-point aligned crop for "
+                   "insightface recognisers. Outputs the faces, a preview with boxes and landmarks, a mask of "
+                   "the face boxes and a text report.")
+    CATEGORY = CATEGORY
+    FUNCTION = "detect"
+    RETURN_TYPES = ("FACES", "IMAGE", "MASK", "IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("faces", "preview", "mask", "crops_facenet", "crops_aligned", "report")
+    OUTPUT_TOOLTIPS = (
+        "The faces: both crops, boxes, landmarks, scores, source image index and the crop matrices (to paste back).",
+        "The input images with each face's box, 5 landmarks and number/score drawn (red frame: no face).",
+        "1 inside every detected face box, per input image (B, H, W).",
+        "Face0's 160x160 margin crops (what FaceNet sees), one per face.",
+        "The 112x112 five-point aligned crops (what insightface recognisers see), one per face.",
+        "Faces found per image, and which images had none.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        detectors = ["mtcnn", *_insightface_choices("detection")]
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Photos to find faces in (any size; RGBA and greyscale are accepted)."}),
+            "detector": (detectors, {"default": "mtcnn", "tooltip":
+                         "mtcnn: facenet-pytorch's MTCNN (weights ship with facenet-pytorch; Face0's detector). "
+                         "PACK/FILE.onnx: the SCRFD detector of an insightface pack in models/insightface/models/."}),
+            "select": (list(crop.SELECT_MODES), {"default": "largest", "tooltip":
+                       "largest: only the largest face of each image (Face0's rule). all: every face, left to "
+                       "right. index: the face_index-th face counted from the left."}),
+            "face_index": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip":
+                           "With select=index: which face, 0 = leftmost. An image with fewer faces counts as "
+                           "'no face'."}),
+            "min_size": ("INT", {"default": 40, "min": 8, "max": 4096, "step": 1, "tooltip":
+                         "Smallest face to keep, in pixels (longer side of the detector box)."}),
+            "margin_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
+                             "Face0's margins around the box for the FaceNet crop (10 px left/right, 33 top, 15 "
+                             "bottom of the 160-px crop, scaled with the face). 1 = the paper, 0 = tight box."}),
+            "upright": (list(crop.UPRIGHT_MODES), {"default": "rotate_if_no_face", "tooltip":
+                        "rotate_if_no_face: if no face is found, try the image turned 90/270/180 degrees and crop "
+                        "the face upright by its eye line (FaceChain). rotate_and_level: also level the eyes of "
+                        "every FaceNet crop. off: detect as is."}),
+            "no_face": (list(crop.NO_FACE_POLICIES), {"default": "error", "tooltip":
+                        "What to do with an image without a face. error: stop and say which image. skip: drop "
+                        "it (the report lists it). passthrough: use the whole image (centre square) as its face."}),
+        }}
+
+    def detect(self, image, *, detector, select, face_index, min_size, margin_scale, upright, no_face):
+        node = "FaceDetectCrop"
+        imgs = image_to_numpy(image, node)
+        b, h, w = imgs.shape[:3]
+        det = _detector(detector, node)
+        pbar = comfy.utils.ProgressBar(b)
+        per_image = crop.detect_faces(det, imgs * 255.0, min_size=min_size, select_mode=select,
+                                      face_index=face_index, upright=upright,
+                                      progress=lambda i: pbar.update_absolute(i + 1, b))
+        res = crop.crop_faces(imgs, per_image, no_face=no_face, margin_scale=margin_scale, detector_name=det.name,
+                              node=node, min_size=min_size, select_mode=select, face_index=face_index)
+        preview = np.stack([draw.draw_faces(imgs[i], res.per_image[i], missing=not per_image[i]) for i in range(b)])
+        mask = np.stack([draw.face_mask(h, w, res.per_image[i]) for i in range(b)])
+        log.info("[facecond] %s", res.report.replace("\n", "; "))
+        f = res.faces
+        return (f, torch.from_numpy(preview).clamp(0, 1), torch.from_numpy(mask), f.crops_facenet, f.crops_arcface,
+                res.report)
+
+
+_PATCHERS: dict[int, object] = {}
+
+
+def _facenet_on_device(fn: embed.FaceNet) -> torch.device:
+    """Hand the FaceNet module to ComfyUI's model management (moved to the GPU, offloaded when VRAM runs out)."""
+    import comfy.model_patcher
+
+    key = id(fn.net)
+    if key not in _PATCHERS:
+        _PATCHERS.clear()  # one FaceNet at a time
+        _PATCHERS[key] = comfy.model_patcher.ModelPatcher(
+            fn.net, load_device=comfy.model_management.get_torch_device(),
+            offload_device=comfy.model_management.unet_offload_device())
+    patcher = _PATCHERS[key]
+    comfy.model_management.load_model_gpu(patcher)
+    return patcher.load_device
+
+
+class FacecondFaceEmbed:
+    DESCRIPTION = ("Turn faces into identity embeddings: FaceNet Inception-ResNet-V1 (VGGFace2; Face0) on the "
+                   "160x160 crops, or an insightface recogniser (ArcFace/CosFace ONNX, any width) on the "
+                   "aligned 112x112 crops, via onnxruntime (CUDA when available, else CPU).")
+    CATEGORY = CATEGORY
+    FUNCTION = "embed"
+    RETURN_TYPES = ("FACE_EMBEDS",)
+    RETURN_NAMES = ("face_embeds",)
+    OUTPUT_TOOLTIPS = ("One embedding per face (N, D), with the model that made it and each face's source image.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        models = [FACENET_MANIFEST, *_facenet_files(), *_insightface_choices("recognition")]
+        return {"required": {
+            "faces": ("FACES", {"tooltip": "Faces from FaceDetectCrop."}),
+            "model": (models, {"default": FACENET_MANIFEST, "tooltip":
+                      "facenet_vggface2: Face0's embedder (models/facenet/20180402-114759-vggface2.pt, from the "
+                      "weights manifest). facenet/FILE: another FaceNet state dict in models/facenet. "
+                      "PACK/FILE.onnx: the recogniser of an insightface pack (antelopev2: glintr100.onnx, "
+                      "buffalo_l: w600k_r50.onnx)."}),
+            "facenet_layer": (list(embed.FACENET_LAYERS), {"default": "bottleneck_512", "tooltip":
+                              "FaceNet only. bottleneck_512: the 512-d layer before L2 normalisation (default; "
+                              "Face0 drops the classifier). pooled_1792: the pooled features before the bottleneck."}),
+            "normalize": (["auto", "l2", "none"], {"default": "auto", "tooltip":
+                          "auto: FaceNet raw (as Face0 feeds its projection), insightface L2-normalised (as "
+                          "insightface's normed_embedding). l2 / none: force it."}),
+        }}
+
+    def embed(self, faces: Faces, model: str, facenet_layer: str, normalize: str):
+        node = "FaceEmbed"
+        if not isinstance(faces, Faces):
+            raise ValueError(f"{node}: input 'faces' must come from FaceDetectCrop (got {type(faces).__name__}).")
+        if len(faces) == 0:
+            raise ValueError(f"{node}: input 'faces' holds no faces; check FaceDetectCrop's report.")
+        n = len(faces)
+        pbar = comfy.utils.ProgressBar(n)
+        progress = lambda done: pbar.update_absolute(done, n)  # noqa: E731
+        if model == FACENET_MANIFEST or model.startswith("facenet/"):
+            path = resolve_weight(FACENET_MANIFEST, node=node) if model == FACENET_MANIFEST else \
+                verify_user_file("facenet", model[len("facenet/"):])
+            fn = embed.load_facenet(path)
+            device = _facenet_on_device(fn)
+            vecs = fn.embed(faces.crops_facenet, facenet_layer, device=device, progress=progress)
+            model_id, default_norm = embed.FaceNet.model_id(facenet_layer), False
+        else:
+            path = _insightface_file(model, node, "model")
+            kind = ifp.classify_file(path)
+            if kind != "recognition":
+                raise ValueError(f"{node}: {model} is a {kind} model, not a face recogniser; pick the pack's "
+                                 "recognition model (112x112 input, e.g. glintr100.onnx or w600k_r50.onnx).")
+            rec = embed.load_onnx_recogniser(path)
+            vecs = rec.embed(faces.crops_arcface, progress=progress)
+            model_id, default_norm = rec.model_id, True
+        norm = default_norm if normalize == "auto" else normalize == "l2"
+        if norm:
+            vecs = embed.l2_normalize(vecs)
+        return (FaceEmbeds(vecs.float().cpu(), model_id, norm, tuple(faces.source_index)),)
+
+
+class FacecondFaceSimilarity:
+    DESCRIPTION = ("Cosine similarity of every face in A with every face in B (or A with itself): a text table, "
+                   "a heatmap image and the best score. Same person: high (about 0.6-0.8 with insightface "
+                   "recognisers), different people: near 0.")
+    CATEGORY = CATEGORY
+    FUNCTION = "compare"
+    RETURN_TYPES = ("STRING", "IMAGE", "FLOAT")
+    RETURN_NAMES = ("table", "heatmap", "best")
+    OUTPUT_TOOLTIPS = (
+        "The cosine matrix as a text table (rows: A, columns: B; labels aROW(img SOURCE)).",
+        "The matrix as an image: red/yellow similar, black unrelated, blue opposite.",
+        "The highest cosine (A against itself: the highest between two different faces).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "face_embeds_a": ("FACE_EMBEDS", {"tooltip": "Rows of the matrix (e.g. reference photos)."}),
+        }, "optional": {
+            "face_embeds_b": ("FACE_EMBEDS", {"tooltip": "Columns (e.g. generated images). Empty: A against A."}),
+        }}
+
+    def compare(self, face_embeds_a: FaceEmbeds, face_embeds_b: FaceEmbeds | None = None):
+        node = "FaceSimilarity"
+        same = face_embeds_b is None
+        b = face_embeds_a if same else face_embeds_b
+        for name, fe in (("face_embeds_a", face_embeds_a), ("face_embeds_b", b)):
+            if not isinstance(fe, FaceEmbeds) or len(fe) == 0:
+                raise ValueError(f"{node}: input '{name}' is empty or not a FACE_EMBEDS; connect FaceEmbed to it.")
+        if face_embeds_a.model != b.model or face_embeds_a.dim != b.dim:
+            raise ValueError(f"{node}: face_embeds_a come from {face_embeds_a.model!r} ({face_embeds_a.dim}-d) and "
+                             f"face_embeds_b from {b.model!r} ({b.dim}-d); only embeddings of one model compare. "
+                             "Embed both with the same FaceEmbed model.")
+        sim = similarity.cosine_matrix(face_embeds_a.embeds, b.embeds)
+        rows = [f"a{i}(img{s})" for i, s in enumerate(face_embeds_a.source_index)]
+        cols = [f"{'a' if same else 'b'}{i}(img{s})" for i, s in enumerate(b.source_index)]
+        text = f"cosine similarity, model {face_embeds_a.model}\n" + similarity.table(sim, rows, cols)
+        return (text, similarity.heatmap(sim), similarity.best_score(sim, same))
+
+
+NODE_CLASS_MAPPINGS = {
+    "FacecondFaceDetectCrop": FacecondFaceDetectCrop,
+    "FacecondFaceEmbed": FacecondFaceEmbed,
+    "FacecondFaceSimilarity": FacecondFaceSimilarity,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FacecondFaceDetectCrop": "FaceDetectCrop",
+    "FacecondFaceEmbed": "FaceEmbed",
+    "FacecondFaceSimilarity": "FaceSimilarity",
+}

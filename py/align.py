@@ -1,0 +1,171 @@
+"""Face geometry: 5-point similarity alignment, Face0's margin crop, rotations and paste-back.
+
+Every crop is described by a 2x3 affine ``M`` mapping source-image pixel coordinates to crop
+coordinates (``crop = warpAffine(image, M, (size, size))``), so one function pastes any crop back.
+Images here are numpy float32 (H, W, C) in [0, 1]; points are (x, y) in pixels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+# ArcFace / insightface 112x112 five-point template: left eye, right eye, nose tip, left and right mouth
+# corners (image-left first). Values from insightface python-package `insightface/utils/face_align.py`
+# (`arcface_dst`), the convention every insightface recogniser (buffalo_l, antelopev2) is trained on.
+ARCFACE_DST = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+ARCFACE_SIZE = 112
+FACENET_SIZE = 160
+
+# Face0 (Valevski et al. 2023, §3): the MTCNN box is enlarged by 10 px left/right, 33 px top, 15 px bottom,
+# then resized to 160x160. We read those pixels as pixels of the 160-px output, the facenet-pytorch
+# convention for `margin` (`extract_face`: margin * box_side / (image_size - margin)), so they scale with
+# the face: left/right = 10 * w / 140, top = 33 * h / 112, bottom = 15 * h / 112 (w, h: detector box).
+FACE0_MARGINS = {"left": 10.0, "right": 10.0, "top": 33.0, "bottom": 15.0}
+
+
+def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity transform (rotation, uniform scale, translation) taking src to dst.
+
+    Umeyama, "Least-squares estimation of transformation parameters between two point patterns",
+    IEEE TPAMI 13(4), 1991, eqs. 34-43 (what skimage's SimilarityTransform.estimate implements).
+    src, dst: (N, 2). Returns the (2, 3) matrix M with dst ~= M @ [x, y, 1].
+    """
+    src = np.asarray(src, np.float64)
+    dst = np.asarray(dst, np.float64)
+    n = src.shape[0]
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    sc, dc = src - mu_s, dst - mu_d
+    cov = dc.T @ sc / n  # (2, 2), eq. 38
+    d = np.ones(2)
+    if np.linalg.det(cov) < 0:  # eq. 39: no reflections
+        d[-1] = -1.0
+    u, s, vt = np.linalg.svd(cov)
+    r = u @ np.diag(d) @ vt  # eq. 40
+    var_s = sc.var(0).sum()
+    if var_s <= 1e-12:
+        raise ValueError("umeyama: source points are all at one place")
+    scale = (s * d).sum() / var_s  # eq. 42
+    t = mu_d - scale * r @ mu_s  # eq. 41
+    return np.concatenate([scale * r, t[:, None]], axis=1).astype(np.float32)
+
+
+def arcface_affine(landmarks: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
+    """(2, 3) image->crop matrix aligning 5 landmarks to the ArcFace template at ``size`` (112 multiple)."""
+    return umeyama(landmarks, ARCFACE_DST * (size / ARCFACE_SIZE))
+
+
+def eye_angle(landmarks: np.ndarray) -> float:
+    """Roll of a face in radians: the angle of the line from the left to the right eye (0 = level)."""
+    (lx, ly), (rx, ry) = landmarks[0], landmarks[1]
+    return math.atan2(ry - ly, rx - lx)
+
+
+def face0_affine(box_wh: tuple[float, float], center: tuple[float, float], angle: float = 0.0,
+                 margin_scale: float = 1.0, size: int = FACENET_SIZE) -> np.ndarray:
+    """(2, 3) image->crop matrix of Face0's margin crop, square, aspect ratio kept.
+
+    box_wh: detector box width/height measured in the face's upright frame; center: box centre in
+    the image; angle: face roll (radians; 0 for a normal upright photo). The box is widened by the
+    Face0 margins (scaled as FACE0_MARGINS says, times margin_scale), then grown to a square around
+    its centre (more context, no stretching), then rotated upright and resized to ``size``.
+    """
+    w, h = float(box_wh[0]), float(box_wh[1])
+    m = {k: v * margin_scale for k, v in FACE0_MARGINS.items()}
+    left = m["left"] * w / (size - m["left"] - m["right"])
+    right = m["right"] * w / (size - m["left"] - m["right"])
+    top = m["top"] * h / (size - m["top"] - m["bottom"])
+    bottom = m["bottom"] * h / (size - m["top"] - m["bottom"])
+    side = max(w + left + right, h + top + bottom)
+    # crop centre in the upright frame, relative to the box centre (+y is down)
+    off = np.array([(right - left) / 2.0, (bottom - top) / 2.0])
+    c, s = math.cos(angle), math.sin(angle)
+    rot = np.array([[c, -s], [s, c]])  # upright frame -> image frame
+    center_img = np.asarray(center, np.float64) + rot @ off
+    k = size / side
+    lin = k * rot.T  # image -> upright, scaled
+    t = np.array([size / 2.0, size / 2.0]) - lin @ center_img
+    return np.concatenate([lin, t[:, None]], axis=1).astype(np.float32)
+
+
+def warp_crop(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
+    """Crop ``size`` x ``size`` pixels through M; area-averages first when shrinking (no aliasing).
+
+    Outside the image is black (insightface's norm_crop uses borderValue 0 too).
+    """
+    m = np.asarray(m, np.float64)
+    scale = math.sqrt(abs(np.linalg.det(m[:, :2])))
+    if scale < 0.5:
+        # Only the source region that lands in the crop, shrunk with INTER_AREA to ~the crop's scale.
+        inv = cv2.invertAffineTransform(m)
+        corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64) @ inv.T
+        x0, y0 = np.floor(corners.min(0)).astype(int) - 2
+        x1, y1 = np.ceil(corners.max(0)).astype(int) + 2
+        h, w = image.shape[:2]
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        if x1 - x0 >= 2 and y1 - y0 >= 2:
+            roi = image[y0:y1, x0:x1]
+            f = min(1.0, scale * 1.5)
+            nw, nh = max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f))
+            small = cv2.resize(roi, (nw, nh), interpolation=cv2.INTER_AREA)
+            fx, fy = (x1 - x0) / nw, (y1 - y0) / nh
+            # small pixel (u, v) <-> source ((u + 0.5) * fx - 0.5 + x0, ...): compose into M
+            to_src = np.array([[fx, 0, 0.5 * fx - 0.5 + x0], [0, fy, 0.5 * fy - 0.5 + y0], [0, 0, 1]])
+            m = m @ to_src
+            image = small
+    out = cv2.warpAffine(np.ascontiguousarray(image, np.float32), m.astype(np.float64), (size, size),
+                         flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out.reshape(size, size, -1)
+
+
+def transform_points(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Apply a (2, 3) affine to (..., 2) points."""
+    pts = np.asarray(pts, np.float64)
+    return (pts @ m[:, :2].T + m[:, 2]).astype(np.float32)
+
+
+def paste_back(image: np.ndarray, crop: np.ndarray, m: np.ndarray, feather: float = 0.1) -> np.ndarray:
+    """Paste an (edited) crop back into its source image through the inverse of M.
+
+    feather: width of the soft edge as a fraction of the crop side (0: hard edge). Returns a new image.
+    """
+    h, w = image.shape[:2]
+    size = crop.shape[0]
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    back = cv2.warpAffine(np.ascontiguousarray(crop, np.float32), np.asarray(m, np.float64), (w, h), flags=flags)
+    alpha = np.ones((size, size), np.float32)
+    k = round(feather * size)
+    if k > 0:
+        alpha = np.zeros((size, size), np.float32)
+        alpha[k:-k, k:-k] = 1.0
+        alpha = cv2.GaussianBlur(alpha, (0, 0), sigmaX=k / 2.0)
+    alpha = cv2.warpAffine(alpha, np.asarray(m, np.float64), (w, h), flags=flags)
+    back = back.reshape(h, w, -1)
+    return image * (1.0 - alpha[..., None]) + back * alpha[..., None]
+
+
+def rot90_points(pts: np.ndarray, k: int, h: int, w: int) -> np.ndarray:
+    """Map points found in ``np.rot90(image, k)`` (image h x w, CCW quarter turns) back to the image.
+
+    Continuous pixel-edge coordinates (a box edge at x = W maps exactly).
+    """
+    p = np.asarray(pts, np.float32).copy()
+    x, y = p[..., 0].copy(), p[..., 1].copy()
+    k %= 4
+    if k == 1:  # rotated[i, j] = image[j, W-1-i]
+        p[..., 0], p[..., 1] = w - y, x
+    elif k == 2:
+        p[..., 0], p[..., 1] = w - x, h - y
+    elif k == 3:  # rotated[i, j] = image[H-1-j, i]
+        p[..., 0], p[..., 1] = y, h - x
+    return p
+
+
+def box_of_points(pts: np.ndarray) -> np.ndarray:
+    """Axis-aligned (x1, y1, x2, y2) box around (..., N, 2) points."""
+    return np.concatenate([pts.min(-2), pts.max(-2)], axis=-1)

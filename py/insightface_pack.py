@@ -1,0 +1,258 @@
+"""insightface model packs: find them on disk, open their ONNX files with onnxruntime, tell them apart.
+
+A pack is a folder of ONNX files (buffalo_l, antelopev2, ...) at ``<root>/models/NAME/*.onnx``.
+The classic mistake of unzipping antelopev2 into itself (``<root>/models/NAME/NAME/*.onnx``) is
+accepted too. Files are classified by their input/output shapes, as insightface's model_zoo does
+(`insightface/model_zoo/model_zoo.py`, `get_model`): >= 5 outputs: SCRFD detector; square input
+>= 112: recogniser; 192: 2d/3d landmarks; 96: gender/age. onnxruntime is imported lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("facecond")
+
+ORT_HINT = ("onnxruntime is not installed; insightface models need it. Install it into ComfyUI's Python: "
+            "`python -m pip install onnxruntime` (or `onnxruntime-gpu` on an NVIDIA GPU), then restart ComfyUI.")
+
+
+def import_ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise RuntimeError(ORT_HINT) from e
+    return onnxruntime
+
+
+def providers() -> list[str]:
+    """CUDA first when onnxruntime offers it, always CPU as the fallback."""
+    ort = import_ort()
+    avail = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail] or avail
+
+
+def make_session(path: str | os.PathLike):
+    ort = import_ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers())
+
+
+def classify(session) -> str:
+    """Kind of a model from an onnxruntime session's shapes (insightface's rule, see classify_shapes)."""
+    return classify_shapes(list(session.get_inputs()[0].shape), len(session.get_outputs()))
+
+
+def _pack_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.onnx") if p.is_file())
+
+
+def find_pack(roots: list[str | os.PathLike], name: str) -> Path:
+    """The folder holding pack NAME's ONNX files under any root (``root/models/NAME`` or one level off).
+
+    Raises FileNotFoundError saying where it looked and what the layout must be.
+    """
+    looked = []
+    for root in map(Path, roots):
+        for cand in (root / "models" / name, root / "models" / name / name, root / name, root / name / name):
+            looked.append(str(cand))
+            if cand.is_dir() and _pack_files(cand):
+                return cand
+    raise FileNotFoundError(
+        f"insightface pack '{name}' not found: no .onnx files in any of {looked}. Unzip the pack so its "
+        f".onnx files sit directly in models/insightface/models/{name}/ (e.g. models/insightface/models/"
+        f"{name}/scrfd_10g_bnkps.onnx).")
+
+
+def list_packs(roots: list[str | os.PathLike]) -> list[str]:
+    """Names of the packs found under the roots (either layout)."""
+    names = set()
+    for root in roots:
+        for base in (Path(root) / "models", Path(root)):
+            if not base.is_dir():
+                continue
+            for d in base.iterdir():
+                if d.is_dir() and d.name != "models" and (_pack_files(d) or _pack_files(d / d.name)):
+                    names.add(d.name)
+    return sorted(names)
+
+
+def list_models(roots: list[str | os.PathLike], kind: str) -> list[str]:
+    """Dropdown entries ``PACK/FILE.onnx`` of every pack file of this kind, then loose ``FILE.onnx`` files
+    lying directly in a root or its models/ folder (a recogniser downloaded on its own)."""
+    out = []
+    for name in list_packs(roots):
+        folder = find_pack(roots, name)
+        out += [f"{name}/{p.name}" for p in _pack_files(folder) if classify_file(p) == kind]
+    loose = {p.name for r in roots for base in (Path(r), Path(r) / "models") if base.is_dir()
+             for p in _pack_files(base) if classify_file(p) == kind}
+    return sorted(set(out)) + sorted(loose - set(out))
+
+
+def resolve_model(roots: list[str | os.PathLike], choice: str) -> Path:
+    """The file behind a ``list_models`` entry; FileNotFoundError says where it looked."""
+    if "/" in choice:
+        pack, fname = choice.rsplit("/", 1)
+        folder = find_pack(roots, pack)
+        if folder.parent.name == folder.name:
+            log.warning("[facecond] insightface pack %s is nested one level too deep (%s); it works, but "
+                        "other tools expect models/insightface/models/%s/*.onnx", pack, folder, pack)
+        path = folder / fname
+        if path.is_file():
+            return path
+        raise FileNotFoundError(f"insightface pack '{pack}' at {folder} has no {fname} "
+                                f"(it has: {', '.join(p.name for p in _pack_files(folder)) or 'nothing'}).")
+    for r in roots:
+        for base in (Path(r), Path(r) / "models"):
+            if (base / choice).is_file():
+                return base / choice
+    raise FileNotFoundError(f"{choice} not found in the insightface model folders {[str(r) for r in roots]}.")
+
+
+_SESSIONS: dict[tuple[str, int, int], object] = {}
+
+
+def cached_session(path: Path):
+    """One onnxruntime session per file (keyed by real path, size and mtime) for the whole process."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SESSIONS:
+        log.info("[facecond] loading %s with onnxruntime (%s)", path, ", ".join(providers()))
+        _SESSIONS[key] = make_session(path)
+    return _SESSIONS[key]
+
+
+def clear_sessions() -> None:
+    _SESSIONS.clear()
+
+
+# ---- reading an ONNX file's graph without the `onnx` package (protobuf wire format) ----
+# onnx.proto: ModelProto.graph = 7; GraphProto.node = 1, input = 11, output = 12; NodeProto.name = 3,
+# op_type = 4; ValueInfoProto.type = 2; TypeProto.tensor_type = 1; Tensor.shape = 2; TensorShapeProto.dim = 1;
+# Dimension.dim_value = 1, dim_param = 2.
+def _varint(buf, i: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        out |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return out, i
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, value or None, start, end) of each field; value is set for varints."""
+    i = start
+    while i < end:
+        tag, i = _varint(buf, i)
+        num, wt = tag >> 3, tag & 7
+        if wt == 0:
+            v, i = _varint(buf, i)
+            yield num, v, i, i
+        elif wt in (1, 5):
+            i += 8 if wt == 1 else 4
+        elif wt == 2:
+            n, i = _varint(buf, i)
+            yield num, None, i, i + n
+            i += n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wt}")
+
+
+def _sub(buf, s: int, e: int, num: int):
+    return [(a, b) for n, _, a, b in _fields(buf, s, e) if n == num]
+
+
+def _graph(buf):
+    g = _sub(buf, 0, len(buf), 7)
+    if not g:
+        raise ValueError("not an ONNX model (no graph)")
+    return g[0]
+
+
+def _shape(buf, s: int, e: int) -> list[int | str]:
+    dims: list[int | str] = []
+    for ts, te in _sub(buf, s, e, 2)[:1]:  # ValueInfo.type
+        for ts2, te2 in _sub(buf, ts, te, 1)[:1]:  # tensor_type
+            for ss, se in _sub(buf, ts2, te2, 2)[:1]:  # shape
+                for ds, de in _sub(buf, ss, se, 1):  # dim
+                    dim: int | str = "?"
+                    for n, v, a, b in _fields(buf, ds, de):
+                        dim = v if n == 1 else bytes(buf[a:b]).decode("utf-8", "replace") if n == 2 else dim
+                    dims.append(dim)
+    return dims
+
+
+def _read(path, fn):
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        return fn(buf)
+
+
+def onnx_io(path: str | os.PathLike) -> tuple[list[list[int | str]], int]:
+    """(shapes of the graph inputs that are not initialisers, number of outputs), read from the file."""
+    def fn(buf):
+        gs, ge = _graph(buf)
+        init = {bytes(buf[a:b]) for s, e in _sub(buf, gs, ge, 5) for a, b in _sub(buf, s, e, 8)}
+        ins = []
+        for s, e in _sub(buf, gs, ge, 11):
+            names = [bytes(buf[a:b]) for a, b in _sub(buf, s, e, 1)]
+            if not names or names[0] not in init:
+                ins.append(_shape(buf, s, e))
+        return ins, len(_sub(buf, gs, ge, 12))
+    return _read(path, fn)
+
+
+def classify_shapes(input_shape: list, n_outputs: int) -> str:
+    """'detection', 'recognition', 'landmark', 'genderage' or 'unknown' (insightface model_zoo's rule)."""
+    if n_outputs >= 5:
+        return "detection"
+    hw = list(input_shape[2:4])
+    if len(hw) == 2 and hw[0] == hw[1] and isinstance(hw[0], int):
+        return {192: "landmark", 96: "genderage"}.get(hw[0], "recognition" if hw[0] >= 112 else "unknown")
+    return "unknown"
+
+
+_KINDS: dict[tuple[str, int, int], str] = {}
+
+
+def classify_file(path: str | os.PathLike) -> str:
+    """Kind of an ONNX file from its graph (no onnxruntime needed); cached per (path, size, mtime)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _KINDS:
+        try:
+            ins, n_out = onnx_io(path)
+            _KINDS[key] = classify_shapes(ins[0] if ins else [], n_out)
+        except (ValueError, IndexError, OSError) as e:
+            log.warning("[facecond] could not read %s as ONNX: %s", path, e)
+            _KINDS[key] = "unknown"
+    return _KINDS[key]
+
+
+def first_node_names(path: str | os.PathLike, count: int = 8) -> list[tuple[str, str]]:
+    """(name, op_type) of the first graph nodes."""
+    def fn(buf):
+        gs, ge = _graph(buf)
+        out = []
+        for s, e in _sub(buf, gs, ge, 1)[:count]:
+            fields = {n: bytes(buf[a:b]).decode("utf-8", "replace") for n, _, a, b in _fields(buf, s, e) if n in (3, 4)}
+            out.append((fields.get(3, ""), fields.get(4, "")))
+        return out
+    return _read(path, fn)
+
+
+def recogniser_normalisation(path: str | os.PathLike) -> tuple[float, float]:
+    """(mean, std) of a recogniser's input in 0..255 pixels, insightface's rule (arcface_onnx.py):
+    models converted from MXNet carry their own Sub and Mul nodes near the input and take raw pixels
+    (0, 1); the others take (x - 127.5) / 127.5.
+    """
+    nodes = first_node_names(path)
+    has_sub = any(n.startswith(("Sub", "_minus")) for n, _ in nodes)
+    has_mul = any(n.startswith(("Mul", "_mul")) for n, _ in nodes)
+    return (0.0, 1.0) if has_sub and has_mul else (127.5, 127.5)
