@@ -1,0 +1,112 @@
+"""Benchmark: Face0 three-way guidance vs ComfyUI's KSampler, and the cost of ProjectToContext.
+
+Runs in one process on the tiny SD1.5 checkpoint (forced to the CPU, as the tests are):
+seconds per sampling step of KSampler and of ThreeWayCFGSampler with c = 1 (2 branches, target ratio <= 1.02),
+one zero weight (3 branches, target <= 1.03 x 1.5) and all branches (4, target <= 1.03 x 2.0). Each figure is
+the least CPU time over ``--repeats`` interleaved runs, with one torch thread by default. Usage:
+
+    .host/venv/bin/python -P bench/bench_face0.py [--size 128] [--steps 4] [--repeats 7] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from facecond_dev import host  # noqa: E402
+
+log = logging.getLogger("bench_face0")
+
+
+def _best(fn, repeats: int) -> float:
+    """Least CPU time of ``repeats`` calls. CPU time of this process, not wall time: on a shared machine other
+    processes steal cores, which inflates wall time but not the work done here (with one torch thread)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=128, help="image side in pixels (latent = size/8)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
+    ap.add_argument("--batch", type=int, default=1)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    base = Path(tempfile.mkdtemp(prefix="facecond-bench-"))
+    host.import_comfy(base)
+    host.prepare_base(base, pack_dir=None)
+    host.load_pack(ROOT, "facecond")
+
+    import comfy.utils
+    import torch
+
+    import nodes
+    from facecond.nodes.face0 import ProjectToContext, ThreeWayCFGSampler
+    from facecond.py.face_types import FaceEmbeds
+    from facecond.py.projection import ProjectionInfo, face_tokens, override_tokens, random_projection
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(host.EXAMPLE_CKPT)[:3]
+    proj = random_projection(ProjectionInfo(embedder="bench", embed_dim=512), seed=0)
+    fe = FaceEmbeds(torch.nn.functional.normalize(torch.randn(args.batch, 512), dim=-1), "bench", True,
+                    tuple(range(args.batch)))
+    with torch.inference_mode():
+        text = nodes.CLIPTextEncode().encode(clip, "a photo of a person")[0]
+        empty = nodes.CLIPTextEncode().encode(clip, "")[0]
+        pos, text_only, face_only, neg = ProjectToContext().project(text, fe, proj, clip, "each", empty)
+        latent = nodes.EmptyLatentImage().generate(args.size, args.size, args.batch)[0]
+
+        def ksampler():
+            nodes.KSampler().sample(model, 1, args.steps, 7.5, "euler", "normal", pos, neg, latent)
+
+        def three_way(c, a):
+            return lambda: ThreeWayCFGSampler().sample(model, 1, args.steps, 7.5, c, a, "euler", "normal", pos,
+                                                       text_only, face_only, neg, latent)
+
+        ksampler()  # warm-up (model load, allocator)
+        three_way(0.4, 0.5)()
+        # interleave the configurations so drifts in machine load hit all of them alike
+        cases = {"KSampler": ksampler, "c=1 (2 branches)": three_way(1.0, 0.5),
+                 "a=0 (3 branches)": three_way(0.5, 0.0), "all (4 branches)": three_way(0.4, 0.5)}
+        best = dict.fromkeys(cases, float("inf"))
+        for _ in range(args.repeats):
+            for name, fn in cases.items():
+                best[name] = min(best[name], _best(fn, 1))
+        per_step = {k: v / args.steps for k, v in best.items()}
+
+        proj_node = _best(lambda: ProjectToContext().project(text, fe, proj, clip, "each", empty), 20)
+        proj_node_clip = _best(lambda: ProjectToContext().project(text, fe, proj, clip, "each"), 5)
+        proj_only = _best(lambda: override_tokens(text[0][0], face_tokens(proj, fe.embeds), "each"), 50)
+
+    k = per_step["KSampler"]
+    log.info("tiny SD1.5 checkpoint, %dx%d, batch %d, %d euler steps, best CPU time of %d, torch threads %d",
+             args.size, args.size, args.batch, args.steps, args.repeats, torch.get_num_threads())
+    targets = {"c=1 (2 branches)": 1.02, "a=0 (3 branches)": 1.03 * 1.5, "all (4 branches)": 1.03 * 2.0}
+    log.info("%-20s %10.4f s/step", "KSampler", k)
+    for name, target in targets.items():
+        ratio = per_step[name] / k
+        log.info("%-20s %10.4f s/step  ratio %.3f  (target <= %.3f: %s)", name, per_step[name], ratio, target,
+                 "ok" if ratio <= target else "OVER")
+    log.info("ProjectToContext: %.2f ms with empty_conditioning given, %.2f ms encoding \"\" with clip; "
+             "projection + token override alone %.3f ms (%.2f%% of one KSampler step)",
+             proj_node * 1e3, proj_node_clip * 1e3, proj_only * 1e3, 100 * proj_only / k)
+
+
+if __name__ == "__main__":
+    main()
