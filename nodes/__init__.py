@@ -11,7 +11,7 @@ from .model_paths import register_model_folders
 
 log = logging.getLogger("facecond")
 
-_NODE_MODULES = ("weights_nodes", "faces", "face0")
+_NODE_MODULES = ("weights_nodes", "faces", "face0", "embeddings")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
@@ -21,11 +21,6 @@ register_model_folders()
 for _name in _NODE_MODULES:
     try:
         _mod = importlib.import_module(f".{_name}", __name__)
-    except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{_name}":
-            continue  # not written yet
-        log.exception("[facecond] could not load nodes/%s.py; its nodes are unavailable", _name)
-        continue
     except Exception:
         log.exception("[facecond] could not load nodes/%s.py; its nodes are unavailable", _name)
         continue

@@ -29,17 +29,11 @@ _MTCNN_FILES = {"pnet.pt", "rnet.pt", "onet.pt"}
 
 
 def _insightface_roots() -> list[str]:
-    try:
-        return list(folder_paths.get_folder_paths("insightface"))
-    except KeyError:
-        return [os.path.join(folder_paths.models_dir, "insightface")]
+    return list(folder_paths.get_folder_paths("insightface"))
 
 
 def _facenet_files() -> list[str]:
-    try:
-        files = folder_paths.get_filename_list("facenet")
-    except KeyError:
-        return []
+    files = folder_paths.get_filename_list("facenet")
     return [f"facenet/{f}" for f in files if os.path.basename(f) not in _MTCNN_FILES
             and not os.path.basename(f).startswith("20180402-114759-vggface2")]
 

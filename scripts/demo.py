@@ -14,25 +14,29 @@ extra_model_paths file) and nothing is written into it.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with python -P: the script dir is not on the path
 from facecond_dev import host
-from facecond_dev.client import ComfyClient
+from facecond_dev.client import ComfyClient, ui_to_api
 
 log = logging.getLogger("facecond.demo")
 DEFAULT_WORKFLOW = host.REPO / "example_workflows" / "face0_single_photo.json"
 
 
-def _face_photo(given: str | None) -> Path:
+def _face_photos(given: str | None) -> list[Path]:
     if given:
-        return Path(given)
+        return [Path(given)]
     data = host.shared_data()
     if data is not None:
-        return data / "faces" / "obama" / "obama.jpg"
+        faces = data / "faces"
+        return [faces / "obama" / "obama.jpg", faces / "biden" / "biden.jpg", faces / "astronaut" / "astronaut.png",
+                faces / "johns" / "John_Salley" / "000179_02159509.jpg"]
     raise SystemExit("demo: no face photo: pass --image PATH (a photo with one clearly visible face)")
 
 
@@ -67,12 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         host.import_comfy(base)  # the tiny checkpoint is built with ComfyUI's own classes
         host.prepare_base(base, host.REPO, "facecond")
         host.install_stand_in_models(base)
-    host.copy_inputs(base, {name: _face_photo(args.image) for name in host.workflow_input_images(workflow)})
+    photos = _face_photos(args.image)
+    names = sorted(host.workflow_input_images(workflow))
+    host.copy_inputs(base, {name: photos[i % len(photos)] for i, name in enumerate(names)})
 
     log.info("starting ComfyUI (base %s)", base)
     with host.ComfyServer(base, comfy_root=args.comfyui, python=args.python, extra_args=extra) as srv:
         client = ComfyClient(srv.url, base)
-        result = client.run_workflow(workflow, timeout=900)
+        prompt = ui_to_api(json.loads(workflow.read_text()), client.object_info())
+        if not args.comfyui:
+            stand_in = host.use_stand_ins(prompt, base)
+            if stand_in != prompt:
+                log.info("FaceNet VGGFace2 weights are not in place: FaceEmbed uses the stand-in %s",
+                         host.STAND_IN_RECOGNISER)
+            prompt = stand_in
+        result = client.run(prompt, timeout=900)
         if result.status != "success":
             err = result.error or {}
             log.error("the workflow failed in %s (node %s): %s", err.get("node_type"), err.get("node_id"),

@@ -62,7 +62,8 @@ def render(mappings: dict, display: dict) -> str:
                     opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
                     tip = str(opts.get("tooltip", "")).replace("\n", " ").replace("|", "\\|")
                     opt = " (optional)" if sec == "optional" else ""
-                    lines.append(f"| `{name}`{opt} | {_kind(name, entry[0])} | {_fmt_default(name, entry[0], opts)} | {tip} |")
+                    kind, default = _kind(name, entry[0]), _fmt_default(name, entry[0], opts)
+                    lines.append(f"| `{name}`{opt} | {kind} | {default} | {tip} |")
             names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
             tips = getattr(cls, "OUTPUT_TOOLTIPS", None) or [""] * len(names)
             lines += ["", "| output | type | what it is |", "|---|---|---|"]

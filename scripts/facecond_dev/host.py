@@ -65,6 +65,48 @@ def prepare_base(base: Path, pack_dir: Path | None = REPO, pack_name: str = "fac
     return base
 
 
+STAND_IN_PROJECTION = "face0_sd15_test.safetensors"  # the Face0 projection the example workflows load
+TEST_PACK = "testpack"  # the insightface test pack from ../shared/data, as models/insightface/models/testpack
+STAND_IN_RECOGNISER = f"{TEST_PACK}/mobilefacenet_128.onnx"
+
+
+def install_stand_in_models(base: Path) -> None:
+    """Stand-ins for weights that cannot be had here, so the example workflows run end to end:
+    the small insightface test pack from ../shared/data and an untrained Face0 projection for its 128-d
+    embeddings (its embedder id is the one FaceEmbed gives them). Needs ComfyUI importable."""
+    data = shared_data()
+    if data is None:
+        raise FileNotFoundError("the stand-in face models come from ../shared/data, which is not here")
+    pack = base / "models" / "insightface" / "models" / TEST_PACK
+    if not pack.exists():
+        pack.parent.mkdir(parents=True, exist_ok=True)
+        pack.symlink_to(data / "models" / "insightface_testpack", target_is_directory=True)
+    proj = base / "models" / "facecond" / "face0" / STAND_IN_PROJECTION
+    if not proj.exists():
+        load_pack(REPO, "facecond")
+        from facecond.py.projection import ProjectionInfo, random_projection, save_projection
+        from facecond.py.weights import sha256_file
+
+        recogniser = pack / STAND_IN_RECOGNISER.split("/", 1)[1]
+        embedder = f"insightface/{recogniser.name}@{sha256_file(recogniser)[:8]}"  # FaceEmbed's id for it
+        info = ProjectionInfo(embedder=embedder, embed_dim=128, base_model="sd1",
+                              extra={"note": "untrained stand-in for tests and the demo"})
+        proj.parent.mkdir(parents=True, exist_ok=True)
+        save_projection(random_projection(info, seed=0), proj)
+
+
+def use_stand_ins(prompt: dict, base: Path) -> dict:
+    """The prompt with FaceEmbed nodes that ask for FaceNet VGGFace2 switched to the stand-in recogniser,
+    when those weights are not in ``base`` (they are downloaded at first use, which an offline host cannot)."""
+    if any((base / "models" / "facenet").glob("20180402-114759-vggface2*")):
+        return prompt
+    out = json.loads(json.dumps(prompt))
+    for node in out.values():
+        if node["class_type"] == "FacecondFaceEmbed" and node["inputs"].get("model") == "facenet_vggface2":
+            node["inputs"]["model"] = STAND_IN_RECOGNISER
+    return out
+
+
 def import_comfy(base: Path, comfy_root: str | os.PathLike | None = None) -> None:
     """Import ComfyUI into this process on the CPU with ``base`` as its base directory.
 
@@ -78,8 +120,9 @@ def import_comfy(base: Path, comfy_root: str | os.PathLike | None = None) -> Non
 
     comfy.cli_args.args.cpu = True
     comfy.cli_args.args.base_directory = str(base)
-    import utils.extra_config  # noqa: F401
     import folder_paths  # noqa: F401  (reads base_directory now)
+    import utils.extra_config  # noqa: F401
+
     import nodes  # noqa: F401
 
 

@@ -71,7 +71,7 @@ def build_state_dict(taesd_dir: str | os.PathLike | None = None, seed: int = 0) 
     clip.pop("text_projection.weight", None)  # SD1.x checkpoints carry no text projection
     sd.update({f"cond_stage_model.transformer.{k}": v for k, v in _fill(clip, gen, torch.float16).items()})
 
-    taesd = _meta_state(lambda: TAESD())
+    taesd = _meta_state(TAESD)
     taesd = {k: v for k, v in taesd.items() if k.startswith(("taesd_encoder.", "taesd_decoder."))}
     values = _fill(taesd, gen, torch.float32)
     if taesd_dir is not None:

@@ -102,7 +102,6 @@ def test_resolve_downloads_into_first_folder_path_with_progress_bar(monkeypatch)
         srv.shutdown()
         srv.server_close()
         thread.join(timeout=5)
-        shutil.rmtree(folder_paths.get_folder_paths("facecond_face0")[0], ignore_errors=True)
 
 
 def test_verify_user_file_checks_known_names_only():

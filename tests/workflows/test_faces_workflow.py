@@ -6,18 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facecond_dev.host import copy_inputs
+from facecond_dev.host import copy_inputs, install_stand_in_models
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "example_workflows/faces_detect_embed_similarity.json"
 
 
 @pytest.fixture(scope="module")
 def faces_server(server, shared_data):
-    dest = server.base_dir / "models/insightface/models/testpack"
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in (shared_data / "models/insightface_testpack").glob("*.onnx"):
-        if not (dest / f.name).exists():
-            (dest / f.name).symlink_to(f)
+    install_stand_in_models(server.base_dir)
     copy_inputs(server.base_dir, {"facecond_example_face.jpg": shared_data / "faces/obama/obama.jpg",
                                   "facecond_example_face2.jpg": shared_data / "faces/obama/obama2.jpg"})
     return server
