@@ -6,12 +6,13 @@ A module that fails to import is logged and skipped so the rest of the pack stil
 
 import importlib
 import logging
+from pathlib import Path
 
 from .model_paths import register_model_folders
 
 log = logging.getLogger("facecond")
 
-_NODE_MODULES = ("weights_nodes", "faces", "face0", "embeddings")
+_NODE_MODULES = ("weights_nodes", "faces", "face0", "embeddings", "celebbasis", "inversion", "ipadapter", "facechain")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
@@ -19,6 +20,8 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 register_model_folders()
 
 for _name in _NODE_MODULES:
+    if not (Path(__file__).parent / f"{_name}.py").exists():  # TEMP while issues 5/7 land; removed at the end
+        continue
     try:
         _mod = importlib.import_module(f".{_name}", __name__)
     except Exception:
