@@ -33,7 +33,7 @@ def table(sim: torch.Tensor, rows: list[str], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def heatmap(sim: torch.Tensor, cell: int = 48) -> torch.Tensor:
+def heatmap(sim: torch.Tensor, cell: int = 96) -> torch.Tensor:
     """(1, H, W, 3) float image of the matrix: -1 blue .. 0 black .. +1 red-yellow, value written in each cell."""
     m = sim.clamp(-1, 1).numpy()
     na, nb = m.shape
@@ -49,5 +49,7 @@ def heatmap(sim: torch.Tensor, cell: int = 48) -> torch.Tensor:
                 txt = f"{m[i, j]:.2f}"
                 (tw, th), _ = cv2.getTextSize(txt, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
                 org = (j * cell + (cell - tw) // 2, i * cell + (cell + th) // 2)
-                cv2.putText(img, txt, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+                bright = float(rgb[i, j] @ np.array([0.299, 0.587, 0.114], np.float32)) > 0.5  # luma
+                ink = (0, 0, 0) if bright else (255, 255, 255)
+                cv2.putText(img, txt, org, cv2.FONT_HERSHEY_SIMPLEX, scale, ink, 1, cv2.LINE_AA)
     return torch.from_numpy(img.astype(np.float32) / 255.0)[None]

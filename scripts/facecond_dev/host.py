@@ -162,7 +162,9 @@ class ComfyServer:
     def command(self) -> list[str]:
         return [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--base-directory", str(self.base), "--disable-all-custom-nodes",
-                "--whitelist-custom-nodes", self.pack_name, "--dont-print-server", *self.extra_args]
+                "--whitelist-custom-nodes", self.pack_name, "--dont-print-server",
+                # 0.3.75 puts its default database in the host tree, ignoring --base-directory
+                "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}", *self.extra_args]
 
     def start(self, timeout: float = 120.0) -> ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
