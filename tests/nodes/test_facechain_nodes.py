@@ -1,0 +1,185 @@
+"""FaceChain nodes in-process against real ComfyUI objects, on real photos (../shared/data/faces) and the tiny
+SD1.5 checkpoint: template choice, similarity ranking, face fusion and preprocessing."""
+
+import itertools
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facecond.nodes.facechain import (
+    FacecondChooseTemplateFace,
+    FacecondFaceChainPreprocess,
+    FacecondFaceFusion,
+    FacecondRankBySimilarity,
+)
+from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+from facecond.py import crop
+from facecond.py.align import transform_points
+from facecond.py.face_types import Faces
+
+REC = "testpack/mobilefacenet_128.onnx"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def testpack(comfy_base, shared_data):
+    """The real insightface test pack in the in-process base; one torch thread (see tests/py/test_detect.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dest = comfy_base / "models/insightface/models/testpack"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in (shared_data / "models/insightface_testpack").glob("*.onnx"):
+        if not (dest / f.name).exists():
+            (dest / f.name).symlink_to(f)
+    yield dest
+    torch.set_num_threads(threads)
+    shutil.rmtree(dest, ignore_errors=True)
+
+
+def _arr(shared_data, rel) -> np.ndarray:
+    return np.asarray(Image.open(shared_data / "faces" / rel).convert("RGB"), np.float32) / 255.0
+
+
+def _letterbox(a: np.ndarray, side: int) -> np.ndarray:
+    """Fit into side x side keeping the aspect, centred on black."""
+    h, w = a.shape[:2]
+    f = side / max(h, w)
+    r = np.clip(cv2.resize(a, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA), 0.0, 1.0)
+    out = np.zeros((side, side, 3), np.float32)
+    y, x = (side - r.shape[0]) // 2, (side - r.shape[1]) // 2
+    out[y:y + r.shape[0], x:x + r.shape[1]] = r
+    return out
+
+
+def _batch(arrs) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrs).astype(np.float32))
+
+
+def _detect(image, no_face="passthrough", **kw):
+    args = {"detector": "mtcnn", "select": "largest", "face_index": 0, "min_size": 40, "margin_scale": 1.0,
+            "upright": "rotate_if_no_face", "no_face": no_face, **kw}
+    with torch.inference_mode():
+        return FacecondFaceDetectCrop().detect(image, **args)[0]
+
+
+def _embed(faces):
+    with torch.inference_mode():
+        return FacecondFaceEmbed().embed(faces, model=REC, facenet_layer="bottleneck_512", normalize="auto")[0]
+
+
+def test_choose_template_prefers_the_frontal_sharp_photo(shared_data):
+    full = _arr(shared_data, "obama/obama.jpg")  # 1137 x 910
+    h, w = full.shape[:2]
+    pad = lambda a, left: np.pad(a, ((0, 0), (w - a.shape[1], 0) if left else (0, w - a.shape[1]), (0, 0)))  # noqa: E731
+    partial = pad(_arr(shared_data, "obama/obama_partial_face.jpg"), left=False)  # face cut by the left edge
+    partial2 = pad(_arr(shared_data, "obama/obama_partial_face2.jpg"), left=True)  # by the right edge
+    blurred = cv2.GaussianBlur(full, (0, 0), 3.0)
+    small = [np.clip(cv2.resize(a, (w // 2, h // 2), interpolation=cv2.INTER_AREA), 0, 1)
+             for a in (blurred, partial, full, partial2)]
+    image = _batch(small)
+    before = image.clone()
+    faces = _detect(image, no_face="error")
+    template, photo, crop112, report, index = FacecondChooseTemplateFace().choose(faces, image)
+    assert index == 2 and torch.equal(photo[0], image[2]), report
+    assert isinstance(template, Faces) and len(template) == 1 and template.source_index == (0,)
+    assert template.num_images == 1 and crop112.shape == (1, 112, 112, 3)
+    assert report.splitlines()[0] == "template: face 2 (image 2)" and len(report.splitlines()) == 5
+    assert torch.equal(image, before)
+    with pytest.raises(ValueError, match="ChooseTemplateFace: 'faces' were found in 4 image"):
+        FacecondChooseTemplateFace().choose(faces, image[:2])
+
+
+def test_ranking_order_matches_cosine_order_on_real_photos(shared_data):
+    template_img = _batch([_letterbox(_arr(shared_data, "obama/obama.jpg"), 400)])
+    names = ["biden/biden.jpg", "obama/obama2.jpg", "johns/John_Salley/000179_02159509.jpg", "obama/obama3.jpg",
+             None, "astronaut/astronaut.png"]
+    gen = _batch([_letterbox(_arr(shared_data, n), 400) if n else np.full((400, 400, 3), 0.5, np.float32)
+                  for n in names])
+    template = _embed(_detect(template_img, no_face="error"))
+    faces = _detect(gen)
+    embeds = _embed(faces)
+    assert faces.source_index == (0, 1, 2, 3, 4, 5) and float(faces.scores[4]) == 0.0  # 4: passthrough
+    cos = (embeds.embeds @ template.embeds[0]).numpy()  # both L2-normalised
+    expected = [int(i) for i in np.argsort(-cos, kind="stable") if i != 4] + [4]
+    node = FacecondRankBySimilarity()
+    sorted_images, top, scores, report, order = node.rank(gen, embeds, template, 2, 0.0, faces)
+    assert order == expected and set(order[:2]) == {1, 3}, report  # the two other Obama photos first
+    assert np.allclose(scores[:-1], cos[expected[:-1]], atol=1e-6) and scores[-1] == -1.0
+    assert all(a >= b for a, b in itertools.pairwise(scores))
+    assert torch.equal(sorted_images, gen[expected]) and torch.equal(top, gen[expected[:2]])
+    # temperature: softmax over the images with a face; same order
+    _, _, soft, _, order_t = node.rank(gen, embeds, template, 2, 0.1, faces)
+    e = np.exp(cos[expected[:-1]] / 0.1)
+    assert order_t == expected and np.allclose(soft[:-1], e / e.sum(), atol=1e-6) and soft[-1] == -1.0
+    # without 'faces' the passthrough row of the blank image is ranked like a face; with no_face=skip it has
+    # no row at all and goes last again
+    skip_faces = _detect(gen, no_face="skip")
+    _, _, s2, _, order2 = node.rank(gen, _embed(skip_faces), template, 3, 0.0)
+    assert order2 == expected and s2[-1] == -1.0
+
+
+def test_fusion_changes_only_the_face_region(shared_data, tiny_model):
+    model, clip, vae = tiny_model
+    photo = _letterbox(_arr(shared_data, "obama/obama.jpg"), 192)
+    blank = np.full((192, 192, 3), 0.3, np.float32)
+    images = _batch([photo, blank])
+    before = images.clone()
+    faces = _detect(images)
+    with torch.inference_mode():
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a man"))
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    out, mask, report = FacecondFaceFusion().fuse(
+        model, positive, negative, vae, images, faces, seed=1, steps=2, cfg=5.0, sampler_name="euler",
+        scheduler="normal", denoise=0.6, resolution=64, context=1.6, mask_shape="ellipse", feather=0.15)
+    assert torch.equal(images, before)  # inputs untouched
+    assert out.shape == images.shape and mask.shape == images.shape[:3]
+    assert torch.equal(out[1], images[1]) and float(mask[1].abs().max()) == 0.0  # no face: passed through
+    assert "image 1: no face, passed through unchanged" in report and "image 0: face 0 fused" in report
+    m = mask[0]
+    outside = m == 0
+    assert torch.equal(out[0][outside], images[0][outside])  # bit-identical outside the feathered mask
+    inside = m > 0.5
+    assert float((out[0][inside] - images[0][inside]).abs().mean()) > 0.02  # the face was redrawn
+    # the mask covers the face, not the image: inside the detector box grown by half, a few % of the image
+    x1, y1, x2, y2 = faces.boxes[0].tolist()
+    gw, gh = (x2 - x1) / 2, (y2 - y1) / 2
+    ys, xs = torch.nonzero(m > 0, as_tuple=True)
+    assert xs.min() >= x1 - gw and xs.max() <= x2 + gw and ys.min() >= y1 - gh and ys.max() <= y2 + gh
+    assert 0.01 < float((m > 0).float().mean()) < 0.3
+    # square mask: also exact outside
+    out_sq, mask_sq, _ = FacecondFaceFusion().fuse(
+        model, positive, negative, vae, images, faces, seed=1, steps=1, cfg=5.0,
+        sampler_name="euler", scheduler="normal", denoise=0.5, resolution=64, context=1.6, mask_shape="square",
+        feather=0.1)
+    assert torch.equal(out_sq[0][mask_sq[0] == 0], images[0][mask_sq[0] == 0])
+
+
+def test_preprocess_turns_faces_upright_and_centres_them(shared_data):
+    obama = _letterbox(_arr(shared_data, "obama/obama.jpg"), 320)
+    sideways = np.ascontiguousarray(np.rot90(obama, 1))  # face lying on its side
+    tilted = cv2.warpAffine(obama, cv2.getRotationMatrix2D((160, 160), 25, 1.0), (320, 320))
+    blank = np.full((320, 320, 3), 0.5, np.float32)
+    image = _batch([sideways, tilted, blank])
+    faces = _detect(image)
+    res = 160
+    out, mask, report = FacecondFaceChainPreprocess().prepare(image, faces, res, 2.0, "ellipse", "keep")
+    assert out.shape == (2, res, res, 3) and mask.shape == (2, res, res), report
+    assert "photo 2: no face, dropped" in report
+    assert float(mask[0, res // 2, res // 2]) == 1.0 and float(mask[0, 2, 2]) == 0.0
+    again = _detect(out, no_face="error", upright="off")  # found without turning: the crops are upright
+    for r in range(2):
+        lm = again.landmarks[r].numpy()
+        assert abs(crop.roll(lm)) < np.radians(10)
+        centre = lm.mean(0)
+        assert np.all(np.abs(centre - res / 2) < res * 0.1), centre
+    # landmarks of the source faces map to the same place through the region affine
+    from facecond.py.fusion import region_affine
+
+    m = region_affine(faces.affine_arcface[0].numpy(), 2.0, res)
+    eyes = transform_points(m, faces.landmarks[0].numpy())[:2]
+    assert abs(eyes[0, 1] - eyes[1, 1]) < 3 and eyes[0, 0] < eyes[1, 0]
+    white, _, _ = FacecondFaceChainPreprocess().prepare(image, faces, 64, 2.0, "ellipse", "white")
+    assert float(white[0, 0, 0].min()) == 1.0  # corner outside the ellipse filled white

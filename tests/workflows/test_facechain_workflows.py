@@ -1,0 +1,137 @@
+"""Every FaceChain example workflow, end to end through the headless server on the tiny checkpoint.
+
+What the test changes, and why: FaceEmbed is switched to the insightface test-pack recogniser (FaceNet cannot be
+downloaded here, ``host.use_stand_ins``); the two LoRA files the examples load are tiny random LoRAs for the
+tiny checkpoint, written here in ComfyUI's generic key format; steps, sizes and the working resolution are cut
+(64 px) and TrainLoraNode trains 2 steps in fp32 (bf16 is for GPUs). The tiny checkpoint draws noise, never a
+face, so the generate -> rank -> fuse graph runs its no-face path; a second run feeds real photos in as the
+"generated" batch to exercise ranking and fusion on faces.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from facecond_dev import host
+from facecond_dev.client import ui_to_api
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
+SAVED = {"facechain_rank_and_fuse.json": ("facechain_fused", 2),
+         "facechain_face_lora_style_lora.json": ("facechain_lora", 4),
+         "facechain_train_face_lora.json": ("facechain_trained", 2)}
+LORAS = ("facechain_face_lora.safetensors", "facechain_style_lora.safetensors")
+
+
+def _photo(src: Path, side: int) -> Image.Image:
+    """Letterboxed into side x side (same size for ImageBatch, small for a fast MTCNN)."""
+    im = Image.open(src).convert("RGB")
+    im.thumbnail((side, side), Image.LANCZOS)
+    canvas = Image.new("RGB", (side, side))
+    canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+    return canvas
+
+
+def _random_lora(model, seed: int) -> dict[str, torch.Tensor]:
+    """Rank-4 LoRA on every attention projection of the tiny UNet (generic 'diffusion_model.X.lora_up' keys)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.model.state_dict().items():
+        if k.startswith("diffusion_model.") and k.endswith((".to_q.weight", ".to_k.weight", ".to_v.weight")):
+            base = k[: -len(".weight")]
+            out[f"{base}.lora_down.weight"] = torch.randn(4, v.shape[1], generator=g) * 0.1
+            out[f"{base}.lora_up.weight"] = torch.randn(v.shape[0], 4, generator=g) * 0.1
+    return out
+
+
+@pytest.fixture(scope="module")
+def facechain_server(server, shared_data, tiny_model):
+    base = Path(server.base_dir)
+    faces = shared_data / "faces"
+    _photo(faces / "obama/obama.jpg", 320).save(base / "input/facechain_user_photo.jpg", quality=95)
+    _photo(faces / "obama/obama_partial_face.jpg", 320).save(base / "input/facechain_user_photo2.jpg", quality=95)
+    gen = {"facechain_gen_biden.png": faces / "biden/biden.jpg", "facechain_gen_obama2.png": faces / "obama/obama2.jpg",
+           "facechain_gen_john.png": faces / "johns/John_Salley/000179_02159509.jpg"}
+    for name, src in gen.items():
+        _photo(src, 256).save(base / "input" / name)
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(base / "input/facechain_gen_blank.png")
+    loras = base / "models/loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(LORAS):
+        if not (loras / name).exists():
+            lora = _random_lora(tiny_model[0], i)
+            assert len(lora) >= 6
+            save_file(lora, str(loras / name))
+    host.install_stand_in_models(base)
+    server.object_info(refresh=True)
+    return server
+
+
+def _prompt(server, name: str) -> dict:
+    prompt = host.use_stand_ins(ui_to_api(json.loads((EXAMPLES / name).read_text()), server.object_info()),
+                                server.base_dir)
+    small = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2},
+             "FacecondFaceFusion": {"steps": 2, "resolution": 64},
+             "FacecondFaceChainPreprocess": {"resolution": 64},
+             "TrainLoraNode": {"steps": 2, "rank": 4, "training_dtype": "fp32", "lora_dtype": "fp32",
+                               "gradient_checkpointing": False}}
+    for node in prompt.values():
+        node["inputs"].update(small.get(node["class_type"], {}))
+    return prompt
+
+
+def _saved(server, result, prefix):
+    return [p for p in server.output_images(result) if p.name.startswith(prefix)]
+
+
+@pytest.mark.parametrize("name", sorted(SAVED))
+def test_example_workflow_runs(facechain_server, name):
+    server = facechain_server
+    result = server.run(_prompt(server, name))
+    assert result.status == "success", (result.error or {}).get("exception_message", result.error)
+    prefix, count = SAVED[name]
+    saved = _saved(server, result, prefix)
+    assert len(saved) == count, server.output_images(result)
+    if name == "facechain_train_face_lora.json":
+        trained = list((Path(server.base_dir) / "output/loras").glob("facechain_face_lora_2_steps_*.safetensors"))
+        assert trained, "SaveLoRA wrote nothing"
+
+
+def test_every_facechain_example_is_tested():
+    assert sorted(p.name for p in EXAMPLES.glob("facechain_*.json")) == sorted(SAVED)
+
+
+def test_rank_and_fuse_on_real_photos(facechain_server):
+    """The generated batch replaced by real photos: Obama (the template's person) ranks first and is fused."""
+    server = facechain_server
+    prompt = _prompt(server, "facechain_rank_and_fuse.json")
+    names = ["facechain_gen_biden.png", "facechain_gen_obama2.png", "facechain_gen_john.png", "facechain_gen_blank.png"]
+    for k, name in enumerate(names):
+        prompt[f"9{k}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    prompt["95"] = {"class_type": "ImageBatch", "inputs": {"image1": ["90", 0], "image2": ["91", 0]}}
+    prompt["96"] = {"class_type": "ImageBatch", "inputs": {"image1": ["95", 0], "image2": ["92", 0]}}
+    prompt["97"] = {"class_type": "ImageBatch", "inputs": {"image1": ["96", 0], "image2": ["93", 0]}}
+    for node in prompt.values():
+        for key, value in node["inputs"].items():
+            if value == ["7", 0]:  # the VAEDecode of the generations
+                node["inputs"][key] = ["97", 0]
+    prompt["18"]["inputs"]["resolution"] = 128
+    result = server.run(prompt)
+    assert result.status == "success", (result.error or {}).get("exception_message", result.error)
+    ranking = "".join(result.outputs["21"]["text"])
+    lines = [ln for ln in ranking.splitlines() if ln.startswith("#")]
+    assert lines[0].startswith("#1: image 1 ") and lines[-1] == "#4: image 3 no face (score -1)", ranking
+    fused = _saved(server, result, "facechain_fused")
+    assert len(fused) == 2
+    best_in = np.asarray(Image.open(Path(server.base_dir) / "input" / names[1]).convert("RGB"))
+    best_out = np.asarray(Image.open(fused[0]).convert("RGB"))
+    same = (best_in == best_out).all(-1)
+    assert 0.5 < same.mean() < 1.0  # the face region was redrawn, the rest kept exactly
+    fusion_report = "".join(result.outputs["23"]["text"])
+    assert "image 0: face 0 fused" in fusion_report, fusion_report
