@@ -1,0 +1,212 @@
+"""Celeb Basis nodes in-process on the tiny SD1.5 checkpoint (real CLIP-L tokenizer and token table):
+pseudo-words in a cloned CLIP, saved coefficients reproducing the conditioning bit for bit, clear errors,
+and the trainer end to end (only the MLP moves, the loss falls on a fixed batch, resume)."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+import pytest
+import torch
+
+import nodes
+from facecond.nodes.celebbasis import (
+    CelebBasisCoeffs,
+    LoadCelebCoeffs,
+    SaveCelebCoeffs,
+    TrainCelebBasis,
+    basis_for,
+    encode_with,
+    template_tokens,
+    text_encoder,
+)
+from facecond.py import celeb_basis as cb
+from facecond.py.celeb_coeffs import BasisFacts, CelebCoeffs, load_mlp
+from facecond.py.face_types import FaceEmbeds
+from facecond.py.train_core import denoising_loss, sample_noise, sample_sigmas, step_generator
+
+D = 16
+P = 32
+
+
+def _embeds(n, seed=0):
+    x = torch.nn.functional.normalize(torch.randn(n, D, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return FaceEmbeds(x, "test/embedder", True, tuple(range(n)))
+
+
+def _encode(clip, text):
+    with torch.inference_mode():
+        return nodes.CLIPTextEncode().encode(clip, text)[0][0][0]
+
+
+@pytest.fixture(scope="module")
+def basis(tiny_model):
+    return basis_for(tiny_model[1], cb.load_names(), P, "test")[0]
+
+
+def _coeffs(basis, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.functional.normalize(torch.randn(2, P, generator=g), dim=-1) * basis.scale.view(2, 1)
+    return CelebCoeffs(a.half().float(), BasisFacts(basis.p, basis.table_hash, basis.names_hash))
+
+
+def test_pseudo_word_only_at_its_positions(tiny_model, basis):
+    clip = tiny_model[1]
+    plain = _encode(clip, "a photo of a man riding a horse")
+    ca = CelebBasisCoeffs().apply(clip, "<alice>", "none", coefficients=_coeffs(basis, 1))[0]
+    both = CelebBasisCoeffs().apply(ca, "<bob>", "none", coefficients=_coeffs(basis, 2))[0]
+    assert clip.tokenizer is not ca.tokenizer and not hasattr(clip.tokenizer, "words")  # input untouched
+    assert torch.equal(_encode(clip, "a photo of a man riding a horse"), plain)
+    assert torch.equal(_encode(both, "a photo of a man riding a horse"), plain)  # no word: same conditioning
+    a = _encode(both, "a photo of <alice> riding a horse")
+    b = _encode(both, "a photo of <bob> riding a horse")
+    # the token inputs differ only at the word's 2 positions (1 + 3 words in: positions 4, 5) ...
+    toks = both.tokenize("a photo of <alice> riding a horse")["l"][0]
+    assert [i for i, (t, _) in enumerate(toks) if torch.is_tensor(t)] == [4, 5]
+    # ... and the causal text encoder leaves everything before them bit-identical
+    assert torch.equal(a[:, :4], b[:, :4]) and not torch.allclose(a[:, 4:6], b[:, 4:6])
+    # the word's vectors are C̄_k + B_k α_k
+    vec = basis.embeddings(_coeffs(basis, 1).coeffs)
+    assert torch.equal(toks[4][0], vec[0]) and torch.equal(toks[5][0], vec[1])
+    # two people in one prompt, mixed with weights
+    two = _encode(both, "(<alice>:1.1) shaking hands with <bob>, oil painting")
+    assert two.shape == plain.shape and torch.isfinite(two).all()
+
+
+def test_saved_coefficients_reproduce_conditioning(tiny_model, basis, tmp_path):
+    clip = tiny_model[1]
+    from facecond.py.celeb_coeffs import new_mlp, save_mlp
+
+    root = folder_paths.get_folder_paths("facecond_celebbasis")[0]
+    os.makedirs(root, exist_ok=True)
+    save_mlp(new_mlp(D, basis, 0), os.path.join(root, "nodes_test_mlp.safetensors"), basis,
+             embedder="test/embedder", names=cb.load_names(), steps=0)
+    out_clip, coeffs = CelebBasisCoeffs().apply(clip, "<carol>", "nodes_test_mlp.safetensors", face_embeds=_embeds(2))
+    assert coeffs.coeffs.shape == (2, P)
+    name = SaveCelebCoeffs().save(coeffs, "nodes_test/person")[0]
+    assert os.path.getsize(os.path.join(root, name)) < 2 * 2 * P + 1024
+    loaded = LoadCelebCoeffs().load(name)[0]
+    again = CelebBasisCoeffs().apply(clip, "<carol>", "none", coefficients=loaded)[0]
+    text = "a portrait of <carol> as an astronaut"
+    assert torch.equal(_encode(out_clip, text), _encode(again, text))
+
+
+def test_bad_inputs(tiny_model, basis):
+    clip, node = tiny_model[1], CelebBasisCoeffs()
+    c = _coeffs(basis, 0)
+    with pytest.raises(ValueError, match=r"CelebBasisCoeffs: pseudo_word 'alice smith' is not a pseudo-word.*<alice>"):
+        node.apply(clip, "alice smith", "none", coefficients=c)
+    with pytest.raises(ValueError, match="collides with the real token 'alice'"):
+        node.apply(clip, "alice", "none", coefficients=c)
+    ca = node.apply(clip, "<alice>", "none", coefficients=c)[0]
+    with pytest.raises(ValueError, match="already used"):
+        node.apply(ca, "<alice>", "none", coefficients=c)
+    # coefficients carry their p; one this name list cannot give (p <= names - 1) is another basis
+    big = CelebCoeffs(torch.zeros(2, 700), BasisFacts(700, basis.table_hash, basis.names_hash))
+    with pytest.raises(ValueError, match="700-component coefficients but the basis of this CLIP has p=627"):
+        node.apply(clip, "<x>", "none", coefficients=big)
+    with pytest.raises(ValueError, match=r"celebrity-name list .* Put the list it was trained with there"):
+        node.apply(clip, "<x>", "none", coefficients=CelebCoeffs(c.coeffs, BasisFacts(P, basis.table_hash, "f" * 16)))
+    other = CelebCoeffs(c.coeffs, BasisFacts(P, "0" * 16, basis.names_hash))
+    with pytest.raises(ValueError, match="another model"):
+        node.apply(clip, "<x>", "none", coefficients=other)
+    with pytest.raises(ValueError, match="nothing to make the word from"):
+        node.apply(clip, "<x>", "none")
+
+
+def test_text_encoder_rejects_sdxl_clip(tiny_model):
+    from comfy import sd, sdxl_clip
+
+    fake = sd.CLIP.__new__(sd.CLIP)
+    fake.cond_stage_model = sdxl_clip.SDXLClipModel.__new__(sdxl_clip.SDXLClipModel)
+    fake.tokenizer = tiny_model[1].tokenizer
+    with pytest.raises(ValueError, match="SDXL"):
+        text_encoder(fake, "CelebBasisCoeffs")
+
+
+@pytest.fixture(scope="module")
+def train_inputs(tiny_model):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 64, 64, 3, generator=g)
+    return images, _embeds(3, seed=5)
+
+
+def test_trainer_end_to_end(tiny_model, train_inputs, basis):
+    model, clip, vae = tiny_model
+    images, fe = train_inputs
+    unet_before = {k: v.clone() for k, v in list(model.model.diffusion_model.state_dict().items())[:6]}
+    table_before = text_encoder(clip, "t").table().clone()
+    mlp, name, report = TrainCelebBasis().train(model, clip, vae, images, fe, "a,a,b", "a photo of {}", 1, 0.01,
+                                                P, 0, True, "nodes_test/train", False)
+    assert "1 steps, 2 identities" in report and name == os.path.join("nodes_test", "train.safetensors")
+    for k, v in unet_before.items():
+        assert torch.equal(model.model.diffusion_model.state_dict()[k], v)
+    assert torch.equal(text_encoder(clip, "t").table(), table_before)
+    assert all(p.grad is None for p in model.model.parameters())
+    assert all(p.grad is None for p in clip.cond_stage_model.parameters())
+    root = folder_paths.get_folder_paths("facecond_celebbasis")[0]
+    loaded, info = load_mlp(os.path.join(root, name))
+    assert torch.equal(loaded.fc.weight, mlp.mlp.fc.weight) and info["steps"] == 1
+    # resume: 1 more step from the saved state equals one 2-step run, bit for bit
+    two = TrainCelebBasis().train(model, clip, vae, images, fe, "a,a,b", "a photo of {}", 2, 0.01, P, 0, True,
+                                  "nodes_test/two", False)[0]
+    resumed = TrainCelebBasis().train(model, clip, vae, images, fe, "a,a,b", "a photo of {}", 2, 0.01, P, 0, True,
+                                      "nodes_test/train", True)[0]
+    assert torch.equal(two.mlp.fc.weight, resumed.mlp.fc.weight)
+
+
+def test_training_loss_falls_on_fixed_batch(tiny_model, train_inputs, basis):
+    """Gradients reach the MLP through CLIP and the UNet; a few Adam steps on one batch lower its loss."""
+    from facecond.nodes.celebbasis import encode_images, model_denoiser
+    from facecond.py.celeb_coeffs import new_mlp
+    from facecond.py.train_core import TrainConfig, Trainer
+
+    model, clip, vae = tiny_model
+    images, fe = train_inputs
+    denoise, sigmas, _ = model_denoiser(model, "t")
+    x0 = encode_images(vae, model, images[:1])
+    tokens = template_tokens(clip, ["a photo of {}"], "t")[0]
+    mlp = new_mlp(D, basis, 0)
+    g = step_generator(0, 0)
+    sigma, _ = sample_sigmas(sigmas[200:400], 1, g)
+    noise = sample_noise(x0, g)
+
+    def loss_fn(step, _g):
+        ctx = encode_with(clip, tokens, basis.embeddings(mlp(fe.embeds[:1])[0]))
+        return denoising_loss(denoise, x0, ctx, sigma, noise)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        start = loss_fn(0, g).item()
+        grads = torch.autograd.grad(loss_fn(0, g), list(mlp.parameters()))
+    assert all(gr.abs().sum() > 0 for gr in grads)
+    Trainer(dict(mlp.named_parameters()), TrainConfig(steps=6, lr=0.1)).run(loss_fn)
+    with torch.inference_mode(False), torch.enable_grad():
+        end = loss_fn(0, g).item()
+    assert end < start
+
+
+def test_trainer_bad_inputs(tiny_model, train_inputs):
+    model, clip, vae = tiny_model
+    images, fe = train_inputs
+    node = TrainCelebBasis()
+    with pytest.raises(ValueError, match="3 images but 2 face embeddings"):
+        node.train(model, clip, vae, images, _embeds(2), "", "a photo of {}", 1, 0.01, P, 0, False, "x", False)
+    with pytest.raises(ValueError, match="2 labels for 3 images"):
+        node.train(model, clip, vae, images, fe, "a,b", "a photo of {}", 1, 0.01, P, 0, False, "x", False)
+    with pytest.raises(ValueError, match=r"must contain \{\} exactly once"):
+        node.train(model, clip, vae, images, fe, "", "a photo of someone", 1, 0.01, P, 0, False, "x", False)
+
+
+@pytest.mark.parametrize("layer_idx", [None, -2])
+def test_differentiable_encode_matches_comfy(tiny_model, layer_idx):
+    clip = tiny_model[1].clone()
+    if layer_idx is not None:
+        clip.clip_layer(layer_idx)
+    tokens = template_tokens(clip, ["a close-up photo of {} smiling"], "t")[0]
+    vec = torch.randn(2, 768, generator=torch.Generator().manual_seed(0)) * 0.02
+    ours = encode_with(clip, tokens, vec)
+    from facecond.nodes.celebbasis import add_pseudo_word  # ComfyUI's own path: the vectors as an embedding
+
+    ref = _encode(add_pseudo_word(clip, "<zed>", vec, "t"), "a close-up photo of <zed> smiling")
+    assert torch.allclose(ours, ref, atol=1e-5)
