@@ -20,6 +20,8 @@ TORCH_PINS="torch==2.13.0 torchvision==0.28.0"
 # would pin torch<2.3.
 PACK_DEPS="safetensors einops numpy onnxruntime opencv-python-headless"
 TEST_DEPS="pytest ruff"
+# Training extras (pyproject [project.optional-dependencies] train): the Face0 trainer runs on accelerate.
+TRAIN_DEPS="accelerate tensorboard"
 
 log() { echo "[setup_host] $*" >&2; }
 mkdir -p "$HOST"
@@ -62,7 +64,7 @@ if ! stamp_ok reqs "$REQ_KEY"; then
   "$VPY" -m pip freeze --isolated | grep -Ei '^(torch|torchvision|torchaudio)==' > "$constraints" || true
   # shellcheck disable=SC2086
   "$VPY" -m pip install --isolated --quiet -c "$constraints" \
-      -r "$HOST/ComfyUI/requirements.txt" requests $PACK_DEPS $TEST_DEPS
+      -r "$HOST/ComfyUI/requirements.txt" requests $PACK_DEPS $TEST_DEPS $TRAIN_DEPS
   "$VPY" -m pip install --isolated --quiet --no-deps "facenet-pytorch==2.5.3"
   stamp_set reqs "$REQ_KEY"
 fi
