@@ -250,7 +250,11 @@ def find_existing(entry: WeightEntry, folders: Sequence[str | os.PathLike]) -> P
 
 
 def load_state_dict(path: str | os.PathLike) -> dict:
-    """A flat ``{name: tensor}`` dict from .safetensors or a torch file, never unpickling arbitrary objects."""
+    """A flat ``{name: tensor}`` dict from .safetensors or a torch file, never unpickling arbitrary objects.
+
+    Nested dicts of tensors (IP-Adapter's ``.bin``: ``{"image_proj": {...}, "ip_adapter": {...}}``) are
+    flattened to dotted keys; a ``{"state_dict": {...}}`` wrapper is unwrapped.
+    """
     import torch
 
     path = Path(path)
@@ -268,7 +272,19 @@ def load_state_dict(path: str | os.PathLike) -> dict:
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise WeightsError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
-    bad = [k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    flat: dict[str, torch.Tensor] = {}
+    bad: list[str] = []
+
+    def walk(d: dict, prefix: str) -> None:  # nested dicts (e.g. IP-Adapter .bin) become dotted keys
+        for k, v in d.items():
+            if isinstance(v, dict) and isinstance(k, str):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(k, str) and isinstance(v, torch.Tensor):
+                flat[prefix + k] = v
+            else:
+                bad.append(f"{prefix}{k}")
+
+    walk(sd, "")
     if bad:
         raise WeightsError(f"{path}: not a plain state dict; non-tensor entries: {bad[:5]}")
-    return dict(sd)
+    return flat

@@ -279,3 +279,14 @@ def test_load_state_dict_is_safe(tmp_path):
     torch.save({"w": sd["w"], "note": "a string"}, tmp_path / "mixed.pt")
     with pytest.raises(weights.WeightsError, match="non-tensor entries: \\['note'\\]"):
         weights.load_state_dict(tmp_path / "mixed.pt")
+
+
+def test_load_state_dict_flattens_nested_tensor_dicts(tmp_path):
+    """IP-Adapter .bin files nest {"image_proj": {...}, "ip_adapter": {...}}: dotted keys come back."""
+    import torch
+
+    torch.save({"image_proj": {"proj.weight": torch.ones(2, 2)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(3)}},
+               tmp_path / "nested.bin")
+    sd = weights.load_state_dict(tmp_path / "nested.bin")
+    assert sorted(sd) == ["image_proj.proj.weight", "ip_adapter.1.to_k_ip.weight"]
+    assert torch.equal(sd["image_proj.proj.weight"], torch.ones(2, 2))

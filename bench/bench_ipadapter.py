@@ -1,0 +1,114 @@
+"""Benchmark: sampling with the IP-Adapter attention patch vs without, seconds per step, in one run.
+
+Runs in one process on the tiny SD1.5 checkpoint (forced to the CPU, as the tests are) with a random
+FaceID IP-Adapter of the real layout (512-d input, 4 image tokens, one W'_k/W'_v pair per cross-attention):
+KSampler on the unpatched model; on the model patched with weight 0.8 over the whole schedule (target ratio
+<= 1.15); and patched with a start/end window that no sampled step falls into (target <= 1.01); a plain clone is
+the control. Each figure is the least time over ``--repeats`` interleaved runs, each timed after one untimed run
+of the same model (ComfyUI swaps the loaded clone on the first call, a one-off cost that is not per step);
+process CPU time, one torch thread by default. Usage:
+
+    .host/venv/bin/python -P bench/bench_ipadapter.py [--size 128] [--steps 4] [--repeats 7] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from facecond_dev import host  # noqa: E402
+
+log = logging.getLogger("bench_ipadapter")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=128, help="image side in pixels (latent = size/8)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
+    ap.add_argument("--batch", type=int, default=1)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    base = Path(tempfile.mkdtemp(prefix="facecond-bench-"))
+    host.import_comfy(base)
+    host.prepare_base(base, pack_dir=None)
+    host.load_pack(ROOT, "facecond")
+
+    import comfy.utils
+    import torch
+
+    import nodes
+    from facecond.nodes.ipadapter import ApplyIPAdapter, cross_attention_layers
+    from facecond.py import aggregate as agg
+    from facecond.py import ipadapter as ipa
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(host.EXAMPLE_CKPT)[:3]
+    layers = cross_attention_layers(model)
+    adapter = ipa.from_state_dict(ipa.random_state_dict("faceid", 512, [d for _, d, _ in layers], layers[0][2]), "b")
+    embeds = agg.RefEmbeds(torch.nn.functional.normalize(torch.randn(1, 512), dim=-1), "face", "bench", (0,))
+
+    def timed(fn) -> float:
+        t0 = time.process_time()  # CPU time: other processes on a shared machine do not inflate it
+        fn()
+        return time.process_time() - t0
+
+    with torch.inference_mode():
+        pos = nodes.CLIPTextEncode().encode(clip, "a photo of a person")[0]
+        neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+        latent = nodes.EmptyLatentImage().generate(args.size, args.size, args.batch)[0]
+        active = ApplyIPAdapter().apply(model, adapter, embeds, 0.8, 0.0, 1.0)[0]
+        outside = ApplyIPAdapter().apply(model, adapter, embeds, 0.8, 1.0, 1.0)[0]  # window: sigma = 0 only
+
+        def run(m):
+            return lambda: nodes.KSampler().sample(m, 1, args.steps, 7.5, "euler", "normal", pos, neg, latent)
+
+        x = torch.randn(2 * args.batch, 4, args.size // 8, args.size // 8)
+        ctx = torch.cat([pos[0][0], neg[0][0]]).repeat_interleave(args.batch, 0)
+        sigma = torch.full((2 * args.batch,), 5.0)
+
+        def step(m):
+            """One denoiser evaluation, cond + uncond batched, as calc_cond_batch makes it: the work of a step."""
+            def fn():
+                to = dict(m.model_options.get("transformer_options", {}), sigmas=sigma, cond_or_uncond=[0, 1])
+                for _ in range(args.steps):
+                    m.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to)
+            return fn
+
+        models = {"no patch": model, "clone, no patch": model.clone(), "IP-Adapter w=0.8": active,
+                  "IP-Adapter outside window": outside}
+        cases = {(how, name): (run(m) if how == "KSampler" else step(m)) for how in ("KSampler", "model call")
+                 for name, m in models.items()}
+        for fn in cases.values():  # warm-up (model load, allocator, K'/V' caches)
+            fn()
+        best = dict.fromkeys(cases, float("inf"))
+        for _ in range(args.repeats):  # interleaved, so drifts in machine load hit all cases alike
+            for key, fn in cases.items():
+                fn()  # untimed: ComfyUI swaps the loaded ModelPatcher (clone) on the first call after another one
+                best[key] = min(best[key], timed(fn))
+    log.info("tiny SD1.5 checkpoint (%d cross-attentions), %dx%d, batch %d, %d euler steps, cfg 7.5, best of %d, "
+             "CPU, torch threads %d", len(layers), args.size, args.size, args.batch, args.steps, args.repeats,
+             torch.get_num_threads())
+    targets = {"clone, no patch": 1.01, "IP-Adapter w=0.8": 1.15, "IP-Adapter outside window": 1.01}
+    for how in ("KSampler", "model call"):
+        k = best[(how, "no patch")] / args.steps
+        log.info("%s: %-26s %10.5f s/step", how, "no patch", k)
+        for name, target in targets.items():
+            ratio = best[(how, name)] / args.steps / k
+            log.info("%s: %-26s %10.5f s/step  ratio %.3f  (target <= %.2f: %s)", how, name,
+                     best[(how, name)] / args.steps, ratio, target, "ok" if ratio <= target else "OVER")
+
+
+if __name__ == "__main__":
+    main()

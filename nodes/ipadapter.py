@@ -1,0 +1,305 @@
+"""IP-Adapter with several reference images: load an IP-Adapter, encode references, aggregate them, patch a model.
+
+IP-Adapter: Ye et al. 2023 (arXiv 2308.06721); multi-reference aggregation: Kazistova, Stepanov, Filatov
+(METHODS.md §4). The maths lives in ``py/ipadapter.py`` (projections, decoupled attention, the attn2 patch)
+and ``py/aggregate.py`` (mean / max / norm-mean / trained self-attention); these classes check inputs, call it
+and wrap the results. CLIP vision comes from ComfyUI's own CLIPVisionLoader (``comfy.clip_vision.load``).
+
+The patch is ComfyUI's ``set_model_attn2_replace`` on a clone, one per UNet cross-attention, keyed
+(block, number, transformer index): input blocks, then output blocks, then the middle block, which is the
+order of the file's ``ip_adapter.{1,3,5,...}`` weights. Applying the node again (another person, another
+region mask) stacks: the new patch holds both terms; a foreign attn2 replace that was there stays the base.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.ldm.modules.attention as comfy_attention
+import folder_paths
+
+from ..py import aggregate as agg
+from ..py import ipadapter as ipa
+from ..py.face_types import FaceEmbeds
+
+log = logging.getLogger("facecond")
+
+CATEGORY = "facecond/ipadapter"
+IPADAPTER_FOLDER = "ipadapter"  # models/ipadapter, the folder IP-Adapter users already have
+AGGREGATOR_FOLDER = "facecond_aggregators"  # models/facecond/aggregators, registered by nodes/model_paths.py
+IPADAPTER_TYPE, EMBEDS_TYPE = "FACECOND_IPADAPTER", "REF_EMBEDS"
+
+
+def _register_folder() -> None:
+    default = os.path.join(folder_paths.models_dir, IPADAPTER_FOLDER)
+    folder_paths.add_model_folder_path(IPADAPTER_FOLDER, default)  # appended if another pack registered it
+    paths, exts = folder_paths.folder_names_and_paths[IPADAPTER_FOLDER]
+    if exts:  # an empty set means "no filter": keep it
+        folder_paths.folder_names_and_paths[IPADAPTER_FOLDER] = (paths, set(exts) | {".safetensors", ".bin"})
+
+
+_register_folder()
+
+_ADAPTERS: dict[tuple, ipa.IPAdapter] = {}  # (realpath, mtime, size) -> loaded adapter; module-level, not per node
+
+
+def comfy_optimized_attention(q, k, v, heads, **kw):
+    """ComfyUI's attention function of the moment (looked up per call: it is chosen at startup)."""
+    return comfy_attention.optimized_attention(q, k, v, heads, **kw)
+
+
+def cross_attention_layers(model) -> list[tuple[tuple, int, int]]:
+    """[((block, number, transformer_index), inner_dim, context_dim)] of a UNet's cross-attentions, in the
+    IP-Adapter order: input blocks, output blocks, middle block."""
+    unet = model.get_model_object("diffusion_model")
+    out = []
+    groups = [("input", getattr(unet, "input_blocks", [])), ("output", getattr(unet, "output_blocks", [])),
+              ("middle", [unet.middle_block] if getattr(unet, "middle_block", None) is not None else [])]
+    for name, blocks in groups:
+        for i, block in enumerate(blocks):
+            for mod in block.modules():
+                if isinstance(mod, comfy_attention.SpatialTransformer):
+                    for j, tb in enumerate(mod.transformer_blocks):
+                        if tb.attn2 is not None:
+                            out.append(((name, i, j), tb.attn2.to_k.out_features, tb.attn2.to_k.in_features))
+    return out
+
+
+class LoadIPAdapter:
+    DESCRIPTION = ("Loads an SD1.5 IP-Adapter from models/ipadapter (.safetensors, or .bin read as plain tensors "
+                   "only). The variant is read from the file's keys and shapes: plain (CLIP image embedding), plus "
+                   "(CLIP hidden states, Resampler) or FaceID (a face-recognition embedding).")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (IPADAPTER_TYPE, "STRING")
+    RETURN_NAMES = ("ipadapter", "info")
+    OUTPUT_TOOLTIPS = ("The IP-Adapter: image projection and the per-layer image keys/values W'_k, W'_v.",
+                       "Variant, input it takes, image tokens and layer count.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ipadapter_name": (folder_paths.get_filename_list(IPADAPTER_FOLDER), {
+            "tooltip": "IP-Adapter file in models/ipadapter, e.g. ip-adapter_sd15.safetensors, "
+                       "ip-adapter-plus_sd15.safetensors or ip-adapter-faceid_sd15.bin."})}}
+
+    def load(self, ipadapter_name):
+        path = folder_paths.get_full_path_or_raise(IPADAPTER_FOLDER, ipadapter_name)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+        if key not in _ADAPTERS:
+            sd = ipa.read_file(path)
+            try:
+                adapter = ipa.from_state_dict(sd, ipadapter_name)
+            except ValueError as e:
+                raise ValueError(f"LoadIPAdapter: ipadapter_name {ipadapter_name!r}: {e}") from None
+            if any("lora" in k for k in sd):
+                log.warning("[facecond] LoadIPAdapter: %s holds LoRA weights; they are not applied here. Load the "
+                            "matching FaceID LoRA with LoraLoaderModelOnly (strength about 0.6).", ipadapter_name)
+            _ADAPTERS.clear()  # one cached at a time
+            _ADAPTERS[key] = adapter
+        adapter = _ADAPTERS[key]
+        v = adapter.variant
+        info = (f"{ipadapter_name}: {v.name} IP-Adapter, takes {v.input_kind} ({v.input_dim}-d), {v.tokens} image "
+                f"tokens of width {v.cross_dim}, {len(adapter.kv)} cross-attention layers")
+        log.info("[facecond] %s", info)
+        return (adapter, info)
+
+
+def _check_adapter(node: str, ipadapter) -> ipa.IPAdapter:
+    if not isinstance(ipadapter, ipa.IPAdapter):
+        raise ValueError(f"{node}: input 'ipadapter' must come from FacecondLoadIPAdapter "
+                         f"(got {type(ipadapter).__name__}).")
+    return ipadapter
+
+
+class IPAdapterEncode:
+    DESCRIPTION = ("Turns reference photos into the embeddings an IP-Adapter takes, one row per reference: FaceID "
+                   "uses face_embeds (FaceEmbed); plain and plus encode image with clip_vision (ComfyUI's "
+                   "CLIPVisionLoader; image embeds for plain, penultimate hidden states for plus). Rows that are "
+                   "NaN or zero are skipped and reported, never fatal.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = (EMBEDS_TYPE, "STRING")
+    RETURN_NAMES = ("embeds", "report")
+    OUTPUT_TOOLTIPS = ("N reference embeddings (for AggregateEmbeds or ApplyIPAdapter).",
+                       "References used and skipped.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "ipadapter": (IPADAPTER_TYPE, {"tooltip": "From LoadIPAdapter: decides which embedding is made."}),
+            "crop": (["center", "none"], {"default": "center", "tooltip":
+                     "CLIP vision only: center crops the square middle of each photo, none squashes it."}),
+        }, "optional": {
+            "image": ("IMAGE", {"tooltip": "Reference photos (plain / plus IP-Adapters), one per batch entry."}),
+            "clip_vision": ("CLIP_VISION", {"tooltip": "ComfyUI's CLIPVisionLoader output (ViT-H for the SD1.5 "
+                            "IP-Adapters); needed with image."}),
+            "face_embeds": ("FACE_EMBEDS", {"tooltip": "FaceID IP-Adapters: FaceEmbed output (use FaceDetectCrop "
+                            "with no_face=skip so faceless photos are dropped, not fatal)."}),
+        }}
+
+    def encode(self, ipadapter, crop, image=None, clip_vision=None, face_embeds=None):
+        node = "IPAdapterEncode"
+        v = _check_adapter(node, ipadapter).variant
+        notes = []
+        if v.input_kind == "face":
+            if not isinstance(face_embeds, FaceEmbeds):
+                raise ValueError(f"{node}: {ipadapter.name} is a FaceID IP-Adapter: connect face_embeds "
+                                 "(FaceDetectCrop -> FaceEmbed).")
+            x, model, src = face_embeds.embeds.float(), face_embeds.model, tuple(face_embeds.source_index)
+            missing = sorted(set(range(max(src, default=-1) + 1)) - set(src))
+            if missing:
+                notes.append(f"images {missing} had no usable face (skipped by FaceDetectCrop)")
+        else:
+            if image is None or clip_vision is None:
+                raise ValueError(f"{node}: {ipadapter.name} is a {v.name} IP-Adapter: connect image and "
+                                 "clip_vision (CLIPVisionLoader with the CLIP-ViT-H-14 image encoder).")
+            out = clip_vision.encode_image(image, crop=crop == "center")
+            x = (out["image_embeds"] if v.input_kind == "clip_embeds" else out["penultimate_hidden_states"]).float()
+            model, src = f"clip_vision/{v.input_kind}", tuple(range(x.shape[0]))
+        if x.shape[-1] != v.input_dim:
+            raise ValueError(f"{node}: the embeddings are {x.shape[-1]}-d ({model}) but {ipadapter.name} takes "
+                             f"{v.input_dim}-d {v.input_kind}. Use the encoder it was trained with (FaceID: "
+                             "insightface buffalo_l 512-d; plain/plus SD1.5: CLIP-ViT-H-14).")
+        embeds = agg.RefEmbeds(x.cpu(), v.input_kind, model, src, tuple(notes))
+        kept, dropped = agg.usable_rows(embeds.embeds)
+        if dropped:
+            embeds = embeds.select(kept, f"references {[src[i] for i in dropped]} skipped (NaN or zero embedding)")
+        report = "; ".join([f"{len(embeds)} references ({v.input_kind}, {model})", *embeds.notes])
+        log.info("[facecond] %s: %s", node, report)
+        return (embeds, report)
+
+
+class AggregateEmbeds:
+    DESCRIPTION = ("Several references of one person -> one embedding (Kazistova et al.): mean, max, norm-mean, or "
+                   "a trained self-attention aggregator (models/facecond/aggregators, trained with "
+                   "scripts/train_aggregator.py on N references: more are cut to the first N, fewer bootstrapped "
+                   "with the seed). Unusable references are skipped with a report.")
+    CATEGORY = CATEGORY
+    FUNCTION = "aggregate"
+    RETURN_TYPES = (EMBEDS_TYPE, "STRING")
+    RETURN_NAMES = ("embeds", "report")
+    OUTPUT_TOOLTIPS = ("One aggregated embedding (empty if no reference was usable).",
+                       "How many references went in, which were skipped, cut or resampled.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "embeds": (EMBEDS_TYPE, {"tooltip": "N reference embeddings from IPAdapterEncode."}),
+            "method": (list(agg.METHODS), {"default": "mean", "tooltip":
+                       "mean / max: average or element-wise max pooling. norm-mean: mean of unit-length rows, "
+                       "rescaled to their mean length. self-attention: the trained aggregator below."}),
+            "aggregator_name": (["none", *folder_paths.get_filename_list(AGGREGATOR_FOLDER)], {"default": "none",
+                                "tooltip": "Self-attention weights in models/facecond/aggregators (method "
+                                "self-attention only)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip":
+                     "Self-attention with fewer references than it was trained on: seed of the resampling."}),
+        }}
+
+    def aggregate(self, embeds, method, aggregator_name, seed):
+        node = "AggregateEmbeds"
+        if not isinstance(embeds, agg.RefEmbeds):
+            raise ValueError(f"{node}: input 'embeds' must come from IPAdapterEncode (got {type(embeds).__name__}).")
+        kept, dropped = agg.usable_rows(embeds.embeds)
+        if dropped:
+            embeds = embeds.select(kept, f"references {[embeds.source_index[i] for i in dropped]} skipped "
+                                   "(NaN or zero embedding)")
+        if len(embeds) == 0:
+            report = "; ".join(["no usable reference: the IP-Adapter will be skipped", *embeds.notes])
+            log.warning("[facecond] %s: %s", node, report)
+            return (embeds, report)
+        aggregator = None
+        if method == "self-attention":
+            if aggregator_name == "none":
+                raise ValueError(f"{node}: method self-attention needs aggregator_name (a file in "
+                                 "models/facecond/aggregators from scripts/train_aggregator.py), or pick mean.")
+            aggregator = agg.load_aggregator(folder_paths.get_full_path_or_raise(AGGREGATOR_FOLDER, aggregator_name))
+        try:
+            x, note = agg.aggregate(embeds.embeds, method, aggregator, seed)
+        except ValueError as e:
+            raise ValueError(f"{node}: {e}. Use an aggregator trained on these embeddings ({embeds.model}).") from None
+        out = agg.RefEmbeds(x, embeds.kind, embeds.model, (-1,), (*embeds.notes, note))
+        report = "; ".join(out.notes)
+        log.info("[facecond] %s: %s", node, report)
+        return (out, report)
+
+
+class ApplyIPAdapter:
+    DESCRIPTION = ("Adds the image prompt to every cross-attention of a clone of the model: Z = Attention(Q,K,V) + "
+                   "weight·Attention(Q,K',V') (IP-Adapter, Ye et al. 2023), between start_at and end_at, inside "
+                   "attn_mask. Apply it again for a second person in another region; it stacks with other patches. "
+                   "Several reference rows are used side by side; AggregateEmbeds makes them one.")
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The patched clone (the input model is unchanged).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD1.5 model (existing patches are kept)."}),
+            "ipadapter": (IPADAPTER_TYPE, {"tooltip": "From LoadIPAdapter."}),
+            "embeds": (EMBEDS_TYPE, {"tooltip": "From IPAdapterEncode or AggregateEmbeds."}),
+            "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip":
+                       "λ: strength of the image term (0: no effect, 1: as trained)."}),
+            "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                         "Fraction of the schedule where the image term starts (0: first step)."}),
+            "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                       "Fraction of the schedule where it stops (1: last step). Outside, the patch costs nothing."}),
+        }, "optional": {
+            "attn_mask": ("MASK", {"tooltip": "Where the image term applies (1) and not (0), image-sized; for two "
+                          "people in two regions, apply the node twice with complementary masks."}),
+        }}
+
+    def apply(self, model, ipadapter, embeds, weight, start_at, end_at, attn_mask=None):
+        node = "ApplyIPAdapter"
+        adapter = _check_adapter(node, ipadapter)
+        v = adapter.variant
+        if not isinstance(embeds, agg.RefEmbeds):
+            raise ValueError(f"{node}: input 'embeds' must come from IPAdapterEncode / AggregateEmbeds.")
+        if start_at > end_at:
+            raise ValueError(f"{node}: start_at ({start_at}) is after end_at ({end_at}); swap them.")
+        if len(embeds) == 0:
+            log.warning("[facecond] %s: no usable reference (%s); the model is returned unpatched.", node,
+                        "; ".join(embeds.notes))
+            return (model.clone(),)
+        if embeds.kind != v.input_kind or embeds.embeds.shape[-1] != v.input_dim:
+            raise ValueError(f"{node}: embeds are {embeds.kind} ({embeds.embeds.shape[-1]}-d) but {adapter.name} takes "
+                             f"{v.input_kind} ({v.input_dim}-d). Encode them with this IP-Adapter in IPAdapterEncode.")
+        layers = cross_attention_layers(model)
+        dims = [(k.shape[0], k.shape[1]) for k, _ in adapter.kv]
+        if [(inner, ctx) for _, inner, ctx in layers] != dims:
+            raise ValueError(f"{node}: {adapter.name} has {len(dims)} layers for a UNet with {len(layers)} "
+                             "cross-attentions of other widths: it was made for another base model (SD1.5 "
+                             "IP-Adapters need an SD1.5 checkpoint).")
+        mask = None
+        if attn_mask is not None:
+            mask = (attn_mask if attn_mask.ndim == 3 else attn_mask[None]).float().clamp(0, 1).cpu()
+        tokens = adapter.image_tokens(embeds.embeds)
+        negative = adapter.negative_tokens(embeds.embeds)
+        ms = model.get_model_object("model_sampling")
+        s_start, s_end = ms.percent_to_sigma(start_at), ms.percent_to_sigma(end_at)
+        terms = ipa.layer_terms(adapter, tokens, negative, weight, s_start, s_end, mask)
+        m = model.clone()
+        existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        for (key, _, _), term in zip(layers, terms):
+            old = existing.get(key)
+            patch = old.with_term(term) if isinstance(old, ipa.IPAttentionPatch) else \
+                ipa.IPAttentionPatch((term,), previous=old, attention=comfy_optimized_attention)
+            m.set_model_attn2_replace(patch, *key)
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "FacecondLoadIPAdapter": LoadIPAdapter,
+    "FacecondIPAdapterEncode": IPAdapterEncode,
+    "FacecondAggregateEmbeds": AggregateEmbeds,
+    "FacecondApplyIPAdapter": ApplyIPAdapter,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FacecondLoadIPAdapter": "LoadIPAdapter",
+    "FacecondIPAdapterEncode": "IPAdapterEncode",
+    "FacecondAggregateEmbeds": "AggregateEmbeds",
+    "FacecondApplyIPAdapter": "ApplyIPAdapter",
+}

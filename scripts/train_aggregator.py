@@ -1,0 +1,254 @@
+"""Train the self-attention reference aggregator of multi-reference IP-Adapter (Kazistova, Stepanov, Filatov;
+METHODS.md §4) on a folder of people, leave-one-out, with the pack's shared training core (py/train_core.py).
+
+Data: ``DATA/<person>/<image>`` (jpg/png/webp), one subfolder per person; an optional ``<image>.txt`` next to an
+image is its caption (else ``--caption``). People are split train/test 2:1 by person (seeded), as the paper does.
+Each step: pick a training person and one of their images at random (the target); aggregate the embeddings of
+the *other* images with the aggregator G (cut / bootstrapped to N = ``--refs``); project them with the
+IP-Adapter and denoise the noised target latent conditioned on its caption + the image tokens (decoupled
+cross-attention, λ = 1); loss: the ε-denoising loss. Trainable: G (W_out starts at 0, i.e. at mean pooling).
+The IP-Adapter stays frozen (the paper also fine-tunes its Linear/LayerNorm/K'/V'; not done here, so the file
+works with the unchanged public IP-Adapter). At the end the held-out people's leave-one-out loss is reported for
+G and for plain mean pooling (same seeds).
+
+Embeddings: FaceID adapters take face embeddings (FaceDetectCrop mtcnn, no_face=skip, + FaceEmbed with
+``--recogniser``); plain/plus adapters take CLIP-vision outputs (``--clip-vision``, ComfyUI's loader).
+Usage (ComfyUI base directory with models/; the output goes to models/facecond/aggregators):
+
+    .host/venv/bin/python -P scripts/train_aggregator.py --data DIR --base-dir COMFY_BASE \\
+        --ckpt v1-5-pruned-emaonly.safetensors --ipadapter ip-adapter-faceid_sd15.bin \\
+        --recogniser buffalo_l/w600k_r50.onnx --refs 9 --steps 2000 --name my_aggregator
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("facecond.train_aggregator")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+@dataclass
+class Person:
+    name: str
+    embeds: torch.Tensor  # (M, ...) one row per usable image
+    latents: torch.Tensor  # (M, 4, h, w) in the model's latent space
+    contexts: torch.Tensor  # (M, 77, C) caption encodings
+
+
+def split_people(names: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """(train, test): the people shuffled with the seed, every third one to test (2:1 by person)."""
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    test = order[2::3]
+    return [n for n in order if n not in test], test
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """(1, size, size, 3) float in [0, 1], EXIF-upright, centre-cropped (ComfyUI IMAGE layout)."""
+    img = ImageOps.fit(ImageOps.exif_transpose(Image.open(path)).convert("RGB"), (size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img, np.float32) / 255.0)[None]
+
+
+def embed_images(images: torch.Tensor, adapter, recogniser: str, clip_vision) -> tuple[torch.Tensor, list[int]]:
+    """(rows, kept image indices) with the embedding the adapter takes; faceless images are skipped."""
+    from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+    from facecond.nodes.ipadapter import IPAdapterEncode
+
+    if adapter.variant.input_kind == "face":
+        faces = FacecondFaceDetectCrop().detect(images, detector="mtcnn", select="largest", face_index=0,
+                                                min_size=20, margin_scale=1.0, upright="off", no_face="skip")[0]
+        if len(faces) == 0:
+            return torch.zeros(0, adapter.variant.input_dim), []
+        fe = FacecondFaceEmbed().embed(faces, recogniser, "bottleneck_512", "auto")[0]
+        embeds = IPAdapterEncode().encode(adapter, "center", face_embeds=fe)[0]
+    else:
+        embeds = IPAdapterEncode().encode(adapter, "center", image=images, clip_vision=clip_vision)[0]
+    return embeds.embeds, list(embeds.source_index)
+
+
+def build_people(data: Path, names: list[str], model, clip, vae, adapter, *, size: int, caption: str,
+                 recogniser: str, clip_vision, max_images: int) -> list[Person]:
+    out = []
+    for name in names:
+        files = sorted(p for p in (data / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_images]
+        if len(files) < 2:
+            log.warning("skipping %s: %d image(s), leave-one-out needs at least 2", name, len(files))
+            continue
+        with torch.inference_mode():
+            # references are embedded at >= 224 px (face detection needs pixels); the latents are made at `size`
+            images = torch.cat([load_image(f, max(size, 224)) for f in files])
+            embeds, kept = embed_images(images, adapter, recogniser, clip_vision)
+            if len(kept) < 2:
+                log.warning("skipping %s: a face was found in %d of %d images", name, len(kept), len(files))
+                continue
+            if len(kept) < len(files):
+                log.info("%s: images without a face skipped: %s", name, [files[i].name for i in range(len(files))
+                                                                          if i not in kept])
+            small = torch.nn.functional.interpolate(images[kept].movedim(-1, 1), size=(size, size), mode="bilinear",
+                                                    antialias=True, align_corners=False).movedim(1, -1)
+            latents = model.model.process_latent_in(vae.encode(small)).float()
+            contexts = []
+            for i in kept:
+                txt = files[i].with_suffix(files[i].suffix + ".txt")
+                text = txt.read_text().strip() if txt.is_file() else caption
+                contexts.append(clip.encode_from_tokens(clip.tokenize(text)).float())
+        out.append(Person(name, embeds.float().clone(), latents.clone(), torch.cat(contexts).clone()))
+    return out
+
+
+def leave_one_out_loss(person: Person, aggregate, adapter, layers, denoise, sigmas, g: torch.Generator,
+                       n_refs: int, proj_params=None):
+    """One leave-one-out denoising loss for ``person`` (random target, G over the others)."""
+    from facecond.py import ipadapter as ipa
+    from facecond.py.aggregate import fit_count
+    from facecond.py.train_core import denoising_loss, sample_noise, sample_sigmas
+
+    m = person.embeds.shape[0]
+    t = int(torch.randint(0, m, (1,), generator=g))
+    others = person.embeds[[i for i in range(m) if i != t]]
+    refs, _ = fit_count(others, n_refs, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    seq = refs.reshape(refs.shape[0], -1, refs.shape[-1]).transpose(0, 1)  # (T, N, D)
+    agg = aggregate(seq).reshape(1, *refs.shape[1:])
+    tokens = adapter.proj(agg)  # (1, tokens, C); gradients flow back into G
+    negative = tokens.detach() * 0
+    terms = ipa.layer_terms(adapter, tokens, negative, 1.0, float("inf"), 0.0, None)
+    patches = {key: ipa.IPAttentionPatch((term,)) for (key, _, _), term in zip(layers, terms)}
+    x0 = person.latents[t:t + 1]
+    sigma, _ = sample_sigmas(sigmas, 1, g)
+    noise = sample_noise(x0, g)
+
+    def call(x, s, context):
+        opts = {"patches_replace": {"attn2": patches}, "sigmas": s, "cond_or_uncond": [0]}
+        return denoise(x, s, context, opts)
+
+    return denoising_loss(call, x0, person.contexts[t:t + 1], sigma, noise)
+
+
+def train(people_train: list[Person], people_test: list[Person], model, adapter, *, n_refs: int, heads: int,
+          steps: int, lr: float, seed: int, state_path: Path | None = None, resume: bool = False,
+          eval_rounds: int = 4):
+    """Train G; returns (aggregator, train losses, {"self-attention": test loss, "mean": test loss}), the test
+    losses averaged over ``eval_rounds`` seeded leave-one-out draws per held-out person (the same for both)."""
+    from facecond.nodes.ipadapter import cross_attention_layers
+    from facecond.py.aggregate import SelfAttentionAggregator
+    from facecond.py.train_core import TrainConfig, Trainer, step_generator
+
+    if not people_train:
+        raise ValueError("train_aggregator: no training person with at least 2 usable images")
+    layers = cross_attention_layers(model)
+    ms = model.get_model_object("model_sampling")
+    inner = model.model
+
+    def denoise(x, sigma, context, opts):
+        return inner.apply_model(x, sigma, c_crossattn=context, transformer_options=opts)
+
+    dim = people_train[0].embeds.shape[-1]
+    torch.manual_seed(seed)
+    g_module = SelfAttentionAggregator(dim, n_refs, heads)
+    trainer = Trainer(dict(g_module.named_parameters()), TrainConfig(steps=steps, lr=lr, seed=seed))
+    if resume and state_path is not None and state_path.is_file():
+        trainer.load(str(state_path))
+        log.info("resuming at step %d", trainer.step)
+
+    def loss_fn(step, g):
+        person = people_train[int(torch.randint(0, len(people_train), (1,), generator=g))]
+        return leave_one_out_loss(person, g_module, adapter, layers, denoise, ms.sigmas, g, n_refs)
+
+    def progress(done, total, loss):
+        if done == 1 or done % 10 == 0 or done == total:
+            log.info("step %d/%d loss %.5f", done, total, loss)
+
+    losses = trainer.run(loss_fn, progress=progress)
+    if state_path is not None:
+        trainer.save(str(state_path))
+    g_module.eval().requires_grad_(False)
+    mean_pool = SelfAttentionAggregator(dim, n_refs, heads).eval().requires_grad_(False)  # W_out = 0: the mean
+    test = {}
+    with torch.no_grad():
+        for label, module in (("self-attention", g_module), ("mean", mean_pool)):
+            vals = [float(leave_one_out_loss(p, module, adapter, layers, denoise, ms.sigmas,
+                                             step_generator(seed + 1, k), n_refs))
+                    for k in range(eval_rounds) for p in people_test]
+            test[label] = sum(vals) / len(vals) if vals else float("nan")
+    return g_module, losses, test
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="folder with one subfolder of photos per person")
+    ap.add_argument("--base-dir", type=Path, required=True, help="ComfyUI base directory (its models/ folder)")
+    ap.add_argument("--ckpt", required=True, help="checkpoint name in models/checkpoints (SD1.5)")
+    ap.add_argument("--ipadapter", required=True, help="IP-Adapter file name in models/ipadapter")
+    ap.add_argument("--recogniser", default="buffalo_l/w600k_r50.onnx", help="FaceEmbed model (FaceID adapters)")
+    ap.add_argument("--clip-vision", default=None, help="CLIP-vision file in models/clip_vision (plain/plus)")
+    ap.add_argument("--refs", type=int, default=9, help="N, the references G is trained on (paper: 9)")
+    ap.add_argument("--heads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=512, help="training image side (pixels)")
+    ap.add_argument("--max-images", type=int, default=10, help="images per person (paper: 10)")
+    ap.add_argument("--caption", default="a photo of a person", help="caption of images without a .txt")
+    ap.add_argument("--name", default="aggregator", help="output file name (models/facecond/aggregators)")
+    ap.add_argument("--resume", action="store_true", help="continue from NAME.state.safetensors")
+    ap.add_argument("--eval-rounds", type=int, default=4, help="leave-one-out draws per held-out person")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from facecond_dev import host
+
+    host.import_comfy(args.base_dir)
+    host.load_pack(ROOT, "facecond")
+    import comfy.clip_vision
+    import folder_paths
+
+    import nodes
+    from facecond.nodes.ipadapter import LoadIPAdapter
+    from facecond.py.aggregate import save_aggregator
+
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(args.ckpt)[:3]
+    adapter = LoadIPAdapter().load(args.ipadapter)[0]
+    cv = None
+    if adapter.variant.input_kind != "face":
+        if not args.clip_vision:
+            raise SystemExit(f"{args.ipadapter} is a {adapter.variant.name} IP-Adapter: give --clip-vision")
+        cv = comfy.clip_vision.load(folder_paths.get_full_path_or_raise("clip_vision", args.clip_vision))
+    names = [p.name for p in args.data.iterdir() if p.is_dir()]
+    train_names, test_names = split_people(names, args.seed)
+    log.info("%d people: %d train, %d test", len(names), len(train_names), len(test_names))
+    kw = dict(size=args.size, caption=args.caption, recogniser=args.recogniser, clip_vision=cv,
+              max_images=args.max_images)
+    people_train = build_people(args.data, train_names, model, clip, vae, adapter, **kw)
+    people_test = build_people(args.data, test_names, model, clip, vae, adapter, **kw)
+    out_dir = Path(folder_paths.get_folder_paths("facecond_aggregators")[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    g_module, losses, test = train(people_train, people_test, model, adapter, n_refs=args.refs, heads=args.heads,
+                                   steps=args.steps, lr=args.lr, seed=args.seed,
+                                   state_path=out_dir / f"{args.name}.state.safetensors", resume=args.resume,
+                                   eval_rounds=args.eval_rounds)
+    meta = {"kind": adapter.variant.input_kind, "ipadapter": args.ipadapter, "refs": str(args.refs),
+            "train_people": ",".join(p.name for p in people_train),
+            "test_people": ",".join(p.name for p in people_test),
+            "final_train_loss": f"{losses[-1]:.6f}" if losses else "",
+            "test_loss_self_attention": f"{test['self-attention']:.6f}", "test_loss_mean": f"{test['mean']:.6f}"}
+    path = out_dir / f"{args.name}.safetensors"
+    save_aggregator(g_module, path, meta)
+    log.info("saved %s; held-out leave-one-out loss: self-attention %.5f, mean pooling %.5f",
+             os.fspath(path), test["self-attention"], test["mean"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The multi-reference IP-Adapter example workflow, end to end through the headless server on the tiny checkpoint.
+
+What the test changes, and why: the workflow's FaceID IP-Adapter (512-d, for insightface buffalo_l) cannot be
+downloaded here, so a tiny random FaceID IP-Adapter is written at test time in the real nested ``.bin`` key
+layout, under the real file name, sized for the tiny checkpoint's cross-attentions and for the 128-d insightface
+test-pack recogniser, which replaces buffalo_l in FaceEmbed (as ``host.use_stand_ins`` does for FaceNet). One of
+the four references is a faceless grey image: it must be skipped, not fatal. Steps and size are cut for speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facecond.nodes.ipadapter import cross_attention_layers
+from facecond.py import ipadapter as ipa
+from facecond_dev import host
+from facecond_dev.client import ui_to_api
+
+WORKFLOW = Path(__file__).resolve().parents[2] / "example_workflows" / "ipadapter_multi_reference.json"
+
+
+@pytest.fixture(scope="module")
+def ipa_server(server, shared_data, tiny_model):
+    base = Path(server.base_dir)
+    obama = shared_data / "faces" / "obama"
+    host.copy_inputs(base, {"ipa_reference_1.jpg": obama / "obama.jpg", "ipa_reference_3.jpg": obama / "obama2.jpg",
+                            "ipa_reference_4.jpg": obama / "obama3.jpg"})
+    Image.fromarray(np.full((200, 160, 3), 128, np.uint8)).save(base / "input" / "ipa_reference_2.jpg", "JPEG")
+    host.install_stand_in_models(base)
+    layers = cross_attention_layers(tiny_model[0])
+    flat = ipa.random_state_dict("faceid", 128, [inner for _, inner, _ in layers], cross_dim=layers[0][2], seed=3,
+                                 scale=0.5)
+    nested = {part: {k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")}
+              for part in ("image_proj", "ip_adapter")}
+    (base / "models" / "ipadapter").mkdir(parents=True, exist_ok=True)
+    torch.save(nested, base / "models" / "ipadapter" / "ip-adapter-faceid_sd15.bin")
+    server.object_info(refresh=True)
+    return server
+
+
+def _prompt(server, weight: float) -> dict:
+    prompt = host.use_stand_ins(ui_to_api(json.loads(WORKFLOW.read_text()), server.object_info()), server.base_dir)
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "FacecondFaceEmbed":
+            inputs["model"] = host.STAND_IN_RECOGNISER  # 128-d insightface test pack instead of buffalo_l
+        elif kind == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = 64
+        elif kind == "KSampler":
+            inputs["steps"] = 2
+        elif kind == "FacecondApplyIPAdapter":
+            inputs["weight"] = weight
+    return prompt
+
+
+def test_multi_reference_example_runs_and_the_adapter_acts(ipa_server):
+    saved = {}
+    for weight in (0.8, 0.0):
+        result = ipa_server.run(_prompt(ipa_server, weight))
+        assert result.status == "success", (result.error or {}).get("exception_message", result.error)
+        images = ipa_server.output_images(result)
+        out = [p for p in images if "facecond_ipadapter_multi_reference" in p.name]
+        assert len(out) == 1, images
+        saved[weight] = np.asarray(Image.open(out[0]).convert("RGB"), np.float32)
+    assert saved[0.8].shape == (64, 64, 3)
+    assert np.abs(saved[0.8] - saved[0.0]).max() > 1.0  # the aggregated image prompt changes the picture
+    log = ipa_server.process.log_tail(20000)
+    assert "3 references (face" in log and "images [1] had no usable face" in log, log[-2000:]
