@@ -13,27 +13,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from facecond_dev import host  # noqa: E402
+from facecond_dev.bench import best_cpu_time, setup  # noqa: E402
 
 log = logging.getLogger("bench_face0")
-
-
-def _best(fn, repeats: int) -> float:
-    """Least CPU time of ``repeats`` calls. CPU time of this process, not wall time: on a shared machine other
-    processes steal cores, which inflates wall time but not the work done here (with one torch thread)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -46,12 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    base = Path(tempfile.mkdtemp(prefix="facecond-bench-"))
-    host.import_comfy(base)
-    host.prepare_base(base, pack_dir=None)
-    host.load_pack(ROOT, "facecond")
+    _, (model, clip, _) = setup(args.threads)
 
-    import comfy.utils
     import torch
 
     import nodes
@@ -59,10 +42,6 @@ def main() -> None:
     from facecond.py.face_types import FaceEmbeds
     from facecond.py.projection import ProjectionInfo, face_tokens, override_tokens, random_projection
 
-    torch.set_grad_enabled(False)
-    torch.set_num_threads(args.threads)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(host.EXAMPLE_CKPT)[:3]
     proj = random_projection(ProjectionInfo(embedder="bench", embed_dim=512), seed=0)
     fe = FaceEmbeds(torch.nn.functional.normalize(torch.randn(args.batch, 512), dim=-1), "bench", True,
                     tuple(range(args.batch)))
@@ -87,12 +66,12 @@ def main() -> None:
         best = dict.fromkeys(cases, float("inf"))
         for _ in range(args.repeats):
             for name, fn in cases.items():
-                best[name] = min(best[name], _best(fn, 1))
+                best[name] = min(best[name], best_cpu_time(fn, 1))
         per_step = {k: v / args.steps for k, v in best.items()}
 
-        proj_node = _best(lambda: ProjectToContext().project(text, fe, proj, clip, "each", empty), 20)
-        proj_node_clip = _best(lambda: ProjectToContext().project(text, fe, proj, clip, "each"), 5)
-        proj_only = _best(lambda: override_tokens(text[0][0], face_tokens(proj, fe.embeds), "each"), 50)
+        proj_node = best_cpu_time(lambda: ProjectToContext().project(text, fe, proj, clip, "each", empty), 20)
+        proj_node_clip = best_cpu_time(lambda: ProjectToContext().project(text, fe, proj, clip, "each"), 5)
+        proj_only = best_cpu_time(lambda: override_tokens(text[0][0], face_tokens(proj, fe.embeds), "each"), 50)
 
     k = per_step["KSampler"]
     log.info("tiny SD1.5 checkpoint, %dx%d, batch %d, %d euler steps, best CPU time of %d, torch threads %d",

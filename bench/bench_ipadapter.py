@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from facecond_dev import host  # noqa: E402
+from facecond_dev.bench import best_cpu_time, setup  # noqa: E402
 
 log = logging.getLogger("bench_ipadapter")
 
@@ -38,12 +36,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    base = Path(tempfile.mkdtemp(prefix="facecond-bench-"))
-    host.import_comfy(base)
-    host.prepare_base(base, pack_dir=None)
-    host.load_pack(ROOT, "facecond")
+    _, (model, clip, _) = setup(args.threads)
 
-    import comfy.utils
     import torch
 
     import nodes
@@ -51,18 +45,9 @@ def main() -> None:
     from facecond.py import aggregate as agg
     from facecond.py import ipadapter as ipa
 
-    torch.set_grad_enabled(False)
-    torch.set_num_threads(args.threads)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(host.EXAMPLE_CKPT)[:3]
     layers = cross_attention_layers(model)
     adapter = ipa.from_state_dict(ipa.random_state_dict("faceid", 512, [d for _, d, _ in layers], layers[0][2]), "b")
     embeds = agg.RefEmbeds(torch.nn.functional.normalize(torch.randn(1, 512), dim=-1), "face", "bench", (0,))
-
-    def timed(fn) -> float:
-        t0 = time.process_time()  # CPU time: other processes on a shared machine do not inflate it
-        fn()
-        return time.process_time() - t0
 
     with torch.inference_mode():
         pos = nodes.CLIPTextEncode().encode(clip, "a photo of a person")[0]
@@ -96,7 +81,7 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so drifts in machine load hit all cases alike
             for key, fn in cases.items():
                 fn()  # untimed: ComfyUI swaps the loaded ModelPatcher (clone) on the first call after another one
-                best[key] = min(best[key], timed(fn))
+                best[key] = min(best[key], best_cpu_time(fn, 1))
     log.info("tiny SD1.5 checkpoint (%d cross-attentions), %dx%d, batch %d, %d euler steps, cfg 7.5, best of %d, "
              "CPU, torch threads %d", len(layers), args.size, args.size, args.batch, args.steps, args.repeats,
              torch.get_num_threads())

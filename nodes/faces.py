@@ -180,7 +180,8 @@ class FacecondFaceDetectCrop:
                               node=node, min_size=min_size, select_mode=select, face_index=face_index)
         preview = np.stack([draw.draw_faces(imgs[i], res.per_image[i], missing=not per_image[i]) for i in range(b)])
         mask = np.stack([draw.face_mask(h, w, res.per_image[i]) for i in range(b)])
-        log.info("[facecond] %s", res.report.replace("\n", "; "))
+        log.info("[facecond] %s", res.report.splitlines()[0])  # the summary; every image's line at DEBUG
+        log.debug("[facecond] %s", res.report.replace("\n", "; "))
         f = res.faces
         return (f, torch.from_numpy(preview), torch.from_numpy(mask), f.crops_facenet, f.crops_arcface,
                 res.report)
