@@ -2,7 +2,8 @@
 Adam on the coefficient MLP) next to one plain sampling step (KSampler, cfg 7, 2 branches) on the same model.
 
 Runs in one process on the tiny SD1.5 checkpoint (CPU, as the tests). Prints seconds per step (least CPU time
-over ``--repeats``) and peak resident memory. Face TI is not implemented yet (issue 5, slice 5). Usage:
+over ``--repeats``) and peak resident memory; a face textual-inversion step (K = 2 vectors, log-norm) next to
+them. Usage:
 
     .host/venv/bin/python -P bench/bench_celebbasis.py [--size 64] [--repeats 3] [--threads 1]
 """
@@ -48,9 +49,17 @@ def main() -> None:
     import torch
 
     import nodes
-    from facecond.nodes.celebbasis import basis_for, encode_images, encode_with, model_denoiser, template_tokens
+    from facecond.nodes.celebbasis import (
+        basis_for,
+        encode_images,
+        encode_with,
+        model_denoiser,
+        template_tokens,
+        text_encoder,
+    )
     from facecond.py import celeb_basis as cb
     from facecond.py.celeb_coeffs import new_mlp
+    from facecond.py.inversion import TIVectors, init_vectors
     from facecond.py.train_core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
 
     torch.set_num_threads(args.threads)
@@ -69,6 +78,17 @@ def main() -> None:
 
     trainer = Trainer(dict(mlp.named_parameters()), TrainConfig(steps=10 ** 6))
     train_s = _best(lambda: trainer.run(loss_fn, steps=trainer.step + 1), args.repeats)
+    peak_cb_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    enc = text_encoder(clip, "bench")
+    ti = TIVectors(init_vectors("face", enc.table(), enc.tokenize, 2)[0], "log_norm_e")
+
+    def ti_loss(step, g):
+        sigma, _ = sample_sigmas(sigmas, 1, g)
+        return denoising_loss(denoise, x0, encode_with(clip, tokens, ti.vectors(), "bench"), sigma,
+                              sample_noise(x0, g))
+
+    ti_trainer = Trainer(ti.params, TrainConfig(steps=10 ** 6, betas=(0.9, 0.98)))
+    ti_s = _best(lambda: ti_trainer.run(ti_loss, steps=ti_trainer.step + 1), args.repeats)
     pos = nodes.CLIPTextEncode().encode(clip, "a photo of a person")[0]
     neg = nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = nodes.EmptyLatentImage().generate(args.size, args.size, 1)[0]
@@ -78,8 +98,9 @@ def main() -> None:
     log.info("tiny SD1.5, %dx%d, %d thread(s), p=%d", args.size, args.size, args.threads, basis.p)
     log.info("  plain sampling step (KSampler, cfg 7): %.3f s", sample_s)
     log.info("  Celeb Basis training step:              %.3f s  (%.1fx a sampling step)", train_s, train_s / sample_s)
-    log.info("  Face TI training step:                  not implemented yet")
-    log.info("  peak resident memory (process):         %.0f MB", peak_mb)
+    log.info("  Face TI training step (K=2, log-norm):  %.3f s  (%.1fx a sampling step)", ti_s, ti_s / sample_s)
+    log.info("  peak resident memory after Celeb Basis steps: %.0f MB; at the end (TI, sampling): %.0f MB",
+             peak_cb_mb, peak_mb)
 
 
 if __name__ == "__main__":

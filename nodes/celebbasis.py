@@ -16,6 +16,7 @@ only at its two token positions. Several identities: chain the node with differe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import os
@@ -342,25 +343,61 @@ class LoadCelebCoeffs:
 
 
 # --- training ------------------------------------------------------------------------------------------------
+def _grad_safe_weight(weight: torch.Tensor) -> torch.Tensor:
+    # ComfyUI's ops copy a weight that has a wrapper (cast_bias_weight, copy=True); the copy is made in the
+    # trainer's normal mode. This makes sure of it for a weight still created under inference mode.
+    return weight.clone() if weight.is_inference() else weight
+
+
+def grad_safe(patcher):
+    """A clone of a ModelPatcher whose weights autograd can differentiate *through* (never *to*).
+
+    The ComfyUI server runs every node under ``torch.inference_mode()``, so the weights of a model it loaded are
+    inference tensors, which autograd refuses to save for backward ("Inference tensors cannot be saved for
+    backward"). A weight wrapper on every op (ComfyUI's own mechanism, as its LoRA trainer uses) makes each
+    forward use a normal-tensor copy; the user's model and its weights are untouched."""
+    out = patcher.clone()
+    for name, m in out.model.named_modules():
+        for attr in ("weight", "bias"):  # layer_norm saves its bias for backward too
+            if hasattr(m, f"{attr}_function") and getattr(m, attr, None) is not None:
+                out.add_weight_wrapper(f"{name}.{attr}", _grad_safe_weight)
+    return out
+
+
+def trainable_clip(clip):
+    """A clone of ``clip`` for ``encode_with`` under the server's inference mode (see ``grad_safe``)."""
+    out = clip.clone()
+    out.patcher = grad_safe(out.patcher)
+    return out
+
+
+def normal_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that is not an inference tensor (so autograd may save it for backward)."""
+    with torch.inference_mode(False):
+        return t.detach().clone()
+
+
 def model_denoiser(model, node: str):
-    """(denoise(x, sigma, context) -> x0, sigma table) for a ComfyUI MODEL; EPS / V-prediction only."""
+    """(denoise(x, sigma, context) -> x0, sigma table) for a ComfyUI MODEL; EPS / V-prediction only.
+    Differentiable w.r.t. x and context also when the server loaded the model (``grad_safe``)."""
     ms = model.get_model_object("model_sampling")
     if not isinstance(ms, comfy.model_sampling.EPS) or isinstance(ms, comfy.model_sampling.CONST):
         raise ValueError(f"{node}: training needs an eps- or v-prediction model (SD1.x / SD2.x); this model's "
                          f"sampling is {type(ms).__name__}.")
+    model = grad_safe(model)
     comfy.model_management.load_models_gpu([model])
     inner = model.model
 
-    def denoise(x, sigma, context):
+    def denoise(x, sigma, context, _keep=model):  # _keep: the wrapped clone stays alive while training
         return inner.apply_model(x, sigma, c_crossattn=context)
 
     return denoise, ms.sigmas, model.load_device
 
 
-def template_tokens(clip, templates: list[str], node: str) -> list[list]:
-    """Token lists of each template with a 2-vector placeholder embedding where ``{}`` is."""
+def template_tokens(clip, templates: list[str], node: str, k: int = 2) -> list[list]:
+    """Token lists of each template with a k-vector placeholder embedding where ``{}`` is."""
     marker = "<facecondplaceholder>"
-    probe = add_pseudo_word(clip, marker, torch.zeros(2, text_encoder(clip, node).table().shape[1]), node)
+    probe = add_pseudo_word(clip, marker, torch.zeros(k, text_encoder(clip, node).table().shape[1]), node)
     out = []
     for t in templates:
         if t.count("{}") != 1:
@@ -370,28 +407,31 @@ def template_tokens(clip, templates: list[str], node: str) -> list[list]:
     return out
 
 
-def encode_with(clip, tokens, vectors: torch.Tensor) -> torch.Tensor:
-    """Encode ``tokens`` (from template_tokens) with the placeholder's two entries replaced by ``vectors``,
-    differentiably w.r.t. ``vectors``. ComfyUI builds the input embeddings (``process_tokens``); the transformer
+def encode_with(clip, tokens, vectors: torch.Tensor, node: str = "TrainCelebBasis") -> torch.Tensor:
+    """Encode ``tokens`` (from template_tokens with k = len(vectors)) with the placeholder's k entries replaced
+    by ``vectors`` (K, d), differentiably w.r.t. ``vectors`` (pass a ``trainable_clip`` in the server).
+    ComfyUI builds the input embeddings (``process_tokens``); the transformer
     is then run with out-of-place residuals, because ComfyUI's ``CLIPLayer`` adds them in place (``x += ...``),
     which autograd cannot differentiate. Same weights, same ops: the result equals ComfyUI's encode (tested)."""
     from comfy.ldm.modules.attention import optimized_attention_for_device
     from comfy.ops import cast_to
 
-    enc = text_encoder(clip, "TrainCelebBasis")
+    enc = text_encoder(clip, node)
     sd = enc.module
     if getattr(sd, "enable_attention_masks", False) or getattr(sd, "zero_out_masked", False):
-        raise ValueError("TrainCelebBasis: this text encoder uses attention masks; training supports SD1.x/SD2.x CLIP.")
+        raise ValueError(f"{node}: this text encoder uses attention masks; training supports SD1.x/SD2.x CLIP.")
     chunks = tokens[next(iter(tokens))]
     if len(chunks) != 1:
-        raise ValueError("TrainCelebBasis: a prompt template is longer than 75 tokens; shorten it.")
+        raise ValueError(f"{node}: a prompt template is longer than 75 tokens; shorten it.")
     row, i = [], 0
     for tw in chunks[0]:
         if torch.is_tensor(tw[0]):
-            row.append(vectors[i % 2])
+            row.append(vectors[i % len(vectors)])
             i += 1
         else:
             row.append(tw[0])
+    if i != len(vectors):
+        raise ValueError(f"{node}: the prompt has {i} placeholder token(s) for {len(vectors)} vectors")
     clip.cond_stage_model.reset_clip_options()
     if clip.layer_idx is not None:
         clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
@@ -404,7 +444,7 @@ def encode_with(clip, tokens, vectors: torch.Tensor) -> torch.Tensor:
     attn = optimized_attention_for_device(device, mask=True, small_input=True)  # as CLIPEncoder
     layers = tm.encoder.layers
     if sd.layer not in ("last", "hidden"):
-        raise ValueError(f"TrainCelebBasis: text-encoder output layer {sd.layer!r} is not supported (last/hidden).")
+        raise ValueError(f"{node}: text-encoder output layer {sd.layer!r} is not supported (last/hidden).")
     stop = len(layers) - 1 if sd.layer == "last" else (sd.layer_idx % len(layers))
     for layer in layers[:stop + 1]:
         x = x + layer.self_attn(layer.layer_norm1(x), mask, attn)
@@ -486,11 +526,15 @@ class TrainCelebBasis:
         names = cb.load_names()
         basis, _ = basis_for(clip, names, p, node)
         denoise, sigmas, device = model_denoiser(model, node)
-        feats = face_embeds.embeds.float()
-        people = torch.stack([feats[[i for i in range(n) if ids[i] == k]].mean(0) for k in range(max(ids) + 1)])
-        if face_embeds.normalized:
-            people = torch.nn.functional.normalize(people, dim=-1)
-        mlp = new_mlp(feats.shape[1], basis, seed).to(device)
+        # the server runs nodes under inference mode: tensors autograd saves must be normal ones (grad_safe)
+        basis = dataclasses.replace(basis, mean=normal_tensor(basis.mean), basis=normal_tensor(basis.basis))
+        feats = normal_tensor(face_embeds.embeds.float())
+        tclip = trainable_clip(clip)
+        with torch.inference_mode(False):
+            people = torch.stack([feats[[i for i in range(n) if ids[i] == k]].mean(0) for k in range(max(ids) + 1)])
+            if face_embeds.normalized:
+                people = torch.nn.functional.normalize(people, dim=-1)
+            mlp = new_mlp(feats.shape[1], basis, seed).to(device)
         tokens = template_tokens(clip, templates, node)
         pixels = images[..., :3].movedim(-1, 1).float()  # (N, 3, H, W)
         fixed_latents = None if augment else encode_images(vae, model, images)
@@ -507,7 +551,7 @@ class TrainCelebBasis:
             sigma, _ = sample_sigmas(sigmas, 1, g)
             noise = sample_noise(x0, g)
             vectors = basis.embeddings(mlp(people[ids[i]:ids[i] + 1])[0])
-            context = encode_with(clip, tokens[t], vectors)
+            context = encode_with(tclip, tokens[t], vectors)
             return denoising_loss(denoise, x0, context.to(device), sigma, noise)
 
         trainer = Trainer(dict(mlp.named_parameters()), TrainConfig(steps=steps, lr=learning_rate, seed=seed))

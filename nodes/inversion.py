@@ -1,0 +1,286 @@
+"""Face textual inversion nodes (Livshits 2023, after Gal et al. 2022): K learned token vectors for a person,
+saved as a standard embedding that ComfyUI's ``embedding:NAME`` prompt syntax loads.
+
+The maths is in ``py/inversion.py``; training reuses ``py/train_core.Trainer`` and the Celeb Basis trainer's
+differentiable text-encoder forward (``nodes/celebbasis.encode_with``), so both trainers share one core.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+
+from ..py import celeb_basis as cb
+from ..py import inversion as inv
+from ..py.augment import augment as augment_images
+from ..py.face_types import FaceEmbeds
+from ..py.train_core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
+from .celebbasis import (
+    DEFAULT_TEMPLATES,
+    FOLDER,
+    encode_images,
+    encode_with,
+    model_denoiser,
+    normal_tensor,
+    template_tokens,
+    text_encoder,
+    trainable_clip,
+)
+
+log = logging.getLogger("facecond")
+
+CATEGORY = "facecond/inversion"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+FACE_PROMPT = "a close-up portrait photo of {}, face, detailed"
+PRECOMPUTE_HINT = ("Run the PrecomputeCelebFaces node once with this checkpoint and the same FaceEmbed model (or "
+                   "`python scripts/train_face_ti.py --precompute-celeb-faces --checkpoint ... --embedder ...`). It "
+                   "generates one image per celebrity name (about 630 images: roughly 10-20 minutes at 512 px, 20 "
+                   "steps on a modern GPU; hours on a CPU), detects and embeds the faces and caches them in "
+                   "models/facecond/celebbasis.")
+
+
+def model_hash(model, clip, node: str) -> str:
+    """The celebrity-face cache key: the CLIP token table plus the UNet's first and last weights (cheap)."""
+    params = list(model.model.diffusion_model.parameters())
+    return inv.fingerprint([text_encoder(clip, node).table(), params[0], params[-1]])
+
+
+def celeb_faces_path(model, clip, embedder: str, node: str) -> str:
+    return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], inv.faces_file_name(model_hash(model, clip, node),
+                                                                                     embedder))
+
+
+def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, embedder: str, *, steps: int = 20,
+                           size: int = 512, seed: int = 0, prompt: str = FACE_PROMPT,
+                           node: str = "PrecomputeCelebFaces") -> tuple[str, inv.CelebFaces]:
+    """Generate one image per name with this model, detect (largest face) and embed it; write the cache."""
+    import nodes
+
+    from .faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+
+    detect, embed = FacecondFaceDetectCrop(), FacecondFaceEmbed()
+    neg = nodes.CLIPTextEncode().encode(clip, "cartoon, drawing, painting, blurry, several people")[0]
+    latent = nodes.EmptyLatentImage().generate(size, size, 1)[0]
+    rows, model_id = [], None
+    pbar = comfy.utils.ProgressBar(len(names))
+    for i, name in enumerate(names):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        pos = nodes.CLIPTextEncode().encode(clip, prompt.format(name))[0]
+        out = nodes.common_ksampler(model, seed + i, steps, 7.0, "euler", "normal", pos, neg, latent)[0]
+        image = vae.decode(out["samples"])
+        faces = detect.detect(image, detector=detector, select="largest", face_index=0, min_size=20,
+                              margin_scale=1.0, upright="off", no_face="skip")[0]
+        if len(faces):
+            fe = embed.embed(faces, embedder, "bottleneck_512", "l2")[0]
+            rows.append(fe.embeds[0].float())
+            model_id = fe.model
+        else:
+            rows.append(None)
+        pbar.update_absolute(i + 1, len(names))
+    if model_id is None:
+        raise ValueError(f"{node}: no face was detected in any of the {len(names)} generated images; this model "
+                         "does not draw faces at this size/steps. Raise size (512) and steps (20).")
+    dim = next(r for r in rows if r is not None).shape[0]
+    embeds = torch.stack([r if r is not None else torch.full((dim,), float("nan")) for r in rows])
+    faces_cache = inv.CelebFaces(embeds, torch.tensor([r is not None for r in rows]), tuple(names),
+                                 model_hash(model, clip, node), model_id,
+                                 {"prompt": prompt, "steps": steps, "size": size, "seed": seed})
+    path = celeb_faces_path(model, clip, model_id, node)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    inv.save_celeb_faces(faces_cache, path)
+    log.info("[facecond] %s: %d of %d names gave a face; wrote %s", node, int(faces_cache.found.sum()), len(names),
+             path)
+    return path, faces_cache
+
+
+class PrecomputeCelebFaces:
+    DESCRIPTION = ("Once per checkpoint and face embedder: generates one portrait per celebrity name of the pack's "
+                   "list with this model, detects and embeds each face and caches them in models/facecond/"
+                   "celebbasis. TrainFaceTI's init='id' uses the cache to start from the celebrity who looks most "
+                   "like your person. Cost: one generation per name (about 630; ~10-20 min at 512 px / 20 steps "
+                   "on a modern GPU).")
+    CATEGORY = CATEGORY
+    FUNCTION = "precompute"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("How many names gave a face, and the cache file.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+
+        det = FacecondFaceDetectCrop.INPUT_TYPES()["required"]["detector"]
+        emb = FacecondFaceEmbed.INPUT_TYPES()["required"]["model"]
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The checkpoint's model: it draws the celebrities."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP."}),
+            "vae": ("VAE", {"tooltip": "Decodes the generated images."}),
+            "detector": (det[0], {**det[1], "tooltip": "Face detector for the generated images (as FaceDetectCrop)."}),
+            "embedder": (emb[0], {**emb[1], "tooltip": "Face recogniser: the same FaceEmbed model you will use for "
+                         "your person's photos."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampling steps per celebrity."}),
+            "size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Image side in pixels."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Seed of the first name "
+                     "(name i uses seed + i)."}),
+        }}
+
+    def precompute(self, model, clip, vae, detector, embedder, steps, size, seed):
+        path, c = precompute_celeb_faces(model, clip, vae, cb.load_names(), detector, embedder, steps=steps,
+                                         size=size, seed=seed)
+        return (f"PrecomputeCelebFaces: {int(c.found.sum())} of {len(c.names)} names gave a face; "
+                f"{os.path.basename(path)}",)
+
+
+def face_vector(fe: FaceEmbeds, node: str) -> torch.Tensor:
+    x = fe.embeds.float().mean(0)
+    return torch.nn.functional.normalize(x, dim=0)
+
+
+def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbeds | None, *, init: str,
+                  num_vectors: int, reparam: str, prompt_templates: str, steps: int, learning_rate: float, seed: int,
+                  augment: bool, save_name: str, node: str = "TrainFaceTI", progress=None):
+    """Train K TI vectors on ``images`` (N, H, W, 3); write ``models/embeddings/<save_name>.safetensors``.
+    Returns (file path, vectors (K, d), losses, init description). Shared by the node and the CLI."""
+    if not NAME_RE.match(save_name):
+        raise ValueError(f"{node}: save_name {save_name!r} must be letters, digits, _ or - (it becomes the word "
+                         "in embedding:NAME), at most 64 characters.")
+    if images is None or images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"{node}: images must be a batch of photos of the person (IMAGE), got "
+                         f"{None if images is None else tuple(images.shape)}.")
+    if init not in inv.INIT_MODES:
+        raise ValueError(f"{node}: init must be one of {inv.INIT_MODES}, got {init!r}.")
+    if reparam not in inv.REPARAM:
+        raise ValueError(f"{node}: reparam must be one of {list(inv.REPARAM)}, got {reparam!r}.")
+    templates = [t.strip() for t in prompt_templates.splitlines() if t.strip()]
+    if not templates:
+        raise ValueError(f"{node}: prompt_templates is empty; give at least one line with {{}}.")
+    enc = text_encoder(clip, node)
+    names = cb.load_names()
+    celeb_faces, face = None, None
+    if init == "id":
+        if not isinstance(face_embeds, FaceEmbeds) or len(face_embeds) == 0:
+            raise ValueError(f"{node}: init='id' needs face_embeds of the person; connect FaceEmbed.")
+        path = celeb_faces_path(model, clip, face_embeds.model, node)
+        if not os.path.isfile(path):
+            raise ValueError(f"{node}: init='id' needs celebrity face embeddings for this checkpoint and embedder "
+                             f"{face_embeds.model!r} ({os.path.basename(path)}), which are not there. "
+                             + PRECOMPUTE_HINT)
+        celeb_faces, face = inv.load_celeb_faces(path), face_vector(face_embeds, node)
+    start, what = inv.init_vectors(init, enc.table(), enc.tokenize, num_vectors, names=names, seed=seed,
+                                   celeb_faces=celeb_faces, face=face)
+    denoise, sigmas, device = model_denoiser(model, node)
+    tokens = template_tokens(clip, templates, node, k=num_vectors)
+    tclip = trainable_clip(clip)
+    with torch.inference_mode(False):
+        vecs = inv.TIVectors(normal_tensor(start).to(device), reparam)
+    pixels = images[..., :3].movedim(-1, 1).float()  # (N, 3, H, W)
+    fixed = None if augment else encode_images(vae, model, images)
+    n = images.shape[0]
+
+    def loss_fn(step, g):
+        i = int(torch.randint(0, n, (1,), generator=g))
+        t = int(torch.randint(0, len(tokens), (1,), generator=g))
+        if fixed is None:
+            x0 = encode_images(vae, model, augment_images(pixels[i:i + 1], g).movedim(1, -1)).to(device)
+        else:
+            x0 = fixed[i:i + 1].to(device)
+        sigma, _ = sample_sigmas(sigmas, 1, g)
+        noise = sample_noise(x0, g)
+        context = encode_with(tclip, tokens[t], vecs.vectors(), node)
+        return denoising_loss(denoise, x0, context.to(device), sigma, noise)
+
+    cfg = TrainConfig(steps=steps, lr=learning_rate, betas=(0.9, 0.98), seed=seed,
+                      weight_decay=inv.L2_WEIGHT if inv.REPARAM[reparam] is None else 0.0)
+    trainer = Trainer(vecs.params, cfg)
+    trainer.run(loss_fn, progress=progress,
+                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+    with torch.inference_mode(False), torch.no_grad():
+        final = vecs.vectors().detach().cpu().float().clone()
+    out_dir = folder_paths.get_folder_paths("embeddings")[0]
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, save_name + ".safetensors")
+    inv.save_embedding(final, path, enc.key, {"init": what, "reparam": reparam, "steps": trainer.step,
+                                              "seed": seed, "losses": trainer.losses[-10:],
+                                              "table_hash": cb.table_hash(enc.table()),
+                                              "face_embedder": face_embeds.model if face_embeds else ""})
+    return path, final, trainer.losses, what
+
+
+class TrainFaceTI:
+    DESCRIPTION = ("Face textual inversion (Livshits 2023): learns K token vectors for a person from a few photos "
+                   "with the plain denoising loss on this model (model and CLIP frozen). Init 'face' ('human "
+                   "face'), 'rand2' (a random celebrity name) or 'id' (the celebrity who looks most like the person: "
+                   "needs PrecomputeCelebFaces once); optional log-norm reparameterisation v = a^n·d/||d||, else l2 "
+                   "0.01; Adam β = (0.9, 0.98). Writes models/embeddings/<save_name>.safetensors: write "
+                   "embedding:<save_name> in any prompt. Deterministic for a seed; cancel any time.")
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("CLIP", "STRING", "STRING")
+    RETURN_NAMES = ("clip", "embedding_name", "report")
+    OUTPUT_TOOLTIPS = ("The input CLIP (a clone), passed on so text nodes after it run once the embedding exists; "
+                       "write embedding:<save_name> in their prompts.",
+                       "The embedding's name: write embedding:<name> in a prompt.", "Losses and settings.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to train against (frozen)."}),
+            "clip": ("CLIP", {"tooltip": "Its CLIP (frozen; SD1.x / SD2.x)."}),
+            "vae": ("VAE", {"tooltip": "Encodes the photos to latents."}),
+            "images": ("IMAGE", {"tooltip": "Photos of the person (face crops work best; the paper uses 8)."}),
+            "init": (list(inv.INIT_MODES), {"default": "face", "tooltip": "Start vectors: 'face' = 'human face', "
+                     "'rand2' = a random celebrity name, 'id' = the most similar celebrity (needs face_embeds and "
+                     "PrecomputeCelebFaces once)."}),
+            "num_vectors": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip": "K: tokens the word takes."}),
+            "reparam": (list(inv.REPARAM), {"default": "log_norm_e", "tooltip": "log_norm_2 / log_norm_e learn "
+                        "v = a^n·d/||d|| (keeps the norm near the vocabulary's); none = plain vectors with l2 0.01."}),
+            "prompt_templates": ("STRING", {"default": DEFAULT_TEMPLATES, "multiline": True, "tooltip":
+                                 "One prompt per line; {} is where the person's word goes."}),
+            "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip": "Optimiser steps (paper: 400)."}),
+            "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
+                              "tooltip": "Adam learning rate."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Fixes the rand2 "
+                     "name, noise, timesteps, templates and augmentation."}),
+            "augment": ("BOOLEAN", {"default": True, "tooltip": "Colour jitter, random resize and shift."}),
+            "save_name": ("STRING", {"default": "face_ti_person", "tooltip": "Embedding name (letters, digits, _ -): "
+                          "written to models/embeddings/<name>.safetensors (overwritten)."}),
+        }, "optional": {
+            "face_embeds": ("FACE_EMBEDS", {"tooltip": "The person's face embeddings (FaceEmbed); needed for "
+                            "init='id'."}),
+        }}
+
+    def train(self, model, clip, vae, images, init, num_vectors, reparam, prompt_templates, steps, learning_rate,
+              seed, augment, save_name, face_embeds=None):
+        node = "TrainFaceTI"
+        pbar = comfy.utils.ProgressBar(steps)
+
+        def progress(done, total, loss):
+            pbar.update_absolute(done, total)
+            if done == 1 or done % 10 == 0 or done == total:
+                log.info("[facecond] %s step %d/%d loss %.5f", node, done, total, loss)
+
+        _, _, losses, what = train_face_ti(
+            model, clip, vae, images, face_embeds, init=init, num_vectors=num_vectors, reparam=reparam,
+            prompt_templates=prompt_templates, steps=steps, learning_rate=learning_rate, seed=seed, augment=augment,
+            save_name=save_name, node=node, progress=progress)
+        report = (f"{node}: {len(losses)} steps, {images.shape[0]} images, K={num_vectors}, init {what}, "
+                  f"reparam {reparam}; loss first {losses[0]:.4f} last {losses[-1]:.4f}; use embedding:{save_name}")
+        return (clip.clone(), save_name, report)
+
+
+NODE_CLASS_MAPPINGS = {
+    "FacecondTrainFaceTI": TrainFaceTI,
+    "FacecondPrecomputeCelebFaces": PrecomputeCelebFaces,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FacecondTrainFaceTI": "TrainFaceTI",
+    "FacecondPrecomputeCelebFaces": "PrecomputeCelebFaces",
+}

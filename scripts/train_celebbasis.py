@@ -1,0 +1,143 @@
+"""Train a Celeb Basis coefficient MLP from the command line (Yuan et al. 2023; same code as TrainCelebBasis).
+
+ComfyUI is imported in-process (the pinned host by default, or --comfyui PATH); the checkpoint is any SD1.x /
+SD2.x file; photos are read from a folder, their faces detected and embedded with the pack's face nodes, then
+the node's own training runs and writes the same file (models/facecond/celebbasis/<save-name>.safetensors under
+the ComfyUI base directory, or --base-dir). Prints the written file's path. Example:
+
+    .host/venv/bin/python -P scripts/train_celebbasis.py --checkpoint sd15.safetensors --photos me/ --steps 400
+
+This file also holds the helpers scripts/train_face_ti.py uses (ComfyUI import, photo loading, face embedding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_COMFY = REPO / ".host" / "ComfyUI"
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+log = logging.getLogger("facecond")
+
+
+def common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--checkpoint", required=True, help="SD1.x/SD2.x checkpoint file (.safetensors/.ckpt)")
+    ap.add_argument("--photos", help="folder of photos of the person (one face each)")
+    ap.add_argument("--comfyui", default=str(DEFAULT_COMFY), help="ComfyUI folder (default: the pinned host)")
+    ap.add_argument("--base-dir", help="ComfyUI base directory for models/ (default: the ComfyUI folder's)")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU")
+    ap.add_argument("--detector", default="mtcnn", help="face detector, as FaceDetectCrop's 'detector'")
+    ap.add_argument("--embedder", default="facenet_vggface2", help="face recogniser, as FaceEmbed's 'model'")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=0.005)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-augment", action="store_true", help="no colour jitter / resize / shift")
+    ap.add_argument("--templates", help="text file of prompt templates, one per line with {} (default: the node's)")
+
+
+def import_comfy(comfyui: str, base_dir: str | None, cpu: bool):
+    """Import ComfyUI and the pack in-process (order as scripts/facecond_dev/host.import_comfy); returns the pack."""
+    root = Path(comfyui).resolve()
+    if not (root / "main.py").is_file():
+        raise SystemExit(f"no ComfyUI at {root} (pass --comfyui PATH)")
+    sys.path.insert(0, str(root))
+    sys.argv = sys.argv[:1]  # ComfyUI parses the command line at import
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = cpu
+    if base_dir:
+        comfy.cli_args.args.base_directory = str(Path(base_dir).resolve())
+    import folder_paths  # noqa: F401  (reads base_directory now)
+    import utils.extra_config  # noqa: F401
+
+    import nodes  # noqa: F401
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from facecond_dev.host import load_pack
+
+    return load_pack(REPO, "facecond")
+
+
+def load_checkpoint(path: str):
+    import comfy.sd
+    import folder_paths
+
+    if not Path(path).is_file():
+        raise SystemExit(f"--checkpoint {path}: no such file")
+    out = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
+                                                embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    return out[:3]
+
+
+def load_photos(folder: str):
+    """[(file name, (1, H, W, 3) float tensor)] of the folder's photos, sorted by name."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in PHOTO_SUFFIXES) \
+        if folder and Path(folder).is_dir() else []
+    if not files:
+        raise SystemExit(f"--photos {folder}: no photos ({', '.join(PHOTO_SUFFIXES)}) found")
+    out = []
+    for p in files:
+        img = ImageOps.exif_transpose(Image.open(p)).convert("RGB")
+        out.append((p.name, torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]))
+    return out
+
+
+def faces_of(photos, detector: str, embedder: str):
+    """(crops (N, 160, 160, 3), FaceEmbeds (N, D)): the largest face of each photo, through the pack's nodes."""
+    import torch
+
+    from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+    from facecond.py.face_types import FaceEmbeds
+
+    crops, rows, model_id, normalized = [], [], None, True
+    for name, img in photos:
+        faces = FacecondFaceDetectCrop().detect(img, detector=detector, select="largest", face_index=0, min_size=40,
+                                                margin_scale=1.0, upright="rotate_if_no_face", no_face="error")[0]
+        fe = FacecondFaceEmbed().embed(faces, embedder, "bottleneck_512", "auto")[0]
+        crops.append(faces.crops_facenet[:1])
+        rows.append(fe.embeds[:1])
+        model_id, normalized = fe.model, fe.normalized
+        log.info("[facecond] %s: face found", name)
+    embeds = torch.cat(rows)
+    return torch.cat(crops), FaceEmbeds(embeds, model_id, normalized, tuple(range(len(rows))))
+
+
+def templates_text(path: str | None, default: str) -> str:
+    return Path(path).read_text(encoding="utf-8") if path else default
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_args(ap)
+    ap.add_argument("--identities", default="", help="one label per photo in name order ('a,a,b'); empty: one person")
+    ap.add_argument("--p", type=int, default=512, help="basis size (capped at names - 1)")
+    ap.add_argument("--save-name", default="celeb_mlp", help="file name in models/facecond/celebbasis")
+    ap.add_argument("--resume", action="store_true", help="continue from save-name's trainer state")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import_comfy(args.comfyui, args.base_dir, args.cpu)
+    import folder_paths
+
+    from facecond.nodes.celebbasis import DEFAULT_TEMPLATES, FOLDER, TrainCelebBasis
+
+    model, clip, vae = load_checkpoint(args.checkpoint)
+    crops, embeds = faces_of(load_photos(args.photos), args.detector, args.embedder)
+    _, name, report = TrainCelebBasis().train(model, clip, vae, crops, embeds, args.identities,
+                                              templates_text(args.templates, DEFAULT_TEMPLATES), args.steps, args.lr,
+                                              args.p, args.seed, not args.no_augment, args.save_name, args.resume)
+    log.info("[facecond] %s", report)
+    path = str(Path(folder_paths.get_folder_paths(FOLDER)[0]) / name)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Train a face textual-inversion embedding from the command line (Livshits 2023; same code as TrainFaceTI).
+
+ComfyUI is imported in-process (the pinned host by default, or --comfyui PATH); photos come from a folder, their
+faces are detected and embedded with the pack's face nodes, and the node's own training writes the same file:
+models/embeddings/<name>.safetensors (use it as embedding:<name>). Prints the written file's path. Examples:
+
+    .host/venv/bin/python -P scripts/train_face_ti.py --checkpoint sd15.safetensors --photos me/ --name me_ti
+    .host/venv/bin/python -P scripts/train_face_ti.py --checkpoint sd15.safetensors --precompute-celeb-faces
+
+--precompute-celeb-faces makes the cache init=id needs: one generated portrait per celebrity name of the pack's
+list (about 630 images: ~10-20 minutes at 512 px / 20 steps on a modern GPU, hours on a CPU), embedded with
+--embedder and cached per model in models/facecond/celebbasis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # python -P does not put the script's folder on the path
+from train_celebbasis import (
+    common_args,
+    faces_of,
+    import_comfy,
+    load_checkpoint,
+    load_photos,
+    templates_text,
+)
+
+log = logging.getLogger("facecond")
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_args(ap)
+    ap.add_argument("--name", default="face_ti_person", help="embedding name (the word after embedding:)")
+    ap.add_argument("--init", default="face", choices=("face", "rand2", "id"))
+    ap.add_argument("--num-vectors", type=int, default=2)
+    ap.add_argument("--reparam", default="log_norm_e", choices=("none", "log_norm_2", "log_norm_e"))
+    ap.add_argument("--precompute-celeb-faces", action="store_true",
+                    help="only build the celebrity-face cache for --init id (see above), then exit")
+    ap.add_argument("--precompute-steps", type=int, default=20)
+    ap.add_argument("--precompute-size", type=int, default=512)
+    ap.add_argument("--max-names", type=int, default=0, help="precompute for the first N names only (0: all)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import_comfy(args.comfyui, args.base_dir, args.cpu)
+
+    from facecond.nodes.celebbasis import DEFAULT_TEMPLATES
+    from facecond.nodes.inversion import precompute_celeb_faces, train_face_ti
+    from facecond.py import celeb_basis as cb
+
+    model, clip, vae = load_checkpoint(args.checkpoint)
+    if args.precompute_celeb_faces:
+        names = cb.load_names()
+        names = names[:args.max_names] if args.max_names > 0 else names
+        path, _ = precompute_celeb_faces(model, clip, vae, names, args.detector, args.embedder,
+                                         steps=args.precompute_steps, size=args.precompute_size, seed=args.seed)
+        print(path)
+        return path
+    crops, embeds = faces_of(load_photos(args.photos), args.detector, args.embedder)
+
+    def progress(done, total, loss):
+        if done == 1 or done % 10 == 0 or done == total:
+            log.info("[facecond] TrainFaceTI step %d/%d loss %.5f", done, total, loss)
+
+    path, _, losses, what = train_face_ti(
+        model, clip, vae, crops, embeds, init=args.init, num_vectors=args.num_vectors, reparam=args.reparam,
+        prompt_templates=templates_text(args.templates, DEFAULT_TEMPLATES), steps=args.steps, learning_rate=args.lr,
+        seed=args.seed, augment=not args.no_augment, save_name=args.name, progress=progress)
+    log.info("[facecond] %d steps, init %s, loss first %.4f last %.4f", len(losses), what, losses[0], losses[-1])
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""TrainFaceTI in-process on the tiny SD1.5 checkpoint (real CLIP-L tokenizer and token table): only the TI
+vectors move, the loss falls on a fixed batch, the embedding file reloads through ComfyUI's own ``embedding:``
+syntax and reproduces the conditioning bit for bit, and bad inputs give clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+import pytest
+import torch
+from safetensors import safe_open
+
+import nodes
+from facecond.nodes.celebbasis import (
+    add_pseudo_word,
+    encode_images,
+    encode_with,
+    model_denoiser,
+    template_tokens,
+    text_encoder,
+)
+from facecond.nodes.inversion import TrainFaceTI
+from facecond.py import inversion as inv
+from facecond.py.face_types import FaceEmbeds
+from facecond.py.train_core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas, step_generator
+
+
+def _encode(clip, text):
+    with torch.inference_mode():
+        return nodes.CLIPTextEncode().encode(clip, text)[0][0][0]
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, photos):
+    model, clip, vae = tiny_model
+    unet_before = {k: v.clone() for k, v in list(model.model.diffusion_model.state_dict().items())[:6]}
+    table_before = text_encoder(clip, "t").table().clone()
+    out = TrainFaceTI().train(model, clip, vae, photos, "face", 2, "log_norm_e", "a photo of {}", 2, 0.005, 0,
+                              True, "nodes_test_ti")
+    return out, unet_before, table_before
+
+
+def test_trains_only_the_ti_vectors(tiny_model, trained):
+    model, clip, _ = tiny_model
+    (out_clip, name, report), unet_before, table_before = trained
+    assert name == "nodes_test_ti" and "2 steps, 3 images, K=2, init face" in report and "embedding:nodes_test_ti" \
+        in report
+    for k, v in unet_before.items():
+        assert torch.equal(model.model.diffusion_model.state_dict()[k], v)
+    assert torch.equal(text_encoder(clip, "t").table(), table_before)
+    assert all(p.grad is None for p in model.model.parameters())
+    assert all(p.grad is None for p in clip.cond_stage_model.parameters())
+    assert out_clip is not clip
+
+
+def test_embedding_file_reloads_through_comfy_embedding_syntax(tiny_model, trained):
+    clip = tiny_model[1]
+    path = os.path.join(folder_paths.get_folder_paths("embeddings")[0], "nodes_test_ti.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta, vectors = f.metadata(), f.get_tensor("clip_l")
+    assert meta["facecond.kind"] == "face_ti" and meta["reparam"] == "log_norm_e" and meta["steps"] == "2"
+    assert vectors.shape == (2, 768)
+    face_init = text_encoder(clip, "t").table()[text_encoder(clip, "t").tokenize("human face")].float()
+    assert not torch.equal(vectors, face_init)  # training moved them
+    # norms stay near the init's (log-norm parameterisation, 2 small steps)
+    assert torch.allclose(vectors.norm(dim=-1), face_init.norm(dim=-1), rtol=0.1)
+    # ComfyUI's own path: the prompt's embedding:NAME becomes exactly the file's vectors ...
+    toks = clip.tokenize("a photo of embedding:nodes_test_ti smiling")["l"][0]
+    emb = [t for t, _ in toks if torch.is_tensor(t)]
+    assert len(emb) == 2 and all(torch.equal(e, v) for e, v in zip(emb, vectors))
+    # ... and the conditioning equals the trained vectors injected in memory, bit for bit
+    ref = _encode(add_pseudo_word(clip, "<ti>", vectors, "t"), "a photo of <ti> smiling")
+    assert torch.equal(_encode(clip, "a photo of embedding:nodes_test_ti smiling"), ref)
+
+
+def test_loss_falls_on_fixed_batch(tiny_model, photos):
+    model, clip, vae = tiny_model
+    denoise, sigmas, _ = model_denoiser(model, "t")
+    x0 = encode_images(vae, model, photos[:1])
+    tokens = template_tokens(clip, ["a photo of {}"], "t", k=2)[0]
+    enc = text_encoder(clip, "t")
+    start, _ = inv.init_vectors("face", enc.table(), enc.tokenize, 2)
+    vecs = inv.TIVectors(start, "log_norm_2")
+    g = step_generator(0, 0)
+    sigma, _ = sample_sigmas(sigmas[200:400], 1, g)
+    noise = sample_noise(x0, g)
+
+    def loss_fn(step, _g):
+        return denoising_loss(denoise, x0, encode_with(clip, tokens, vecs.vectors(), "t"), sigma, noise)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        before = loss_fn(0, g).item()
+    Trainer(vecs.params, TrainConfig(steps=3, lr=0.05, betas=(0.9, 0.98))).run(loss_fn)
+    with torch.inference_mode(False), torch.enable_grad():
+        after = loss_fn(0, g).item()
+    assert after < before
+
+
+def test_bad_inputs(tiny_model, photos):
+    model, clip, vae = tiny_model
+    node = TrainFaceTI()
+    args = ("a photo of {}", 1, 0.005, 0, False)
+    with pytest.raises(ValueError, match=r"TrainFaceTI: save_name 'my face' must be letters"):
+        node.train(model, clip, vae, photos, "face", 2, "none", *args, "my face")
+    with pytest.raises(ValueError, match="init='id' needs face_embeds"):
+        node.train(model, clip, vae, photos, "id", 2, "none", *args, "x")
+    fe = FaceEmbeds(torch.nn.functional.normalize(torch.randn(3, 16), dim=-1), "test/none", True, (0, 1, 2))
+    with pytest.raises(ValueError, match=r"init='id' needs celebrity face embeddings .*PrecomputeCelebFaces node "
+                                         r"once.*--precompute-celeb-faces"):
+        node.train(model, clip, vae, photos, "id", 2, "none", *args, "x", face_embeds=fe)
+    with pytest.raises(ValueError, match=r"must contain \{\} exactly once"):
+        node.train(model, clip, vae, photos, "face", 2, "none", "a photo", 1, 0.005, 0, False, "x")
