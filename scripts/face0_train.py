@@ -1,0 +1,259 @@
+"""Train Face0 (Valevski et al. 2023): the face projection jointly with the U-Net, on shards from face0_prepare.py.
+
+Runs alone or under ``accelerate launch`` (DDP over GPUs, nodes, or CPU processes with gloo). Loads a
+ComfyUI-format SD1.x/SD2.x checkpoint in-process (text encoder and VAE frozen), a fresh or saved projection,
+and trains projection + U-Net (``--mode full``) or projection + LoRA on chosen U-Net blocks (``--mode lora``)
+with the shared ε-denoising loss (py/train_core.py), 10% face dropout, EMA, gradient accumulation, mixed
+precision (accelerate's), checkpoints every --save-every steps (resume with --resume), TensorBoard logs
+(loss, lr, samples/s) under OUT/logs. Exports (EMA weights by default) into OUT:
+``face0_projection.safetensors`` (LoadFace0Projection: copy to models/facecond/face0) and
+``face0_unet_lora.safetensors`` (LoraLoader: models/loras) or ``face0_checkpoint.safetensors`` (a full
+checkpoint for CheckpointLoaderSimple). Details and multi-node commands: docs/TRAINING.md.
+
+    accelerate launch scripts/face0_train.py --checkpoint sd15.safetensors --shards 'data/shard-*.tar' \\
+        --out runs/face0 --mode lora --batch 8 --steps 20000 --mixed-precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from facecond_dev import host
+
+log = logging.getLogger("facecond.face0_train")
+
+
+def import_comfy_on(device: torch.device, comfy_root=None) -> None:
+    """``host.import_comfy`` but on this process's accelerator device (CPU only when training on the CPU)."""
+    root = str(host.comfy_dir(comfy_root))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = device.type == "cpu"
+    comfy.cli_args.args.base_directory = tempfile.mkdtemp(prefix="facecond-train-")
+    import folder_paths  # noqa: F401
+    import utils.extra_config  # noqa: F401
+
+    import nodes  # noqa: F401
+
+
+def load_checkpoint(path: str):
+    """(ModelPatcher, CLIP, VAE, base_model name) with the U-Net in float32 (master weights; autocast does the
+    mixed precision); SystemExit with a clear message for a file that is not a supported SD checkpoint."""
+    import comfy.sd
+
+    from facecond.py.face0_train import check_family
+
+    try:
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, model_options={"dtype": torch.float32})[:4]
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"face0_train: cannot load {path} as a ComfyUI checkpoint: {str(e).splitlines()[0]}") from None
+    base = model.model
+    try:
+        family = check_family(type(base.model_config).__name__, base.model_type.name,
+                              int(base.model_config.unet_config.get("context_dim") or 0), f"face0_train ({path})")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if clip is None or vae is None:
+        raise SystemExit(f"face0_train: {path} lacks a text encoder or VAE; use a full SD checkpoint")
+    return model, clip, vae, family
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="ComfyUI-format SD1.x/SD2.x checkpoint (.safetensors)")
+    ap.add_argument("--shards", required=True, nargs="+", help="shard files or globs from face0_prepare.py")
+    ap.add_argument("--out", required=True, help="run folder: state/, logs/, exports, summary.json")
+    ap.add_argument("--projection", help="start from this projection file (else a fresh one)")
+    ap.add_argument("--mode", choices=("full", "lora"), default="full")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--lora-blocks", default="input_blocks,middle_block,output_blocks",
+                    help="comma list of U-Net blocks that get LoRA")
+    ap.add_argument("--steps", type=int, default=10000, help="optimiser steps in total (paper: 500000)")
+    ap.add_argument("--batch", type=int, default=4, help="per process and micro-step")
+    ap.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps")
+    ap.add_argument("--lr", type=float, default=2e-5, help="paper: 2e-5 at batch 256")
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--ema-decay", type=float, default=0.9999)
+    ap.add_argument("--face-drop", type=float, default=0.1)
+    ap.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate's")
+    ap.add_argument("--save-every", type=int, default=1000, help="trainer state every N steps (and at the end)")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--resume", default=None, help="'auto' (latest state in OUT/state) or a state file")
+    ap.add_argument("--export", choices=("ema", "raw"), default="ema", help="weights the exported files hold")
+    ap.add_argument("--text-cache", type=int, default=4096, help="captions whose encoding is kept (0: off)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--comfyui", help="ComfyUI folder (default: the pinned host)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+
+    acc = Accelerator(mixed_precision=args.mixed_precision, log_with="tensorboard", project_dir=args.out)
+    logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import_comfy_on(acc.device, args.comfyui)
+    host.load_pack(host.REPO, "facecond")
+    from facecond.py import face0_train as ft
+    from facecond.py.projection import ProjectionInfo, load_projection, random_projection
+
+    cfg = ft.Face0TrainConfig(steps=args.steps, batch=args.batch, accum=args.accum, lr=args.lr, warmup=args.warmup,
+                              weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+                              face_drop=args.face_drop, mode=args.mode, lora_rank=args.lora_rank,
+                              lora_alpha=args.lora_alpha, lora_blocks=tuple(args.lora_blocks.split(",")),
+                              seed=args.seed)
+    shards = sorted({p for s in args.shards for p in (glob.glob(s) or [s]) if os.path.isfile(p)})
+    if not shards:
+        raise SystemExit(f"face0_train: no shard files match {args.shards}")
+    patcher, clip, vae, family = load_checkpoint(args.checkpoint)
+    base = patcher.model
+    width = int(base.model_config.unet_config["context_dim"])
+    rank, world = acc.process_index, acc.num_processes
+    stream = ft.sample_stream(shards, rank, world, cfg.seed)
+    first = ft.collate([next(stream) for _ in range(cfg.batch)])
+    if args.projection:
+        proj = load_projection(args.projection)
+        if proj.info.embedder != first["embedder"] or proj.info.context_dim != width:
+            raise SystemExit(f"face0_train: {args.projection} is for {proj.info.embedder} / width "
+                             f"{proj.info.context_dim}; the data has {first['embedder']} and the model width {width}")
+    else:
+        info = ProjectionInfo(embedder=first["embedder"], embed_dim=first["embeds"].shape[1], context_dim=width,
+                              base_model=family, extra={"trained_with": "scripts/face0_train.py"})
+        proj = random_projection(info, seed=cfg.seed)
+    model = ft.Face0Model(proj, base, cfg)
+    params = model.trainable()
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = ft.EMA(params, cfg.ema_decay)
+    state_dir = Path(args.out) / "state"
+    step = 0
+    if args.resume:
+        found = sorted(state_dir.glob("step-*.safetensors")) if args.resume == "auto" else [Path(args.resume)]
+        if found:
+            step = int(ft.load_state(str(found[-1]), params, ema, opt)["step"])
+            log.info("resumed from %s at step %d", found[-1], step)
+    dmodel, opt = acc.prepare(model, opt)
+    sigmas = base.model_sampling.sigmas.detach().cpu()
+    stream = ft.sample_stream(shards, rank, world, cfg.seed, skip=step * cfg.accum * cfg.batch)
+    cache: dict[str, torch.Tensor] = {}
+
+    def encode_text(captions):
+        out = []
+        for c in captions:
+            if c not in cache:
+                with torch.no_grad():
+                    ctx = clip.encode_from_tokens(clip.tokenize(c))[:, :77].float().cpu()  # frozen CLIP
+                if len(cache) < args.text_cache:
+                    cache[c] = ctx
+                out.append(ctx)
+            else:
+                out.append(cache[c])
+        return torch.cat(out).to(acc.device)
+
+    def latents_of(batch):
+        with torch.no_grad():
+            lat = batch["latent"] if "latent" in batch else vae.encode(batch["image"]).float().cpu()  # frozen VAE
+            return base.process_latent_in(lat).to(acc.device)
+
+    def fixed_loss(batch, draws: int = 8) -> float:
+        """Mean loss over the same ``draws`` (σ, ε) draws, no face dropout: comparable before/after training."""
+        with torch.no_grad(), acc.autocast():
+            lat, ctx, emb = latents_of(batch), encode_text(batch["captions"]), batch["embeds"].to(acc.device)
+            return sum(float(ft.face0_loss(dmodel, lat, ctx, emb, sigmas, ft.step_generator(cfg.seed, 10**12 + i),
+                                           0.0)) for i in range(draws)) / draws
+
+    summary = {"start_step": step, "fixed_loss_start": fixed_loss(first), "family": family, "mode": cfg.mode,
+               "trainable_parameters": sum(p.numel() for p in params.values()), "processes": world}
+    if acc.is_main_process:
+        acc.init_trackers("face0", config={k: str(v) for k, v in vars(args).items()})
+    losses, t0, seen = [], time.perf_counter(), 0
+    while step < cfg.steps:
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        for g in opt.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for micro in range(cfg.accum):
+            batch = ft.collate([next(stream) for _ in range(cfg.batch)])
+            gen = ft.micro_generator(cfg.seed, step * cfg.accum + micro, rank, world)
+            ctx_sync = acc.no_sync(dmodel) if micro < cfg.accum - 1 else nullcontext()
+            with ctx_sync, acc.autocast():
+                loss = ft.face0_loss(dmodel, latents_of(batch), encode_text(batch["captions"]),
+                                     batch["embeds"].to(acc.device), sigmas, gen, cfg.face_drop)
+                acc.backward(loss / cfg.accum)
+            total += float(loss.detach()) / cfg.accum
+        if cfg.grad_clip > 0:
+            acc.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        ema.update(params, step)
+        seen += cfg.batch * cfg.accum * world
+        losses.append(total)
+        if step % args.log_every == 0 or step == cfg.steps:
+            rate = seen / (time.perf_counter() - t0)
+            acc.log({"loss": total, "lr": lr, "samples_per_s": rate}, step=step)
+            log.info("step %d/%d loss %.5f lr %.2e %.1f samples/s", step, cfg.steps, total, lr, rate)
+        if step % args.save_every == 0 or step == cfg.steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                ft.save_state(str(state_dir / f"step-{step:08d}.safetensors"), params, ema, opt.optimizer, step,
+                              cfg, {"checkpoint": os.path.basename(args.checkpoint), "processes": world})
+    summary.update(end_step=step, losses=losses, fixed_loss_end=fixed_loss(first),
+                   samples_per_s=seen / max(time.perf_counter() - t0, 1e-9))
+    # every process records a fingerprint of its parameters: DDP keeps them identical (checked by the tests)
+    (Path(args.out) / f"params-rank{rank}.json").write_text(json.dumps(
+        {n: float(p.detach().double().sum()) for n, p in params.items()}))
+    acc.wait_for_everyone()
+    acc.end_training()
+    if acc.is_main_process:
+        export(args, model, params, ema, patcher, clip, vae, summary)
+    return 0
+
+
+def export(args, model, params, ema, patcher, clip, vae, summary) -> None:
+    from safetensors.torch import save_file
+
+    from facecond.py.projection import save_projection
+
+    out = Path(args.out)
+    if args.export == "ema":
+        ema.copy_to(params)
+    proj = model.proj.float().cpu().eval()
+    save_projection(proj, out / "face0_projection.safetensors")
+    files = {"projection": str(out / "face0_projection.safetensors")}
+    if model.lora is not None:
+        path = out / "face0_unet_lora.safetensors"
+        save_file(model.lora.comfy_state_dict(), str(path), metadata={"facecond.kind": "face0_unet_lora"})
+        files["lora"] = str(path)
+    else:
+        import comfy.sd
+
+        path = out / "face0_checkpoint.safetensors"
+        comfy.sd.save_checkpoint(str(path), patcher, clip, vae, metadata={"facecond.kind": "face0_checkpoint"})
+        files["checkpoint"] = str(path)
+    summary["files"] = files
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    for f in files.values():
+        print(f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
