@@ -6,7 +6,6 @@ A module that fails to import is logged and skipped so the rest of the pack stil
 
 import importlib
 import logging
-from pathlib import Path
 
 from .model_paths import register_model_folders
 
@@ -20,8 +19,6 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 register_model_folders()
 
 for _name in _NODE_MODULES:
-    if not (Path(__file__).parent / f"{_name}.py").exists():  # TEMP while issues 5/7 land; removed at the end
-        continue
     try:
         _mod = importlib.import_module(f".{_name}", __name__)
     except Exception:
