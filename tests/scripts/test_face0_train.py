@@ -93,9 +93,10 @@ def test_resume_continues_exactly(shards, lora_run, tmp_path):
 
 
 def test_two_processes_agree(shards, tmp_path):
-    # torchrun (what `accelerate launch` runs underneath); accelerate picks gloo on the CPU
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(host.free_port())]
+    # `accelerate launch` as a user runs it; with no GPU, --multi_gpu gives two MULTI_CPU (gloo) processes
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(host.free_port())]
     s = train(shards, tmp_path, "--mode", "full", "--steps", "2", "--batch", "1", launch=launch)
     assert s["processes"] == 2 and s["end_step"] == 2
     r0 = json.loads((tmp_path / "params-rank0.json").read_text())
