@@ -62,6 +62,7 @@ def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, em
     """Generate one image per name with this model, detect (largest face) and embed it; write the cache."""
     import nodes
 
+    from ..py.crop import NoFaceError
     from .faces import FacecondFaceDetectCrop, FacecondFaceEmbed
 
     detect, embed = FacecondFaceDetectCrop(), FacecondFaceEmbed()
@@ -74,9 +75,12 @@ def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, em
         pos = nodes.CLIPTextEncode().encode(clip, prompt.format(name))[0]
         out = nodes.common_ksampler(model, seed + i, steps, 7.0, "euler", "normal", pos, neg, latent)[0]
         image = vae.decode(out["samples"])
-        faces = detect.detect(image, detector=detector, select="largest", face_index=0, min_size=20,
-                              margin_scale=1.0, upright="off", no_face="skip")[0]
-        if len(faces):
+        try:
+            faces = detect.detect(image, detector=detector, select="largest", face_index=0, min_size=20,
+                                  margin_scale=1.0, upright="off", no_face="error")[0]
+        except NoFaceError:  # this name's image has no face: it stays out of the id choice
+            faces = None
+        if faces is not None:
             fe = embed.embed(faces, embedder, "bottleneck_512", "l2")[0]
             rows.append(fe.embeds[0].float())
             model_id = fe.model

@@ -116,3 +116,16 @@ def test_bad_inputs(tiny_model, photos):
         node.train(model, clip, vae, photos, "id", 2, "none", *args, "x", face_embeds=fe)
     with pytest.raises(ValueError, match=r"must contain \{\} exactly once"):
         node.train(model, clip, vae, photos, "face", 2, "none", "a photo", 1, 0.005, 0, False, "x")
+
+
+def test_precompute_generates_detects_and_says_when_the_model_draws_no_faces(tiny_model, comfy_base):
+    """The precompute loop really samples each name and runs detection on it; the tiny random model draws no
+    faces, which must end in the clear error (its success path needs a model that draws faces: not here)."""
+    from facecond.nodes.inversion import precompute_celeb_faces
+    from facecond_dev import host
+
+    host.install_stand_in_models(comfy_base)
+    model, clip, vae = tiny_model
+    with torch.inference_mode(), pytest.raises(ValueError, match="no face was detected in any of the 2 generated"):
+        precompute_celeb_faces(model, clip, vae, ["Ada Lovelace", "Alan Turing"], "mtcnn",
+                               host.STAND_IN_RECOGNISER, steps=1, size=64)
