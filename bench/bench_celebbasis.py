@@ -49,14 +49,9 @@ def main() -> None:
     import torch
 
     import nodes
-    from facecond.nodes.celebbasis import (
-        basis_for,
-        encode_images,
-        encode_with,
-        model_denoiser,
-        template_tokens,
-        text_encoder,
-    )
+    from facecond.nodes.celebbasis import basis_for
+    from facecond.nodes.pseudo_words import text_encoder
+    from facecond.nodes.training import encode_images, encode_with, model_denoiser, template_tokens
     from facecond.py import celeb_basis as cb
     from facecond.py.celeb_coeffs import new_mlp
     from facecond.py.inversion import TIVectors, init_vectors

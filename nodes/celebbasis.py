@@ -3,21 +3,13 @@
 The maths is in ``py/celeb_basis.py`` (basis), ``py/celeb_coeffs.py`` (MLP, files), ``py/train_core.py`` and
 ``py/augment.py`` (training). These classes check inputs, call it and wrap results.
 
-How a pseudo-word gets into a CLIP without touching the input CLIP or any ComfyUI function: ``clip.clone()``
-gets a *new tokenizer object* (``PseudoWordTokenizer``) around a shallow copy of the original one whose
-text-encoder tokenizer has one extra embedding folder. The pseudo-word's two vectors are written there as a
-standard ComfyUI embedding file (content-addressed: ``facecond_pw_<sha>.safetensors``), and every
-occurrence of the word in a prompt becomes ComfyUI's own ``embedding:facecond_pw_<sha>`` syntax, which
-``sd1_clip`` resolves as it does for any textual-inversion embedding. So weights ``(<alice>:1.2)``, long
-prompts and every text node behave as for ordinary embeddings, and the word's vectors enter the text encoder
-only at its two token positions. Several identities: chain the node with different words.
+A pseudo-word enters a cloned CLIP through ``nodes/pseudo_words.py``; the trainer's ComfyUI-side helpers
+are in ``nodes/training.py``. Several identities: chain the node with different words.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -28,7 +20,6 @@ import comfy.model_sampling
 import comfy.utils
 import folder_paths
 import torch
-from safetensors.torch import save_file
 
 from ..py import celeb_basis as cb
 from ..py.augment import augment as augment_images
@@ -45,145 +36,21 @@ from ..py.celeb_coeffs import (
 )
 from ..py.face_types import FaceEmbeds
 from ..py.train_core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
+from .pseudo_words import TextEncoder, add_pseudo_word, text_encoder
+from .training import (
+    encode_images,
+    encode_with,
+    model_denoiser,
+    normal_tensor,
+    template_tokens,
+    trainable_clip,
+)
 
 log = logging.getLogger("facecond")
 
 CATEGORY = "facecond/celebbasis"
 FOLDER = "facecond_celebbasis"  # models/facecond/celebbasis: coefficient MLPs, names lists, saved identities
-WORD_RE = re.compile(r"^(<[A-Za-z][A-Za-z0-9_\-]{0,31}>|[A-Za-z][A-Za-z0-9_]{1,31})$")
 DEFAULT_TEMPLATES = "a photo of {}\na depiction of {}\na close-up photo of {}\na portrait of {}\n{} smiling"
-
-
-# --- the text encoder of a CLIP ---------------------------------------------------------------------------
-@dataclass
-class TextEncoder:
-    module: object  # sd1_clip.SDClipModel
-    tokenizer: object  # sd1_clip.SDTokenizer
-    key: str  # e.g. "clip_l", "clip_h": the embedding-file key
-
-    def table(self) -> torch.Tensor:
-        return self.module.transformer.get_input_embeddings().weight
-
-    def tokenize(self, text: str) -> list[int]:
-        ids = self.tokenizer.tokenizer(text)["input_ids"]
-        return ids[self.tokenizer.tokens_start:-1 if self.tokenizer.tokenizer_adds_end_token else None]
-
-
-def _base_tokenizer(clip):
-    tok = clip.tokenizer
-    return tok.inner if isinstance(tok, PseudoWordTokenizer) else tok
-
-
-def text_encoder(clip, node: str) -> TextEncoder:
-    """The single CLIP text encoder of an SD1.x/SD2.x CLIP; ValueError for two-encoder models (SDXL)."""
-    if clip is None:
-        raise ValueError(f"{node}: clip is None (the checkpoint has no text encoder); load one with CLIPLoader.")
-    cond, tok = clip.cond_stage_model, _base_tokenizer(clip)
-    key = getattr(cond, "clip", None)
-    if not isinstance(key, str) or getattr(tok, "clip", None) != key or not hasattr(cond, key):
-        raise ValueError(f"{node}: this CLIP ({type(cond).__name__}) is not a single CLIP text encoder. Celeb Basis "
-                         "supports SD1.x and SD2.x; SDXL's two encoders (CLIP-L + CLIP-G) are not supported yet.")
-    return TextEncoder(getattr(cond, key), getattr(tok, key), getattr(tok, key).embedding_key)
-
-
-# --- pseudo-words ------------------------------------------------------------------------------------------
-def _word_dir() -> str:
-    return os.path.join(folder_paths.get_temp_directory(), "facecond_pseudowords")
-
-
-def embedding_file_name(vectors: torch.Tensor, key: str) -> str:
-    data = vectors.detach().cpu().float().contiguous().numpy().tobytes()
-    return f"facecond_pw_{hashlib.sha256(key.encode() + data).hexdigest()[:20]}"
-
-
-class PseudoWordTokenizer:
-    """A CLIP tokenizer that turns registered pseudo-words into ComfyUI ``embedding:`` references (see top).
-
-    ``inner``: a shallow copy of the original tokenizer whose text-encoder tokenizer also searches the pack's
-    pseudo-word folder. Everything else is delegated to it."""
-
-    def __init__(self, inner, key: str, words: dict[str, torch.Tensor]):
-        self.inner, self.key, self.words = inner, key, dict(words)
-        self._names = {w: embedding_file_name(v, key) for w, v in self.words.items()}
-
-    @classmethod
-    def extend(cls, clip, enc: TextEncoder, word: str, vectors: torch.Tensor) -> PseudoWordTokenizer:
-        tok = clip.tokenizer
-        if isinstance(tok, PseudoWordTokenizer):
-            return cls(tok.inner, tok.key, {**tok.words, word: vectors})
-        inner = copy.copy(tok)
-        sub = copy.copy(getattr(tok, enc.key))
-        dirs = sub.embedding_directory
-        dirs = [] if dirs is None else [dirs] if isinstance(dirs, str) else list(dirs)
-        sub.embedding_directory = [_word_dir(), *dirs]
-        setattr(inner, enc.key, sub)
-        return cls(inner, enc.key, {word: vectors})
-
-    def _ensure_files(self) -> None:
-        folder = _word_dir()
-        os.makedirs(folder, exist_ok=True)
-        for word, name in self._names.items():
-            path = os.path.join(folder, name + ".safetensors")
-            if not os.path.isfile(path):
-                tmp = f"{path}.{os.getpid()}.tmp"
-                save_file({self.key: self.words[word].detach().cpu().float().contiguous()}, tmp)
-                os.replace(tmp, path)
-
-    def expand(self, text: str) -> str:
-        for word, name in self._names.items():
-            text = re.sub(word_pattern(word), f" embedding:{name} ", text)
-        return text
-
-    def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
-        self._ensure_files()
-        return self.inner.tokenize_with_weights(self.expand(text), return_word_ids, **kwargs)
-
-    def untokenize(self, token_weight_pair):
-        return self.inner.untokenize(token_weight_pair)
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def __getattr__(self, name):  # clip_l, clip_name, ... of the wrapped tokenizer
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-def word_pattern(word: str) -> str:
-    """Regex for a pseudo-word in a prompt: <name> literally; a bare word only as a whole word."""
-    return re.escape(word) if word.startswith("<") else rf"(?<![\w<]){re.escape(word)}(?![\w>])"
-
-
-def check_word(word: str, clip, enc: TextEncoder, node: str) -> str:
-    """The pseudo-word, checked: syntax, no clash with a real token, not used yet in this CLIP."""
-    word = word.strip()
-    if not WORD_RE.match(word):
-        raise ValueError(f"{node}: pseudo_word {word!r} is not a pseudo-word. Write it as <name> (letters, digits, "
-                         "_ or -, starting with a letter, at most 32 characters), e.g. <alice>.")
-    if not word.startswith("<") and len(enc.tokenize(word)) == 1:
-        raise ValueError(f"{node}: pseudo_word {word!r} collides with the real token '{word.lower()}' of the "
-                         f"tokenizer, so prompts could not tell them apart. Use <{word}> or a made-up word.")
-    tok = clip.tokenizer
-    if isinstance(tok, PseudoWordTokenizer):
-        for other in tok.words:
-            if re.search(word_pattern(word), other) or re.search(word_pattern(other), word):
-                raise ValueError(f"{node}: pseudo_word {word} is already used (or overlaps {other}) in this CLIP; "
-                                 "give every identity its own word.")
-    return word
-
-
-def add_pseudo_word(clip, word: str, vectors: torch.Tensor, node: str):
-    """A clone of ``clip`` in which ``word`` is the (K, d) token embeddings ``vectors``; the input is untouched."""
-    enc = text_encoder(clip, node)
-    word = check_word(word, clip, enc, node)
-    d = enc.table().shape[1]
-    if vectors.ndim != 2 or vectors.shape[1] != d:
-        raise ValueError(f"{node}: the pseudo-word vectors are {tuple(vectors.shape)}; this text encoder needs "
-                         f"(K, {d}).")
-    out = clip.clone()
-    out.tokenizer = PseudoWordTokenizer.extend(clip, enc, word, vectors.detach().cpu().float().clone())
-    return out
 
 
 # --- basis for a CLIP ----------------------------------------------------------------------------------------
@@ -340,125 +207,6 @@ class LoadCelebCoeffs:
 
     def load(self, coeffs_name):
         return (load_coeffs(folder_paths.get_full_path_or_raise(FOLDER, coeffs_name)),)
-
-
-# --- training ------------------------------------------------------------------------------------------------
-def _grad_safe_weight(weight: torch.Tensor) -> torch.Tensor:
-    # ComfyUI's ops copy a weight that has a wrapper (cast_bias_weight, copy=True); the copy is made in the
-    # trainer's normal mode. This makes sure of it for a weight still created under inference mode.
-    return weight.clone() if weight.is_inference() else weight
-
-
-def grad_safe(patcher):
-    """A clone of a ModelPatcher whose weights autograd can differentiate *through* (never *to*).
-
-    The ComfyUI server runs every node under ``torch.inference_mode()``, so the weights of a model it loaded are
-    inference tensors, which autograd refuses to save for backward ("Inference tensors cannot be saved for
-    backward"). A weight wrapper on every op (ComfyUI's own mechanism, as its LoRA trainer uses) makes each
-    forward use a normal-tensor copy; the user's model and its weights are untouched."""
-    out = patcher.clone()
-    for name, m in out.model.named_modules():
-        for attr in ("weight", "bias"):  # layer_norm saves its bias for backward too
-            if hasattr(m, f"{attr}_function") and getattr(m, attr, None) is not None:
-                out.add_weight_wrapper(f"{name}.{attr}", _grad_safe_weight)
-    return out
-
-
-def trainable_clip(clip):
-    """A clone of ``clip`` for ``encode_with`` under the server's inference mode (see ``grad_safe``)."""
-    out = clip.clone()
-    out.patcher = grad_safe(out.patcher)
-    return out
-
-
-def normal_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` that is not an inference tensor (so autograd may save it for backward)."""
-    with torch.inference_mode(False):
-        return t.detach().clone()
-
-
-def model_denoiser(model, node: str):
-    """(denoise(x, sigma, context) -> x0, sigma table) for a ComfyUI MODEL; EPS / V-prediction only.
-    Differentiable w.r.t. x and context also when the server loaded the model (``grad_safe``)."""
-    ms = model.get_model_object("model_sampling")
-    if not isinstance(ms, comfy.model_sampling.EPS) or isinstance(ms, comfy.model_sampling.CONST):
-        raise ValueError(f"{node}: training needs an eps- or v-prediction model (SD1.x / SD2.x); this model's "
-                         f"sampling is {type(ms).__name__}.")
-    model = grad_safe(model)
-    comfy.model_management.load_models_gpu([model])
-    inner = model.model
-
-    def denoise(x, sigma, context, _keep=model):  # _keep: the wrapped clone stays alive while training
-        return inner.apply_model(x, sigma, c_crossattn=context)
-
-    return denoise, ms.sigmas, model.load_device
-
-
-def template_tokens(clip, templates: list[str], node: str, k: int = 2) -> list[list]:
-    """Token lists of each template with a k-vector placeholder embedding where ``{}`` is."""
-    marker = "<facecondplaceholder>"
-    probe = add_pseudo_word(clip, marker, torch.zeros(k, text_encoder(clip, node).table().shape[1]), node)
-    out = []
-    for t in templates:
-        if t.count("{}") != 1:
-            raise ValueError(f"{node}: prompt template {t!r} must contain {{}} exactly once (where the person goes).")
-        toks = probe.tokenize(t.replace("{}", marker))
-        out.append(toks)
-    return out
-
-
-def encode_with(clip, tokens, vectors: torch.Tensor, node: str = "TrainCelebBasis") -> torch.Tensor:
-    """Encode ``tokens`` (from template_tokens with k = len(vectors)) with the placeholder's k entries replaced
-    by ``vectors`` (K, d), differentiably w.r.t. ``vectors`` (pass a ``trainable_clip`` in the server).
-    ComfyUI builds the input embeddings (``process_tokens``); the transformer
-    is then run with out-of-place residuals, because ComfyUI's ``CLIPLayer`` adds them in place (``x += ...``),
-    which autograd cannot differentiate. Same weights, same ops: the result equals ComfyUI's encode (tested)."""
-    from comfy.ldm.modules.attention import optimized_attention_for_device
-    from comfy.ops import cast_to
-
-    enc = text_encoder(clip, node)
-    sd = enc.module
-    if getattr(sd, "enable_attention_masks", False) or getattr(sd, "zero_out_masked", False):
-        raise ValueError(f"{node}: this text encoder uses attention masks; training supports SD1.x/SD2.x CLIP.")
-    chunks = tokens[next(iter(tokens))]
-    if len(chunks) != 1:
-        raise ValueError(f"{node}: a prompt template is longer than 75 tokens; shorten it.")
-    row, i = [], 0
-    for tw in chunks[0]:
-        if torch.is_tensor(tw[0]):
-            row.append(vectors[i % len(vectors)])
-            i += 1
-        else:
-            row.append(tw[0])
-    if i != len(vectors):
-        raise ValueError(f"{node}: the prompt has {i} placeholder token(s) for {len(vectors)} vectors")
-    clip.cond_stage_model.reset_clip_options()
-    if clip.layer_idx is not None:
-        clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
-    clip.load_model()
-    device = sd.transformer.get_input_embeddings().weight.device
-    embeds, _, _, _ = sd.process_tokens([row], device)
-    tm = sd.transformer.text_model
-    x = embeds + cast_to(tm.embeddings.position_embedding.weight, dtype=embeds.dtype, device=device)
-    mask = torch.full((x.shape[1], x.shape[1]), -torch.finfo(x.dtype).max, dtype=x.dtype, device=device).triu_(1)
-    attn = optimized_attention_for_device(device, mask=True, small_input=True)  # as CLIPEncoder
-    layers = tm.encoder.layers
-    if sd.layer not in ("last", "hidden"):
-        raise ValueError(f"{node}: text-encoder output layer {sd.layer!r} is not supported (last/hidden).")
-    stop = len(layers) - 1 if sd.layer == "last" else (sd.layer_idx % len(layers))
-    for layer in layers[:stop + 1]:
-        x = x + layer.self_attn(layer.layer_norm1(x), mask, attn)
-        x = x + layer.mlp(layer.layer_norm2(x))
-    if sd.layer == "last" or sd.layer_norm_hidden_state:
-        x = tm.final_layer_norm(x)
-    return x.float()
-
-
-def encode_images(vae, model, images: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        lat = vae.encode(images[..., :3])
-        lat = model.model.process_latent_in(lat)
-    return lat.clone()
 
 
 def parse_identities(text: str, n: int, node: str) -> list[int]:

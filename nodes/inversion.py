@@ -21,17 +21,9 @@ from ..py import inversion as inv
 from ..py.augment import augment as augment_images
 from ..py.face_types import FaceEmbeds
 from ..py.train_core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
-from .celebbasis import (
-    DEFAULT_TEMPLATES,
-    FOLDER,
-    encode_images,
-    encode_with,
-    model_denoiser,
-    normal_tensor,
-    template_tokens,
-    text_encoder,
-    trainable_clip,
-)
+from .celebbasis import DEFAULT_TEMPLATES, FOLDER
+from .pseudo_words import text_encoder
+from .training import encode_images, encode_with, model_denoiser, normal_tensor, template_tokens, trainable_clip
 
 log = logging.getLogger("facecond")
 

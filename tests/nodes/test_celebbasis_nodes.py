@@ -11,16 +11,9 @@ import pytest
 import torch
 
 import nodes
-from facecond.nodes.celebbasis import (
-    CelebBasisCoeffs,
-    LoadCelebCoeffs,
-    SaveCelebCoeffs,
-    TrainCelebBasis,
-    basis_for,
-    encode_with,
-    template_tokens,
-    text_encoder,
-)
+from facecond.nodes.celebbasis import CelebBasisCoeffs, LoadCelebCoeffs, SaveCelebCoeffs, TrainCelebBasis, basis_for
+from facecond.nodes.pseudo_words import text_encoder
+from facecond.nodes.training import encode_with, template_tokens
 from facecond.py import celeb_basis as cb
 from facecond.py.celeb_coeffs import BasisFacts, CelebCoeffs, load_mlp
 from facecond.py.face_types import FaceEmbeds
@@ -158,7 +151,7 @@ def test_trainer_end_to_end(tiny_model, train_inputs, basis):
 
 def test_training_loss_falls_on_fixed_batch(tiny_model, train_inputs, basis):
     """Gradients reach the MLP through CLIP and the UNet; a few Adam steps on one batch lower its loss."""
-    from facecond.nodes.celebbasis import encode_images, model_denoiser
+    from facecond.nodes.training import encode_images, model_denoiser
     from facecond.py.celeb_coeffs import new_mlp
     from facecond.py.train_core import TrainConfig, Trainer
 
@@ -206,7 +199,7 @@ def test_differentiable_encode_matches_comfy(tiny_model, layer_idx):
     tokens = template_tokens(clip, ["a close-up photo of {} smiling"], "t")[0]
     vec = torch.randn(2, 768, generator=torch.Generator().manual_seed(0)) * 0.02
     ours = encode_with(clip, tokens, vec)
-    from facecond.nodes.celebbasis import add_pseudo_word  # ComfyUI's own path: the vectors as an embedding
+    from facecond.nodes.pseudo_words import add_pseudo_word  # ComfyUI's own path: the vectors as an embedding
 
     ref = _encode(add_pseudo_word(clip, "<zed>", vec, "t"), "a close-up photo of <zed> smiling")
     assert torch.allclose(ours, ref, atol=1e-5)
