@@ -96,15 +96,43 @@ def install_stand_in_models(base: Path) -> None:
 
 
 def use_stand_ins(prompt: dict, base: Path) -> dict:
-    """The prompt with FaceEmbed nodes that ask for FaceNet VGGFace2 switched to the stand-in recogniser,
-    when those weights are not in ``base`` (they are downloaded at first use, which an offline host cannot)."""
-    if any((base / "models" / "facenet").glob("20180402-114759-vggface2*")):
-        return prompt
+    """The prompt with face models that are not in ``base`` switched to the stand-ins: FaceEmbed asking for
+    FaceNet VGGFace2 (downloaded at first use, which an offline host cannot) or for a file of an insightface
+    pack that is not installed gets the test pack's recogniser; FaceDetectCrop asking for a missing pack's
+    detector gets its SCRFD."""
+    facenet_here = any((base / "models" / "facenet").glob("20180402-114759-vggface2*"))
+    packs = base / "models" / "insightface" / "models"
+    stand_in = {"FacecondFaceEmbed": ("model", STAND_IN_RECOGNISER),
+                "FacecondFaceDetectCrop": ("detector", f"{TEST_PACK}/det_2.5g.onnx")}
     out = json.loads(json.dumps(prompt))
     for node in out.values():
-        if node["class_type"] == "FacecondFaceEmbed" and node["inputs"].get("model") == "facenet_vggface2":
-            node["inputs"]["model"] = STAND_IN_RECOGNISER
+        if node["class_type"] not in stand_in:
+            continue
+        key, replacement = stand_in[node["class_type"]]
+        value = node["inputs"].get(key)
+        missing = (value == "facenet_vggface2" and not facenet_here) or (
+            isinstance(value, str) and value.endswith(".onnx") and not (packs / value).is_file())
+        if missing:
+            node["inputs"][key] = replacement
     return out
+
+
+# Small enough for a CPU test run: 64x64 latents and 2 steps for every sampler and trainer of the examples.
+QUICK = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2},
+         "FacecondThreeWayCFGSampler": {"steps": 2}, "FacecondTrainCelebBasis": {"steps": 2},
+         "FacecondTrainFaceTI": {"steps": 2}}
+
+
+def quick_prompt(workflow: Path, object_info: dict, base: Path, overrides: dict | None = None) -> dict:
+    """An example workflow as a test prompt: API format, stand-in face models (``use_stand_ins``), the
+    ``QUICK`` sizes and steps, then ``overrides`` ({class_type: {input: value}})."""
+    from .client import ui_to_api
+
+    prompt = use_stand_ins(ui_to_api(json.loads(Path(workflow).read_text()), object_info), base)
+    for node in prompt.values():
+        for table in (QUICK, overrides or {}):
+            node["inputs"].update(table.get(node["class_type"], {}))
+    return prompt
 
 
 def import_comfy(base: Path, comfy_root: str | os.PathLike | None = None) -> None:

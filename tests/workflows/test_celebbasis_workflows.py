@@ -10,7 +10,6 @@ different people side by side. Everything else (MTCNN detection, the graph, the 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -19,7 +18,6 @@ import pytest
 from PIL import Image
 
 from facecond_dev import host
-from facecond_dev.client import ui_to_api
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 EXPECTED_IMAGES = {"celebbasis_one_photo.json": 1, "celebbasis_two_identities.json": 1, "ti_three_photos.json": 1}
@@ -48,16 +46,7 @@ def celeb_server(server, shared_data):
 
 
 def _prompt(server, path: Path) -> dict:
-    prompt = host.use_stand_ins(ui_to_api(json.loads(path.read_text()), server.object_info()), server.base_dir)
-    for node in prompt.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "EmptyLatentImage":
-            inputs["width"] = inputs["height"] = 64
-        elif kind == "KSampler":
-            inputs["steps"] = 2
-        elif kind in TRAINERS:
-            inputs["steps"] = 2
-    return prompt
+    return host.quick_prompt(path, server.object_info(), server.base_dir)
 
 
 def _reports(prompt: dict, result) -> list[str]:

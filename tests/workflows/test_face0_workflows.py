@@ -9,7 +9,6 @@ keep the suite fast. Everything else (MTCNN detection of real photos, the graph,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from PIL import Image
 
 from facecond.py.projection import ProjectionInfo, random_projection, save_projection
 from facecond_dev import host
-from facecond_dev.client import ui_to_api
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 EXPECTED_IMAGES = {"face0_single_photo.json": 1, "face0_interpolate_two_photos.json": 5,
@@ -38,14 +36,7 @@ def face0_server(server, shared_data):
 
 
 def _prompt(server, path: Path) -> dict:
-    prompt = host.use_stand_ins(ui_to_api(json.loads(path.read_text()), server.object_info()), server.base_dir)
-    for node in prompt.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "EmptyLatentImage":
-            inputs["width"] = inputs["height"] = 64
-        elif kind == "FacecondThreeWayCFGSampler":
-            inputs["steps"] = 2
-    return prompt
+    return host.quick_prompt(path, server.object_info(), server.base_dir)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_IMAGES))

@@ -10,7 +10,6 @@ face, so the generate -> rank -> fuse graph runs its no-face path; a second run 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from facecond_dev import host
-from facecond_dev.client import ui_to_api
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 SAVED = {"facechain_rank_and_fuse.json": ("facechain_fused", 2),
@@ -74,16 +72,10 @@ def facechain_server(server, shared_data, tiny_model):
 
 
 def _prompt(server, name: str) -> dict:
-    prompt = host.use_stand_ins(ui_to_api(json.loads((EXAMPLES / name).read_text()), server.object_info()),
-                                server.base_dir)
-    small = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2},
-             "FacecondFaceFusion": {"steps": 2, "resolution": 64},
-             "FacecondFaceChainPreprocess": {"resolution": 64},
+    small = {"FacecondFaceFusion": {"steps": 2, "resolution": 64}, "FacecondFaceChainPreprocess": {"resolution": 64},
              "TrainLoraNode": {"steps": 2, "rank": 4, "training_dtype": "fp32", "lora_dtype": "fp32",
                                "gradient_checkpointing": False}}
-    for node in prompt.values():
-        node["inputs"].update(small.get(node["class_type"], {}))
-    return prompt
+    return host.quick_prompt(EXAMPLES / name, server.object_info(), server.base_dir, small)
 
 
 def _saved(server, result, prefix):

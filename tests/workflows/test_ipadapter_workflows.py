@@ -9,7 +9,6 @@ the four references is a faceless grey image: it must be skipped, not fatal. Ste
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from PIL import Image
 from facecond.nodes.ipadapter import cross_attention_layers
 from facecond.py import ipadapter as ipa
 from facecond_dev import host
-from facecond_dev.client import ui_to_api
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "example_workflows" / "ipadapter_multi_reference.json"
 
@@ -45,18 +43,9 @@ def ipa_server(server, shared_data, tiny_model):
 
 
 def _prompt(server, weight: float) -> dict:
-    prompt = host.use_stand_ins(ui_to_api(json.loads(WORKFLOW.read_text()), server.object_info()), server.base_dir)
-    for node in prompt.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "FacecondFaceEmbed":
-            inputs["model"] = host.STAND_IN_RECOGNISER  # 128-d insightface test pack instead of buffalo_l
-        elif kind == "EmptyLatentImage":
-            inputs["width"] = inputs["height"] = 64
-        elif kind == "KSampler":
-            inputs["steps"] = 2
-        elif kind == "FacecondApplyIPAdapter":
-            inputs["weight"] = weight
-    return prompt
+    # FaceEmbed: buffalo_l is not installed here, so the 128-d test-pack recogniser stands in (use_stand_ins)
+    return host.quick_prompt(WORKFLOW, server.object_info(), server.base_dir,
+                             {"FacecondApplyIPAdapter": {"weight": weight}})
 
 
 def test_multi_reference_example_runs_and_the_adapter_acts(ipa_server):
