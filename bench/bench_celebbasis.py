@@ -15,24 +15,15 @@ import logging
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from facecond_dev import host  # noqa: E402
+from facecond_dev.bench import best_cpu_time  # noqa: E402
 
 log = logging.getLogger("bench_celebbasis")
-
-
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -72,7 +63,7 @@ def main() -> None:
                               sample_noise(x0, g))
 
     trainer = Trainer(dict(mlp.named_parameters()), TrainConfig(steps=10 ** 6))
-    train_s = _best(lambda: trainer.run(loss_fn, steps=trainer.step + 1), args.repeats)
+    train_s = best_cpu_time(lambda: trainer.run(loss_fn, steps=trainer.step + 1), args.repeats)
     peak_cb_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     enc = text_encoder(clip, "bench")
     ti = TIVectors(init_vectors("face", enc.table(), enc.tokenize, 2)[0], "log_norm_e")
@@ -83,11 +74,11 @@ def main() -> None:
                               sample_noise(x0, g))
 
     ti_trainer = Trainer(ti.params, TrainConfig(steps=10 ** 6, betas=(0.9, 0.98)))
-    ti_s = _best(lambda: ti_trainer.run(ti_loss, steps=ti_trainer.step + 1), args.repeats)
+    ti_s = best_cpu_time(lambda: ti_trainer.run(ti_loss, steps=ti_trainer.step + 1), args.repeats)
     pos = nodes.CLIPTextEncode().encode(clip, "a photo of a person")[0]
     neg = nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = nodes.EmptyLatentImage().generate(args.size, args.size, 1)[0]
-    sample_s = _best(lambda: nodes.common_ksampler(model, 0, 1, 7.0, "euler", "normal", pos, neg, latent,
+    sample_s = best_cpu_time(lambda: nodes.common_ksampler(model, 0, 1, 7.0, "euler", "normal", pos, neg, latent,
                                                    denoise=1.0, disable_noise=False), args.repeats)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log.info("tiny SD1.5, %dx%d, %d thread(s), p=%d", args.size, args.size, args.threads, basis.p)

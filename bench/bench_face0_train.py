@@ -16,22 +16,13 @@ import argparse
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from facecond_dev import host  # noqa: E402
-
-
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return min(times)
+from facecond_dev.bench import best_cpu_time  # noqa: E402
 
 
 def main() -> None:
@@ -75,7 +66,7 @@ def main() -> None:
                 base.apply_model(x0 + sig[500], sig[500].expand(b), c_crossattn=ctx)
 
         train_step()
-        t_train, t_fwd = _best(train_step, args.repeats), _best(forward, args.repeats)
+        t_train, t_fwd = best_cpu_time(train_step, args.repeats), best_cpu_time(forward, args.repeats)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         n = sum(p.numel() for p in params.values())
         print(f"train[{mode}] {b / t_train:7.2f} samples/s ({n / 1e6:.1f}M trainable) | forward baseline "
@@ -90,8 +81,9 @@ def main() -> None:
     img = fd.decode_image((data / "faces/obama/obama.jpg").read_bytes())
     cfg = fd.PrepConfig(512, detect_max_side=1024)
     crops = torch.rand(1, 112, 112, 3)
-    t_prep = _best(lambda: fd.encode_sample("0", img, "c", *fd.face_of(img, fm, cfg), fm, "x", cfg), args.repeats)
-    t_rec = _best(lambda: rec.embed(crops), args.repeats)
+    t_prep = best_cpu_time(lambda: fd.encode_sample("0", img, "c", *fd.face_of(img, fm, cfg), fm, "x", cfg),
+                           args.repeats)
+    t_rec = best_cpu_time(lambda: rec.embed(crops), args.repeats)
     print(f"prep {1 / t_prep:7.2f} images/s ({img.size[0]}x{img.size[1]}: detect+crop+embed+jpeg) | recogniser "
           f"forward baseline {1 / t_rec:7.2f} images/s")
 

@@ -2,7 +2,6 @@
 SD1.5 checkpoint: template choice, similarity ranking, face fusion and preprocessing."""
 
 import itertools
-import shutil
 
 import cv2
 import numpy as np
@@ -24,19 +23,7 @@ from facecond.py.face_types import Faces
 REC = "testpack/mobilefacenet_128.onnx"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def testpack(comfy_base, shared_data):
-    """The real insightface test pack in the in-process base; one torch thread (see tests/py/test_detect.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dest = comfy_base / "models/insightface/models/testpack"
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in (shared_data / "models/insightface_testpack").glob("*.onnx"):
-        if not (dest / f.name).exists():
-            (dest / f.name).symlink_to(f)
-    yield dest
-    torch.set_num_threads(threads)
-    shutil.rmtree(dest, ignore_errors=True)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "stand_in_models")
 
 
 def _arr(shared_data, rel) -> np.ndarray:

@@ -14,19 +14,7 @@ REC = "testpack/mobilefacenet_128.onnx"
 DET = "testpack/det_2.5g.onnx"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def testpack(comfy_base, shared_data):
-    """The real insightface test pack linked into the in-process base's models/insightface/models/testpack."""
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/py/test_detect.py
-    dest = comfy_base / "models/insightface/models/testpack"
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in (shared_data / "models/insightface_testpack").glob("*.onnx"):
-        if not (dest / f.name).exists():
-            (dest / f.name).symlink_to(f)
-    yield dest
-    torch.set_num_threads(torch_threads)
-    shutil.rmtree(dest, ignore_errors=True)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "stand_in_models")
 
 
 def _photo(shared_data, rel, size=None) -> torch.Tensor:

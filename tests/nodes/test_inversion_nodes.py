@@ -112,13 +112,12 @@ def test_bad_inputs(tiny_model, photos):
         node.train(model, clip, vae, photos, "face", 2, "none", "a photo", 1, 0.005, 0, False, "x")
 
 
-def test_precompute_generates_detects_and_says_when_the_model_draws_no_faces(tiny_model, comfy_base):
+def test_precompute_generates_detects_and_says_when_the_model_draws_no_faces(tiny_model, stand_in_models):
     """The precompute loop really samples each name and runs detection on it; the tiny random model draws no
     faces, which must end in the clear error (its success path needs a model that draws faces: not here)."""
     from facecond.nodes.inversion import precompute_celeb_faces
     from facecond_dev import host
 
-    host.install_stand_in_models(comfy_base)
     model, clip, vae = tiny_model
     with torch.inference_mode(), pytest.raises(ValueError, match="no face was detected in any of the 2 generated"):
         precompute_celeb_faces(model, clip, vae, ["Ada Lovelace", "Alan Turing"], "mtcnn",

@@ -5,29 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from facecond.py import crop, detect
 from facecond.py import insightface_pack as ifp
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """2 shared cores: torch's second OpenMP thread spins against other processes (measured 0.02 s -> 0.85 s
-    per 150 px MTCNN pass under load); one thread keeps this module fast. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def mtcnn():
-    import facenet_pytorch
-
-    d = Path(facenet_pytorch.__file__).parent / "data"
-    return detect.MTCNN(d / "pnet.pt", d / "rnet.pt", d / "onet.pt")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from PIL import Image
 from facecond.py import crop, detect, embed, similarity
 from facecond.py import insightface_pack as ifp
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/py/test_detect.py
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

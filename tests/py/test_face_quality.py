@@ -1,33 +1,17 @@
 """FaceChain template-face quality (py/face_quality.py): exact terms on hand-made landmarks, and a sensible
 ordering on real photos: a frontal sharp face beats the same face blurred, rotated or cut by the frame."""
 
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from facecond.py import crop, detect
+from facecond.py import crop
 from facecond.py import face_quality as fq
 from facecond.py.align import ARCFACE_DST
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: see tests/py/test_detect.py
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def mtcnn():
-    import facenet_pytorch
-
-    d = Path(facenet_pytorch.__file__).parent / "data"
-    return detect.MTCNN(d / "pnet.pt", d / "rnet.pt", d / "onet.pt")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rotate(lm, deg, center=(56.0, 56.0)):
