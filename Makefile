@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV_PY := .host/venv/bin/python
 WORKFLOW ?= example_workflows/face0_single_photo.json
 COMFYUI ?=
+COMFY_PYTHON ?=
 
 .PHONY: host demo test lint bench
 
@@ -13,7 +14,8 @@ host:
 	bash scripts/setup_host.sh
 
 demo: host
-	$(VENV_PY) -P scripts/demo.py --workflow $(WORKFLOW) $(if $(COMFYUI),--comfyui $(COMFYUI))
+	$(VENV_PY) -P scripts/demo.py --workflow $(WORKFLOW) $(if $(COMFYUI),--comfyui $(COMFYUI)) \
+		$(if $(COMFY_PYTHON),--python $(COMFY_PYTHON))
 
 lint: host
 	$(VENV_PY) -P -m ruff check .
