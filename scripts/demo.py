@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with python -P: the script dir is not on the path
 from facecond_dev import host
-from facecond_dev.client import ComfyClient, ui_to_api
+from facecond_dev.client import ComfyClient, PromptRejected, ui_to_api
 
 log = logging.getLogger("facecond.demo")
 DEFAULT_WORKFLOW = host.REPO / "example_workflows" / "face0_single_photo.json"
@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
 
     workflow = Path(args.workflow)
     base = Path(tempfile.mkdtemp(prefix="facecond-demo-"))
+    try:
+        return _run(args, workflow, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _run(args, workflow: Path, base: Path) -> int:
     extra: tuple[str, ...] = ()
     if args.comfyui:
         host.prepare_base(base, host.REPO, "facecond", tiny_checkpoint=False)
@@ -82,10 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         if not args.comfyui:
             stand_in = host.use_stand_ins(prompt, base)
             if stand_in != prompt:
-                log.info("FaceNet VGGFace2 weights are not in place: FaceEmbed uses the stand-in %s",
+                log.info("face models the workflow names are not in place: using the stand-ins (%s)",
                          host.STAND_IN_RECOGNISER)
             prompt = stand_in
-        result = client.run(prompt, timeout=900)
+        try:
+            result = client.run(prompt, timeout=900)
+        except PromptRejected as e:
+            for node_id, info in e.details.get("node_errors", {}).items():
+                for err in info.get("errors", []):
+                    log.error("demo: node %s (%s): %s", node_id, info.get("class_type"), err.get("details"))
+            log.error("demo: ComfyUI refused %s: put the files it names into that ComfyUI's models folders "
+                      "(README, 'Weights'), or run without --comfyui to use the stand-ins", workflow.name)
+            return 1
         if result.status != "success":
             err = result.error or {}
             log.error("the workflow failed in %s (node %s): %s", err.get("node_type"), err.get("node_id"),
@@ -96,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         images = client.output_images(result)
         for img in images:
             shutil.copy2(img, out / img.name)
-    shutil.rmtree(base, ignore_errors=True)
     log.info("demo: %d image(s) from %s written to %s", len(images), workflow.name, out)
     print(out)
     return 0
