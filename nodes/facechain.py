@@ -20,7 +20,7 @@ import comfy.utils
 import numpy as np
 import torch
 
-from ..py import face_quality, fusion, ranking
+from ..py import align, face_quality, fusion, ranking
 from ..py.face_types import FaceEmbeds, Faces
 from .faces import image_to_numpy
 
@@ -236,7 +236,7 @@ class FacecondFaceFusion:
         rows = [r for r in range(len(faces)) if _real(faces, r)]
         out, alpha_all = imgs.copy(), np.zeros((b, h, w), np.float32)
         crop_mask = fusion.ellipse_mask(context, resolution, feather) if mask_shape == "ellipse" else \
-            fusion.square_mask(resolution, feather)
+            align.square_mask(resolution, feather)
         pbar = comfy.utils.ProgressBar(max(1, len(rows) * steps))
         lines = []
         for done, r in enumerate(rows):

@@ -129,6 +129,19 @@ def transform_points(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return (pts @ m[:, :2].T + m[:, 2]).astype(np.float32)
 
 
+def square_mask(size: int, feather: float) -> np.ndarray:
+    """(size, size) alpha of a whole crop with a soft edge; feather: edge width as a fraction of the side
+    (0: hard edge). Values under 1e-3 are exactly 0, so pixels outside the soft edge stay untouched."""
+    mask = np.ones((size, size), np.float32)
+    k = round(feather * size)
+    if k > 0:
+        mask = np.zeros((size, size), np.float32)
+        mask[k:-k, k:-k] = 1.0
+        mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=k / 2.0)
+        mask[mask < 1e-3] = 0.0
+    return mask
+
+
 def paste_back(image: np.ndarray, crop: np.ndarray, m: np.ndarray, feather: float = 0.1) -> np.ndarray:
     """Paste an (edited) crop back into its source image through the inverse of M.
 
@@ -138,13 +151,7 @@ def paste_back(image: np.ndarray, crop: np.ndarray, m: np.ndarray, feather: floa
     size = crop.shape[0]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     back = cv2.warpAffine(np.ascontiguousarray(crop, np.float32), np.asarray(m, np.float64), (w, h), flags=flags)
-    alpha = np.ones((size, size), np.float32)
-    k = round(feather * size)
-    if k > 0:
-        alpha = np.zeros((size, size), np.float32)
-        alpha[k:-k, k:-k] = 1.0
-        alpha = cv2.GaussianBlur(alpha, (0, 0), sigmaX=k / 2.0)
-    alpha = cv2.warpAffine(alpha, np.asarray(m, np.float64), (w, h), flags=flags)
+    alpha = cv2.warpAffine(square_mask(size, feather), np.asarray(m, np.float64), (w, h), flags=flags)
     back = back.reshape(h, w, -1)
     return image * (1.0 - alpha[..., None]) + back * alpha[..., None]
 

@@ -64,18 +64,6 @@ def ellipse_mask(context: float, size: int, feather: float, scale: float = 1.0) 
     return mask
 
 
-def square_mask(size: int, feather: float) -> np.ndarray:
-    """(size, size) soft square (the whole crop; feather as a fraction of the side), as align.paste_back."""
-    mask = np.ones((size, size), np.float32)
-    k = round(feather * size)
-    if k > 0:
-        mask = np.zeros((size, size), np.float32)
-        mask[k:-k, k:-k] = 1.0
-        mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=k / 2.0)
-        mask[mask < 1e-3] = 0.0
-    return mask
-
-
 def cut(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
     """The working crop through M (outside the image: black, as every crop of the pack)."""
     return warp_crop(image, m, size)
