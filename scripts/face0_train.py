@@ -35,21 +35,6 @@ from facecond_dev import host
 log = logging.getLogger("facecond.face0_train")
 
 
-def import_comfy_on(device: torch.device, comfy_root=None) -> None:
-    """``host.import_comfy`` but on this process's accelerator device (CPU only when training on the CPU)."""
-    root = str(host.comfy_dir(comfy_root))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = device.type == "cpu"
-    comfy.cli_args.args.base_directory = tempfile.mkdtemp(prefix="facecond-train-")
-    import folder_paths  # noqa: F401
-    import utils.extra_config  # noqa: F401
-
-    import nodes  # noqa: F401
-
-
 def load_checkpoint(path: str):
     """(ModelPatcher, CLIP, VAE, base_model name) with the U-Net in float32 (master weights; autocast does the
     mixed precision); SystemExit with a clear message for a file that is not a supported SD checkpoint."""
@@ -110,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     acc = Accelerator(mixed_precision=args.mixed_precision, log_with="tensorboard", project_dir=args.out)
     logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    import_comfy_on(acc.device, args.comfyui)
+    # ComfyUI on this process's accelerator device (the CPU only when training on the CPU)
+    host.import_comfy(Path(tempfile.mkdtemp(prefix="facecond-train-")), args.comfyui, cpu=acc.device.type == "cpu")
     host.load_pack(host.REPO, "facecond")
     from facecond.py import face0_train as ft
     from facecond.py.projection import ProjectionInfo, load_projection, random_projection

@@ -40,26 +40,15 @@ def common_args(ap: argparse.ArgumentParser) -> None:
 
 
 def import_comfy(comfyui: str, base_dir: str | None, cpu: bool):
-    """Import ComfyUI and the pack in-process (order as scripts/facecond_dev/host.import_comfy); returns the pack."""
-    root = Path(comfyui).resolve()
-    if not (root / "main.py").is_file():
-        raise SystemExit(f"no ComfyUI at {root} (pass --comfyui PATH)")
-    sys.path.insert(0, str(root))
-    sys.argv = sys.argv[:1]  # ComfyUI parses the command line at import
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = cpu
-    if base_dir:
-        comfy.cli_args.args.base_directory = str(Path(base_dir).resolve())
-    import folder_paths  # noqa: F401  (reads base_directory now)
-    import utils.extra_config  # noqa: F401
-
-    import nodes  # noqa: F401
-
+    """Import ComfyUI (``host.import_comfy``) and the pack in-process; returns the pack."""
     sys.path.insert(0, str(REPO / "scripts"))
-    from facecond_dev.host import load_pack
+    from facecond_dev import host
 
-    return load_pack(REPO, "facecond")
+    try:
+        host.import_comfy(Path(base_dir).resolve() if base_dir else None, comfyui, cpu=cpu)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    return host.load_pack(REPO, "facecond")
 
 
 def load_checkpoint(path: str):

@@ -135,8 +135,9 @@ def quick_prompt(workflow: Path, object_info: dict, base: Path, overrides: dict 
     return prompt
 
 
-def import_comfy(base: Path, comfy_root: str | os.PathLike | None = None) -> None:
-    """Import ComfyUI into this process on the CPU with ``base`` as its base directory.
+def import_comfy(base: Path | None, comfy_root: str | os.PathLike | None = None, *, cpu: bool = True) -> None:
+    """Import ComfyUI into this process with ``base`` as its base directory (None: ComfyUI's own folders),
+    on the CPU unless ``cpu=False`` (then on the device ComfyUI picks).
 
     Order matters (HOST.md): cli args before ``comfy.model_management``; ``utils.extra_config`` before
     ``nodes`` (nodes.py puts comfy/ on sys.path, whose utils.py would shadow the top-level package).
@@ -146,8 +147,9 @@ def import_comfy(base: Path, comfy_root: str | os.PathLike | None = None) -> Non
         sys.path.insert(0, root)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.base_directory = str(base)
+    comfy.cli_args.args.cpu = cpu
+    if base is not None:
+        comfy.cli_args.args.base_directory = str(base)
     import folder_paths  # noqa: F401  (reads base_directory now)
     import utils.extra_config  # noqa: F401
 
