@@ -43,10 +43,10 @@ def main() -> None:
     from facecond.nodes.celebbasis import basis_for
     from facecond.nodes.pseudo_words import text_encoder
     from facecond.nodes.training import encode_images, encode_with, model_denoiser, template_tokens
-    from facecond.py import celeb_basis as cb
-    from facecond.py.celeb_coeffs import new_mlp
-    from facecond.py.inversion import TIVectors, init_vectors
-    from facecond.py.train_core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
+    from facecond.py.celebbasis import basis as cb
+    from facecond.py.celebbasis.coeffs import new_mlp
+    from facecond.py.celebbasis.inversion import TIVectors, init_vectors
+    from facecond.py.train.core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
 
     torch.set_num_threads(args.threads)
     model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(host.EXAMPLE_CKPT)[:3]

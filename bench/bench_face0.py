@@ -39,8 +39,8 @@ def main() -> None:
 
     import nodes
     from facecond.nodes.face0 import ProjectToContext, ThreeWayCFGSampler
-    from facecond.py.face_types import FaceEmbeds
-    from facecond.py.projection import ProjectionInfo, face_tokens, override_tokens, random_projection
+    from facecond.py.face0.projection import ProjectionInfo, face_tokens, override_tokens, random_projection
+    from facecond.py.faces.types import FaceEmbeds
 
     proj = random_projection(ProjectionInfo(embedder="bench", embed_dim=512), seed=0)
     fe = FaceEmbeds(torch.nn.functional.normalize(torch.randn(args.batch, 512), dim=-1), "bench", True,

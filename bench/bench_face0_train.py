@@ -36,10 +36,11 @@ def main() -> None:
     host.load_pack(host.REPO, "facecond")
     import comfy.sd
 
-    from facecond.py import detect, embed, weights
-    from facecond.py import face0_data as fd
-    from facecond.py import face0_train as ft
-    from facecond.py.projection import ProjectionInfo, random_projection
+    from facecond.py.face0.projection import ProjectionInfo, random_projection
+    from facecond.py.faces import detect, embed
+    from facecond.py.train import face0_data as fd
+    from facecond.py.train import face0_train as ft
+    from facecond.py.weights import manifest as weights
 
     ckpt = str(host._tiny_checkpoint())
     b = 2

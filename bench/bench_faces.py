@@ -41,7 +41,7 @@ def main() -> None:
     from PIL import Image
 
     from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
-    from facecond.py.align import arcface_affine, warp_crop
+    from facecond.py.faces.align import arcface_affine, warp_crop
 
     photos = sorted((data / "faces/johns").glob("*/*.jpg"))[:32]
     imgs = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) / 255 for p in photos]))

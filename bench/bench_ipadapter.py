@@ -42,8 +42,8 @@ def main() -> None:
 
     import nodes
     from facecond.nodes.ipadapter import ApplyIPAdapter, cross_attention_layers
-    from facecond.py import aggregate as agg
-    from facecond.py import ipadapter as ipa
+    from facecond.py.ipadapter import adapter as ipa
+    from facecond.py.ipadapter import aggregate as agg
 
     layers = cross_attention_layers(model)
     adapter = ipa.from_state_dict(ipa.random_state_dict("faceid", 512, [d for _, d, _ in layers], layers[0][2]), "b")

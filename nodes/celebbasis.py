@@ -1,7 +1,7 @@
 """Celeb Basis nodes (Yuan et al. 2023): a face as a pseudo-word in the loaded model's own celebrity-name space.
 
-The maths is in ``py/celeb_basis.py`` (basis), ``py/celeb_coeffs.py`` (MLP, files), ``py/train_core.py`` and
-``py/augment.py`` (training). These classes check inputs, call it and wrap results.
+The maths is in ``py/celebbasis/basis.py`` (basis), ``py/celebbasis/coeffs.py`` (MLP, files), ``py/train/core.py`` and
+``py/train/augment.py`` (training). These classes check inputs, call it and wrap results.
 
 A pseudo-word enters a cloned CLIP through ``nodes/pseudo_words.py``; the trainer's ComfyUI-side helpers
 are in ``nodes/training.py``. Several identities: chain the node with different words.
@@ -21,9 +21,8 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..py import celeb_basis as cb
-from ..py.augment import augment as augment_images
-from ..py.celeb_coeffs import (
+from ..py.celebbasis import basis as cb
+from ..py.celebbasis.coeffs import (
     BasisFacts,
     CelebCoeffs,
     CoeffMLP,
@@ -34,8 +33,9 @@ from ..py.celeb_coeffs import (
     save_coeffs,
     save_mlp,
 )
-from ..py.face_types import FaceEmbeds
-from ..py.train_core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
+from ..py.faces.types import FaceEmbeds
+from ..py.train.augment import augment as augment_images
+from ..py.train.core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
 from .pseudo_words import TextEncoder, add_pseudo_word, text_encoder
 from .training import (
     encode_images,

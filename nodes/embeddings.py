@@ -1,7 +1,7 @@
 """Face-embedding nodes: interpolate / average / edit / perturb, random identities, save and load.
 
 Face0 (Valevski et al. 2023, §3.2, §4) steers the face through its embedding; these nodes expose that
-arithmetic (``py/interpolate.py``) and files (``py/embeds_io.py``) on the FACE_EMBEDS socket. Every output
+arithmetic (``py/face0/interpolate.py``) and files (``py/face0/embeds_io.py``) on the FACE_EMBEDS socket. Every output
 keeps the embedder id of its inputs and is re-normalised when the inputs were L2-normalised.
 """
 
@@ -13,9 +13,9 @@ import os
 import folder_paths
 import torch
 
-from ..py.embeds_io import load_embeds, save_embeds
-from ..py.face_types import FaceEmbeds
-from ..py.interpolate import add_noise, direction_edit, fit_prior, lerp, slerp, weighted_mean
+from ..py.face0.embeds_io import load_embeds, save_embeds
+from ..py.face0.interpolate import add_noise, direction_edit, fit_prior, lerp, slerp, weighted_mean
+from ..py.faces.types import FaceEmbeds
 
 log = logging.getLogger("facecond")
 

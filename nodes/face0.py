@@ -1,12 +1,13 @@
 """Face0 nodes (Valevski et al. 2023): load a projection, put a face into the text context, sample with the
-three-way guidance. The maths lives in ``py/projection.py`` and ``py/guidance.py``; these classes check inputs,
-call it and wrap results. The embedding nodes (interpolate, random identity, save/load) are in ``embeddings.py``.
+three-way guidance. The maths lives in ``py/face0/projection.py`` and ``py/face0/guidance.py``; these classes
+check inputs, call it and wrap results. The embedding nodes (interpolate, random identity, save/load) are in
+``embeddings.py``.
 
 Conventions (see ProjectToContext's DESCRIPTION):
 - Face0's unconditional input is *empty text + zero face*, its text-only input *text + zero face*: the
   projection was trained with the projected tokens zeroed 10% of the time, so "no face" means zero tokens.
 - The three-way guider combines ComfyUI's denoised (x0) predictions; the combination is affine with weights
-  summing to 1, hence identical to combining ε (see py/guidance.py).
+  summing to 1, hence identical to combining ε (see py/face0/guidance.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import latent_preview
 import node_helpers
 import torch
 
-from ..py.guidance import branch_weights, combine_conditional
-from ..py.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, override_tokens
+from ..py.face0.guidance import branch_weights, combine_conditional
+from ..py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, override_tokens
 
 log = logging.getLogger("facecond")
 
@@ -172,7 +173,7 @@ class ProjectToContext:
 
 
 class Guider_Face0ThreeWay(comfy.samplers.CFGGuider):
-    """Face0's three-way guidance (py/guidance.py) as a ComfyUI guider.
+    """Face0's three-way guidance (py/face0/guidance.py) as a ComfyUI guider.
 
     Every branch with a non-zero weight is evaluated in one ``calc_cond_batch`` call, in the order
     [positive (d,f), negative (∅), text_only (d), face_only (f)] so that hooks reading ``conds_out[0]``/``[1]``

@@ -2,7 +2,7 @@
 Generated Content", arXiv 2308.14256): preprocessing of the user's photos for a face-LoRA, template-face
 choice by face quality, face fusion of generated images, and similarity ranking against the template.
 
-Thin ComfyUI wrappers over ``py/face_quality.py``, ``py/ranking.py`` and ``py/fusion.py``; faces come from
+Thin ComfyUI wrappers over ``py/facechain/`` (``quality``, ``ranking``, ``fusion``); faces come from
 FaceDetectCrop (FACES), embeddings from FaceEmbed (FACE_EMBEDS). The LoRAs themselves are ComfyUI's own
 (LoraLoader; TrainLoraNode in comfy_extras/nodes_train.py).
 """
@@ -20,8 +20,10 @@ import comfy.utils
 import numpy as np
 import torch
 
-from ..py import align, face_quality, fusion, ranking
-from ..py.face_types import FaceEmbeds, Faces
+from ..py.facechain import fusion, ranking
+from ..py.facechain import quality as face_quality
+from ..py.faces import align
+from ..py.faces.types import FaceEmbeds, Faces
 from .faces import image_to_numpy
 
 log = logging.getLogger("facecond")
@@ -49,8 +51,8 @@ def _real(faces: Faces, row: int) -> bool:
 class FacecondChooseTemplateFace:
     DESCRIPTION = ("FaceChain's template face: among the faces of the user's photos, the one with the best face-"
                    "quality score Q = visibility x (0.15 confidence + 0.15 size + 0.35 frontality + 0.35 "
-                   "sharpness) (formula in py/face_quality.py). Outputs that face, its photo, its aligned crop and "
-                   "every face's score.")
+                   "sharpness) (formula in py/facechain/quality.py). Outputs that face, its photo, its aligned crop "
+                   "and every face's score.")
     CATEGORY = CATEGORY
     FUNCTION = "choose"
     RETURN_TYPES = ("FACES", "IMAGE", "IMAGE", "STRING", "INT")

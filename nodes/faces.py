@@ -1,6 +1,6 @@
 """Faces in, identities out: FaceDetectCrop (IMAGE -> FACES), FaceEmbed (FACES -> FACE_EMBEDS), FaceSimilarity.
 
-Thin wrappers over ``py/crop.py``, ``py/detect.py``, ``py/embed.py`` and ``py/similarity.py``: they check the
+Thin wrappers over ``py/faces/`` (``crop``, ``detect``, ``embed``, ``similarity``): they check the
 inputs, pick the model files (weights manifest, ComfyUI model folders ``facenet`` and ``insightface``),
 and wrap the results. Models are built once per process and cached in ``py/``.
 """
@@ -16,9 +16,10 @@ import folder_paths
 import numpy as np
 import torch
 
-from ..py import crop, detect, draw, embed, similarity, weights
-from ..py import insightface_pack as ifp
-from ..py.face_types import FaceEmbeds, Faces
+from ..py.faces import crop, detect, draw, embed, similarity
+from ..py.faces import onnx_pack as ifp
+from ..py.faces.types import FaceEmbeds, Faces
+from ..py.weights import manifest as weights
 from .model_paths import resolve_weight, verify_user_file
 
 log = logging.getLogger("facecond")

@@ -1,7 +1,7 @@
 """Face textual inversion nodes (Livshits 2023, after Gal et al. 2022): K learned token vectors for a person,
 saved as a standard embedding that ComfyUI's ``embedding:NAME`` prompt syntax loads.
 
-The maths is in ``py/inversion.py``; training reuses ``py/train_core.Trainer`` and the Celeb Basis trainer's
+The maths is in ``py/celebbasis/inversion.py``; training reuses ``py/train/core.Trainer`` and the Celeb Basis trainer's
 differentiable text-encoder forward (``nodes/celebbasis.encode_with``), so both trainers share one core.
 """
 
@@ -16,11 +16,11 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..py import celeb_basis as cb
-from ..py import inversion as inv
-from ..py.augment import augment as augment_images
-from ..py.face_types import FaceEmbeds
-from ..py.train_core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
+from ..py.celebbasis import basis as cb
+from ..py.celebbasis import inversion as inv
+from ..py.faces.types import FaceEmbeds
+from ..py.train.augment import augment as augment_images
+from ..py.train.core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
 from .celebbasis import DEFAULT_TEMPLATES, FOLDER
 from .pseudo_words import text_encoder
 from .training import encode_images, encode_with, model_denoiser, normal_tensor, template_tokens, trainable_clip
@@ -54,7 +54,7 @@ def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, em
     """Generate one image per name with this model, detect (largest face) and embed it; write the cache."""
     import nodes
 
-    from ..py.crop import NoFaceError
+    from ..py.faces.crop import NoFaceError
     from .faces import FacecondFaceDetectCrop, FacecondFaceEmbed
 
     detect, embed = FacecondFaceDetectCrop(), FacecondFaceEmbed()

@@ -1,8 +1,8 @@
 """IP-Adapter with several reference images: load an IP-Adapter, encode references, aggregate them, patch a model.
 
 IP-Adapter: Ye et al. 2023 (arXiv 2308.06721); multi-reference aggregation: Kazistova, Stepanov, Filatov
-(METHODS.md §4). The maths lives in ``py/ipadapter.py`` (projections, decoupled attention, the attn2 patch)
-and ``py/aggregate.py`` (mean / max / norm-mean / trained self-attention); these classes check inputs, call it
+(METHODS.md §4). The maths lives in ``py/ipadapter/adapter.py`` (projections, decoupled attention, the attn2 patch)
+and ``py/ipadapter/aggregate.py`` (mean / max / norm-mean / trained self-attention); these classes check inputs, call it
 and wrap the results. CLIP vision comes from ComfyUI's own CLIPVisionLoader (``comfy.clip_vision.load``).
 
 The patch is ComfyUI's ``set_model_attn2_replace`` on a clone, one per UNet cross-attention, keyed
@@ -19,9 +19,9 @@ import os
 import comfy.ldm.modules.attention as comfy_attention
 import folder_paths
 
-from ..py import aggregate as agg
-from ..py import ipadapter as ipa
-from ..py.face_types import FaceEmbeds
+from ..py.faces.types import FaceEmbeds
+from ..py.ipadapter import adapter as ipa
+from ..py.ipadapter import aggregate as agg
 
 log = logging.getLogger("facecond")
 

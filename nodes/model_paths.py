@@ -11,7 +11,8 @@ import os
 
 import folder_paths
 
-from ..py import fetch, weights
+from ..py.weights import fetch
+from ..py.weights import manifest as weights
 
 log = logging.getLogger("facecond")
 

@@ -3,7 +3,7 @@
 ComfyUI runs nodes under ``torch.inference_mode()`` and its CLIP layers add residuals in place, so a trainer
 needs: a clone whose weights are read through a grad-safe wrapper (``grad_safe``, ``trainable_clip``), tensors
 copied out of inference mode (``normal_tensor``), the model as a ``denoise(x, sigma, context)`` callable for
-``py/train_core.denoising_loss`` (``model_denoiser``), and a differentiable text-encoder forward that takes
+``py/train/core.denoising_loss`` (``model_denoiser``), and a differentiable text-encoder forward that takes
 the learned vectors at a pseudo-word's positions (``template_tokens`` + ``encode_with``).
 """
 

@@ -5,7 +5,7 @@ Useful for headless setups: queue it once per weight to fetch everything a workf
 
 from __future__ import annotations
 
-from ..py import weights
+from ..py.weights import manifest as weights
 from . import model_paths
 
 

@@ -5,7 +5,7 @@ captions next to them, a CSV (or Parquet, needs pyarrow) with columns path,capti
 holding KEY.jpg/png + KEY.txt. Each image: MTCNN (facenet-pytorch weights), largest face of at least
 --min-face px, Face0's crop margins, embedded with --face-model (a FaceNet VGGFace2 state dict: Face0's
 embedder, or an insightface-format ONNX recogniser); the image is stored at --resolution (short side, centre
-crop), optionally with its VAE latent (--checkpoint, a ComfyUI SD checkpoint). Format: py/face0_data.py.
+crop), optionally with its VAE latent (--checkpoint, a ComfyUI SD checkpoint). Format: py/train/face0_data.py.
 
 Resumable: a shard counts as finished when its report ``shard-NNNNNN.json`` exists; re-running skips it.
 Parallel: --workers processes on this machine; --shard-index i --num-shards n splits the shards across
@@ -49,8 +49,9 @@ def _pack():
 def build_face_model(face_model: str, normalize: str, device: str = "cpu"):
     """MTCNN (weights shipped in facenet-pytorch, via the manifest) + the chosen recogniser."""
     _pack()
-    from facecond.py import detect, embed, weights
-    from facecond.py.face0_data import FaceModel
+    from facecond.py.faces import detect, embed
+    from facecond.py.train.face0_data import FaceModel
+    from facecond.py.weights import manifest as weights
 
     paths = []
     for net in ("pnet", "rnet", "onet"):
@@ -98,7 +99,7 @@ def _init_worker(args: dict) -> None:
 
 
 def _run_shard(job: tuple) -> dict:
-    from facecond.py.face0_data import PrepConfig, prepare_shard
+    from facecond.py.train.face0_data import PrepConfig, prepare_shard
 
     items, first, path, cfg = job
     rep = prepare_shard(items, first, path, _STATE["face"], PrepConfig(**cfg), _STATE["latents"])
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resolution % 8:
         ap.error(f"--resolution {args.resolution} must be a multiple of 8 (VAE latents)")
     _pack()
-    from facecond.py import face0_data as fd
+    from facecond.py.train import face0_data as fd
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

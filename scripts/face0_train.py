@@ -3,7 +3,7 @@
 Runs alone or under ``accelerate launch`` (DDP over GPUs, nodes, or CPU processes with gloo). Loads a
 ComfyUI-format SD1.x/SD2.x checkpoint in-process (text encoder and VAE frozen), a fresh or saved projection,
 and trains projection + U-Net (``--mode full``) or projection + LoRA on chosen U-Net blocks (``--mode lora``)
-with the shared ε-denoising loss (py/train_core.py), 10% face dropout, EMA, gradient accumulation, mixed
+with the shared ε-denoising loss (py/train/core.py), 10% face dropout, EMA, gradient accumulation, mixed
 precision (accelerate's), checkpoints every --save-every steps (resume with --resume), TensorBoard logs
 (loss, lr, samples/s) under OUT/logs. Exports (EMA weights by default) into OUT:
 ``face0_projection.safetensors`` (LoadFace0Projection: copy to models/facecond/face0) and
@@ -40,7 +40,7 @@ def load_checkpoint(path: str):
     mixed precision); SystemExit with a clear message for a file that is not a supported SD checkpoint."""
     import comfy.sd
 
-    from facecond.py.face0_train import check_family
+    from facecond.py.train.face0_train import check_family
 
     try:
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, model_options={"dtype": torch.float32})[:4]
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     # ComfyUI on this process's accelerator device (the CPU only when training on the CPU)
     host.import_comfy(Path(tempfile.mkdtemp(prefix="facecond-train-")), args.comfyui, cpu=acc.device.type == "cpu")
     host.load_pack(host.REPO, "facecond")
-    from facecond.py import face0_train as ft
-    from facecond.py.projection import ProjectionInfo, load_projection, random_projection
+    from facecond.py.face0.projection import ProjectionInfo, load_projection, random_projection
+    from facecond.py.train import face0_train as ft
 
     cfg = ft.Face0TrainConfig(steps=args.steps, batch=args.batch, accum=args.accum, lr=args.lr, warmup=args.warmup,
                               weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 def export(args, model, params, ema, patcher, clip, vae, summary) -> None:
     from safetensors.torch import save_file
 
-    from facecond.py.projection import save_projection
+    from facecond.py.face0.projection import save_projection
 
     out = Path(args.out)
     if args.export == "ema":

@@ -1,5 +1,5 @@
 """Train the self-attention reference aggregator of multi-reference IP-Adapter (Kazistova, Stepanov, Filatov;
-METHODS.md §4) on a folder of people, leave-one-out, with the pack's shared training core (py/train_core.py).
+METHODS.md §4) on a folder of people, leave-one-out, with the pack's shared training core (py/train/core.py).
 
 Data: ``DATA/<person>/<image>`` (jpg/png/webp), one subfolder per person; an optional ``<image>.txt`` next to an
 image is its caption (else ``--caption``). People are split train/test 2:1 by person (seeded), as the paper does.
@@ -111,9 +111,9 @@ def build_people(data: Path, names: list[str], model, clip, vae, adapter, *, siz
 def leave_one_out_loss(person: Person, aggregate, adapter, layers, denoise, sigmas, g: torch.Generator,
                        n_refs: int, proj_params=None):
     """One leave-one-out denoising loss for ``person`` (random target, G over the others)."""
-    from facecond.py import ipadapter as ipa
-    from facecond.py.aggregate import fit_count
-    from facecond.py.train_core import denoising_loss, sample_noise, sample_sigmas
+    from facecond.py.ipadapter import adapter as ipa
+    from facecond.py.ipadapter.aggregate import fit_count
+    from facecond.py.train.core import denoising_loss, sample_noise, sample_sigmas
 
     m = person.embeds.shape[0]
     t = int(torch.randint(0, m, (1,), generator=g))
@@ -142,8 +142,8 @@ def train(people_train: list[Person], people_test: list[Person], model, adapter,
     """Train G; returns (aggregator, train losses, {"self-attention": test loss, "mean": test loss}), the test
     losses averaged over ``eval_rounds`` seeded leave-one-out draws per held-out person (the same for both)."""
     from facecond.nodes.ipadapter import cross_attention_layers
-    from facecond.py.aggregate import SelfAttentionAggregator
-    from facecond.py.train_core import TrainConfig, Trainer, step_generator
+    from facecond.py.ipadapter.aggregate import SelfAttentionAggregator
+    from facecond.py.train.core import TrainConfig, Trainer, step_generator
 
     if not people_train:
         raise ValueError("train_aggregator: no training person with at least 2 usable images")
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import nodes
     from facecond.nodes.ipadapter import LoadIPAdapter
-    from facecond.py.aggregate import save_aggregator
+    from facecond.py.ipadapter.aggregate import save_aggregator
 
     model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(args.ckpt)[:3]
     adapter = LoadIPAdapter().load(args.ipadapter)[0]

@@ -84,7 +84,7 @@ def faces_of(photos, detector: str, embedder: str):
     import torch
 
     from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
-    from facecond.py.face_types import FaceEmbeds
+    from facecond.py.faces.types import FaceEmbeds
 
     crops, rows, model_id, normalized = [], [], None, True
     for name, img in photos:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> str:
 
     from facecond.nodes.celebbasis import DEFAULT_TEMPLATES
     from facecond.nodes.inversion import precompute_celeb_faces, train_face_ti
-    from facecond.py import celeb_basis as cb
+    from facecond.py.celebbasis import basis as cb
 
     model, clip, vae = load_checkpoint(args.checkpoint)
     if args.precompute_celeb_faces:

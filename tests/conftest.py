@@ -55,7 +55,8 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def mtcnn():
     """MTCNN with the weights shipped in facenet-pytorch (as the weights manifest resolves them)."""
-    from facecond.py import detect, weights
+    from facecond.py.faces import detect
+    from facecond.py.weights import manifest as weights
 
     return detect.MTCNN(*(weights.package_file(weights.get_entry(f"mtcnn_{n}")) for n in ("pnet", "rnet", "onet")))
 

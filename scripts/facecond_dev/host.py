@@ -84,8 +84,8 @@ def install_stand_in_models(base: Path) -> None:
     proj = base / "models" / "facecond" / "face0" / STAND_IN_PROJECTION
     if not proj.exists():
         load_pack(REPO, "facecond")
-        from facecond.py.projection import ProjectionInfo, random_projection, save_projection
-        from facecond.py.weights import sha256_file
+        from facecond.py.face0.projection import ProjectionInfo, random_projection, save_projection
+        from facecond.py.weights.manifest import sha256_file
 
         recogniser = pack / STAND_IN_RECOGNISER.split("/", 1)[1]
         embedder = f"insightface/{recogniser.name}@{sha256_file(recogniser)[:8]}"  # FaceEmbed's id for it

@@ -14,10 +14,10 @@ import nodes
 from facecond.nodes.celebbasis import CelebBasisCoeffs, LoadCelebCoeffs, SaveCelebCoeffs, TrainCelebBasis, basis_for
 from facecond.nodes.pseudo_words import text_encoder
 from facecond.nodes.training import encode_with, template_tokens
-from facecond.py import celeb_basis as cb
-from facecond.py.celeb_coeffs import BasisFacts, CelebCoeffs, load_mlp
-from facecond.py.face_types import FaceEmbeds
-from facecond.py.train_core import denoising_loss, sample_noise, sample_sigmas, step_generator
+from facecond.py.celebbasis import basis as cb
+from facecond.py.celebbasis.coeffs import BasisFacts, CelebCoeffs, load_mlp
+from facecond.py.faces.types import FaceEmbeds
+from facecond.py.train.core import denoising_loss, sample_noise, sample_sigmas, step_generator
 
 D = 16
 P = 32
@@ -69,7 +69,7 @@ def test_pseudo_word_only_at_its_positions(tiny_model, basis):
 
 def test_saved_coefficients_reproduce_conditioning(tiny_model, basis, tmp_path):
     clip = tiny_model[1]
-    from facecond.py.celeb_coeffs import new_mlp, save_mlp
+    from facecond.py.celebbasis.coeffs import new_mlp, save_mlp
 
     root = folder_paths.get_folder_paths("facecond_celebbasis")[0]
     os.makedirs(root, exist_ok=True)
@@ -152,8 +152,8 @@ def test_trainer_end_to_end(tiny_model, train_inputs, basis):
 def test_training_loss_falls_on_fixed_batch(tiny_model, train_inputs, basis):
     """Gradients reach the MLP through CLIP and the UNet; a few Adam steps on one batch lower its loss."""
     from facecond.nodes.training import encode_images, model_denoiser
-    from facecond.py.celeb_coeffs import new_mlp
-    from facecond.py.train_core import TrainConfig, Trainer
+    from facecond.py.celebbasis.coeffs import new_mlp
+    from facecond.py.train.core import TrainConfig, Trainer
 
     model, clip, vae = tiny_model
     images, fe = train_inputs

@@ -19,8 +19,8 @@ from facecond.nodes.face0 import (
     ThreeWayCFGSampler,
     ThreeWayGuider,
 )
-from facecond.py.face_types import FaceEmbeds
-from facecond.py.projection import ProjectionInfo, random_projection, save_projection
+from facecond.py.face0.projection import ProjectionInfo, random_projection, save_projection
+from facecond.py.faces.types import FaceEmbeds
 
 D = 128
 STEPS = 3

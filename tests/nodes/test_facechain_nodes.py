@@ -16,9 +16,9 @@ from facecond.nodes.facechain import (
     FacecondRankBySimilarity,
 )
 from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
-from facecond.py import crop
-from facecond.py.align import transform_points
-from facecond.py.face_types import Faces
+from facecond.py.faces import crop
+from facecond.py.faces.align import transform_points
+from facecond.py.faces.types import Faces
 
 REC = "testpack/mobilefacenet_128.onnx"
 
@@ -163,7 +163,7 @@ def test_preprocess_turns_faces_upright_and_centres_them(shared_data):
         centre = lm.mean(0)
         assert np.all(np.abs(centre - res / 2) < res * 0.1), centre
     # landmarks of the source faces map to the same place through the region affine
-    from facecond.py.fusion import region_affine
+    from facecond.py.facechain.fusion import region_affine
 
     m = region_affine(faces.affine_arcface[0].numpy(), 2.0, res)
     eyes = transform_points(m, faces.landmarks[0].numpy())[:2]

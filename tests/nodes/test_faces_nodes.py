@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed, FacecondFaceSimilarity
-from facecond.py.face_types import FaceEmbeds, Faces
+from facecond.py.faces.types import FaceEmbeds, Faces
 
 REC = "testpack/mobilefacenet_128.onnx"
 DET = "testpack/det_2.5g.onnx"

@@ -15,9 +15,9 @@ import nodes
 from facecond.nodes.inversion import TrainFaceTI
 from facecond.nodes.pseudo_words import add_pseudo_word, text_encoder
 from facecond.nodes.training import encode_images, encode_with, model_denoiser, template_tokens
-from facecond.py import inversion as inv
-from facecond.py.face_types import FaceEmbeds
-from facecond.py.train_core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas, step_generator
+from facecond.py.celebbasis import inversion as inv
+from facecond.py.faces.types import FaceEmbeds
+from facecond.py.train.core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas, step_generator
 
 
 def _encode(clip, text):

@@ -22,9 +22,9 @@ from facecond.nodes.ipadapter import (
     LoadIPAdapter,
     cross_attention_layers,
 )
-from facecond.py import aggregate as agg
-from facecond.py import ipadapter as ipa
-from facecond.py.face_types import FaceEmbeds
+from facecond.py.faces.types import FaceEmbeds
+from facecond.py.ipadapter import adapter as ipa
+from facecond.py.ipadapter import aggregate as agg
 
 STEPS = 3
 D = 128

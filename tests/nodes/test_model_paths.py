@@ -14,7 +14,7 @@ import pytest
 
 from facecond.nodes import model_paths
 from facecond.nodes.weights_nodes import FacecondFetchWeights
-from facecond.py import weights
+from facecond.py.weights import manifest as weights
 
 EXPECTED = {
     "facenet": "facenet", "insightface": "insightface", "facecond_face0": "facecond/face0",

@@ -1,4 +1,4 @@
-"""Face0 trainer (py/face0_train.py, scripts/face0_train.py) on the tiny checkpoint, CPU, real photos.
+"""Face0 trainer (py/train/face0_train.py, scripts/face0_train.py) on the tiny checkpoint, CPU, real photos.
 
 Runs the CLI in subprocesses (one thread each: the CPU is shared), alone and under ``accelerate launch
 --num_processes 2 --cpu`` (gloo), then loads its exports with ComfyUI's own nodes in-process.
@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from facecond.py import detect, embed, weights
-from facecond.py import face0_data as fd
-from facecond.py.face0_train import check_family
-from facecond.py.face_types import FaceEmbeds
+from facecond.py.faces import detect, embed
+from facecond.py.faces.types import FaceEmbeds
+from facecond.py.train import face0_data as fd
+from facecond.py.train.face0_train import check_family
+from facecond.py.weights import manifest as weights
 from facecond_dev import host
 
 ROOT = Path(__file__).resolve().parents[2]

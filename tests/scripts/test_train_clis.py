@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from facecond.py.celeb_coeffs import load_mlp
+from facecond.py.celebbasis.coeffs import load_mlp
 from facecond_dev import host
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from facecond.py.projection import ProjectionInfo, random_projection, save_projection
+from facecond.py.face0.projection import ProjectionInfo, random_projection, save_projection
 from facecond_dev import host
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from facecond.nodes.ipadapter import cross_attention_layers
-from facecond.py import ipadapter as ipa
+from facecond.py.ipadapter import adapter as ipa
 from facecond_dev import host
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "example_workflows" / "ipadapter_multi_reference.json"

@@ -1,0 +1,151 @@
+"""Celeb Basis (Yuan et al. 2023, "Inserting Anybody in Diffusion Models via Celeb Basis", §3.1).
+
+Celebrity names are tokenised with the model's own tokenizer; the token embeddings of the first two tokens of
+each name (from the *loaded* text encoder's table) form C1 and C2 (m x d each). For k = 1, 2: mean C̄_k and a
+PCA basis B_k (p x d, orthonormal rows). A new identity is the pseudo-word [v̂_1, v̂_2] with
+``v̂_k = C̄_k + α_k B_k`` (α_k: p coefficients), i.e. 2 x p numbers per person.
+
+Rule for p: ``p_eff = min(p, m - 1, d)``. The centred name embeddings span at most m - 1 directions (and the
+space has d), so components beyond that would be arbitrary; with p_eff = m - 1 every listed name is
+reconstructed exactly from its own coefficients. Default p = 512 (the paper's), which a 628-name list allows.
+
+Names with fewer than two tokens are skipped (the paper keeps the first two tokens, k_i = 2).
+Pure torch; the caller passes the embedding table and a ``tokenize(name) -> token ids`` function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("facecond")
+
+NAMES_FILE = Path(__file__).resolve().parents[2] / "data" / "celeb_names.txt"
+DEFAULT_P = 512
+_CACHE: dict[tuple[str, str, int], CelebBasis] = {}
+_CACHE_SIZE = 4
+
+
+def load_names(path: str | Path | None = None) -> list[str]:
+    """Names from a text file (one per line, ``#`` comments), whitespace-normalised, case-insensitive dedup."""
+    path = Path(path) if path else NAMES_FILE
+    if not path.is_file():
+        raise ValueError(f"celebrity name list {path} not found")
+    seen, out = set(), []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name = " ".join(line.split())
+        if not name or name.startswith("#") or name.lower() in seen:
+            continue
+        seen.add(name.lower())
+        out.append(name)
+    return out
+
+
+def names_hash(names: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:16]
+
+
+def table_hash(table: torch.Tensor) -> str:
+    """Short sha256 of a token-embedding table (its float32 bytes): identifies the text encoder's vocabulary."""
+    data = table.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def effective_p(p: int, m: int, d: int) -> int:
+    if m < 2:
+        raise ValueError(f"Celeb basis: need at least 2 usable names, got {m}")
+    return max(1, min(int(p), m - 1, d))
+
+
+@dataclass(frozen=True)
+class CelebBasis:
+    mean: torch.Tensor  # (2, d) float32: C̄_1, C̄_2
+    basis: torch.Tensor  # (2, p, d) float32, orthonormal rows per k
+    scale: torch.Tensor  # (2,) float32: mean ||α_k|| of the listed names (the radius the coefficient MLP targets)
+    names: tuple[str, ...]  # names actually used (two tokens or more)
+    table_hash: str
+    names_hash: str  # hash of the full (deduplicated) input list, as stored in MLP / coefficient files
+
+    @property
+    def p(self) -> int:
+        return int(self.basis.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.basis.shape[2])
+
+    @property
+    def basis_id(self) -> str:
+        return f"{self.table_hash}/{self.names_hash}/p{self.p}"
+
+    def embeddings(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """(..., 2, p) coefficients -> (..., 2, d) pseudo-word token embeddings ``C̄_k + α_k B_k``."""
+        if coeffs.shape[-2:] != (2, self.p):
+            raise ValueError(f"Celeb basis: coefficients must end in (2, {self.p}), got {tuple(coeffs.shape)}")
+        b = self.basis.to(coeffs.device, coeffs.dtype)
+        return self.mean.to(coeffs.device, coeffs.dtype) + torch.einsum("...kp,kpd->...kd", coeffs, b)
+
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(..., 2, d) token embeddings -> (..., 2, p) coefficients (least squares: orthonormal basis)."""
+        centred = vectors.float() - self.mean.to(vectors.device)
+        return torch.einsum("...kd,kpd->...kp", centred, self.basis.to(vectors.device))
+
+
+def name_token_pairs(names: Sequence[str], tokenize: Callable[[str], list[int]]) -> tuple[list[str], torch.Tensor]:
+    """(kept names, (m, 2) long): the first two token ids of each name; names with one token are skipped."""
+    kept, ids = [], []
+    for name in names:
+        toks = list(tokenize(name))
+        if len(toks) >= 2:
+            kept.append(name)
+            ids.append(toks[:2])
+    skipped = len(names) - len(kept)
+    if skipped:
+        log.info("[facecond] Celeb basis: %d of %d names have a single token and are skipped", skipped, len(names))
+    return kept, torch.tensor(ids, dtype=torch.long).view(-1, 2)
+
+
+def build_basis(table: torch.Tensor, names: Sequence[str], tokenize: Callable[[str], list[int]],
+                p: int = DEFAULT_P, *, t_hash: str | None = None) -> CelebBasis:
+    """PCA of the first/second name-token embeddings; see the module docstring for the p rule."""
+    if table.ndim != 2:
+        raise ValueError(f"Celeb basis: token-embedding table must be (vocab, d), got {tuple(table.shape)}")
+    kept, ids = name_token_pairs(names, tokenize)
+    if ids.numel() and int(ids.max()) >= table.shape[0]:
+        raise ValueError(f"Celeb basis: token id {int(ids.max())} outside the table of {table.shape[0]} tokens; "
+                         "the tokenizer does not belong to this text encoder")
+    d = table.shape[1]
+    p_eff = effective_p(p, len(kept), d)
+    if p_eff < p:
+        log.info("[facecond] Celeb basis: p=%d capped to %d (%d names, d=%d)", p, p_eff, len(kept), d)
+    t = table.detach().to("cpu", torch.float64)
+    means, bases, scales = [], [], []
+    for k in range(2):
+        c = t[ids[:, k]]  # (m, d)
+        mu = c.mean(0)
+        _, _, vh = torch.linalg.svd(c - mu, full_matrices=False)  # rows of vh: principal directions
+        b = vh[:p_eff]  # (p, d)
+        alpha = (c - mu) @ b.T  # (m, p)
+        means.append(mu)
+        bases.append(b)
+        scales.append(alpha.norm(dim=1).mean())
+    return CelebBasis(mean=torch.stack(means).float(), basis=torch.stack(bases).float(),
+                      scale=torch.stack(scales).float(), names=tuple(kept),
+                      table_hash=t_hash or table_hash(table), names_hash=names_hash(names))
+
+
+def cached_basis(table: torch.Tensor, names: Sequence[str], tokenize: Callable[[str], list[int]],
+                 p: int = DEFAULT_P) -> CelebBasis:
+    """``build_basis`` memoised per (embedding-table hash, names hash, p): one PCA per model and list."""
+    t_hash = table_hash(table)
+    key = (t_hash, names_hash(names), int(p))
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = build_basis(table, names, tokenize, p, t_hash=t_hash)
+    return _CACHE[key]

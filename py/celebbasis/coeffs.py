@@ -1,0 +1,142 @@
+"""Celeb Basis coefficients: the face -> coefficient MLP and the files for MLPs and saved identities.
+
+MLP (Yuan et al. 2023, §3.2): one linear layer from the face embedding f to 2 x p numbers, then L2
+normalisation. Our choice (the paper does not fix the radius): each α_k is normalised to unit length and
+multiplied by the basis' ``scale[k]``, the mean coefficient norm of the listed names, so an output sits where
+real names sit in the basis.
+
+Files (safetensors; metadata are strings):
+- MLP: tensors ``weight`` (2p, D), ``bias`` (2p); metadata ``facecond.kind = "celeb_mlp"``, ``embedder``,
+  ``embed_dim``, ``p``, ``table_hash``, ``names_hash``, ``scale`` (JSON [s1, s2]), ``names`` (JSON list: the
+  list the basis was built from, so the node rebuilds the same basis), ``steps``.
+- Coefficients (a saved identity, 2 x p fp16 = 2 KB for p = 512): tensor ``coeffs`` (2, p) float16;
+  metadata ``facecond.kind = "celeb_coeffs"``, ``p``, ``table_hash``, ``names_hash``, ``word``, ``source``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .basis import CelebBasis
+
+MLP_KIND = "celeb_mlp"
+COEFFS_KIND = "celeb_coeffs"
+
+
+class CoeffMLP(torch.nn.Module):
+    """f (B, D) -> α (B, 2, p): Linear, then per-k L2 normalisation times the basis' name-coefficient radius."""
+
+    def __init__(self, embed_dim: int, p: int, scale: torch.Tensor):
+        super().__init__()
+        self.fc = torch.nn.Linear(embed_dim, 2 * p)
+        self.register_buffer("scale", scale.detach().float().clone().view(2, 1))
+        self.p = p
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        a = self.fc(f.float()).view(-1, 2, self.p)
+        return torch.nn.functional.normalize(a, dim=-1) * self.scale
+
+
+@dataclass(frozen=True)
+class BasisFacts:
+    """What a coefficient (or MLP) file was made for; compared with the basis built from the loaded CLIP."""
+
+    p: int
+    table_hash: str
+    names_hash: str
+    extra: dict = field(default_factory=dict)
+
+    def check(self, basis: CelebBasis, what: str) -> None:
+        if self.p != basis.p:
+            raise ValueError(f"{what} has {self.p}-component coefficients but the basis of this CLIP has p={basis.p}; "
+                             "they were made with another basis size (another name list or p). Use the coefficient "
+                             "MLP / names list they were made with.")
+        if self.names_hash != basis.names_hash:
+            raise ValueError(f"{what} was made with celebrity-name list {self.names_hash}, not {basis.names_hash}; "
+                             "use the same names list.")
+        if self.table_hash != basis.table_hash:
+            raise ValueError(f"{what} was made for a text encoder whose token table hashes to {self.table_hash}, "
+                             f"but this CLIP's is {basis.table_hash} (another model). Load the checkpoint it was "
+                             "made with, or make new coefficients for this one.")
+
+
+def new_mlp(embed_dim: int, basis: CelebBasis, seed: int) -> CoeffMLP:
+    g = torch.Generator().manual_seed(int(seed))
+    mlp = CoeffMLP(embed_dim, basis.p, basis.scale)
+    bound = 1.0 / embed_dim ** 0.5  # nn.Linear's default init, drawn from our seeded generator
+    with torch.no_grad():
+        mlp.fc.weight.uniform_(-bound, bound, generator=g)
+        mlp.fc.bias.uniform_(-bound, bound, generator=g)
+    return mlp
+
+
+def save_mlp(mlp: CoeffMLP, path: str | os.PathLike, basis: CelebBasis, *, embedder: str, names: list[str],
+             steps: int) -> None:
+    meta = {"facecond.kind": MLP_KIND, "embedder": embedder, "embed_dim": str(mlp.fc.in_features),
+            "p": str(mlp.p), "table_hash": basis.table_hash, "names_hash": basis.names_hash,
+            "scale": json.dumps([float(s) for s in mlp.scale.flatten()]), "names": json.dumps(list(names)),
+            "steps": str(int(steps))}
+    save_file({"weight": mlp.fc.weight.detach().cpu().float().contiguous(),
+               "bias": mlp.fc.bias.detach().cpu().float().contiguous()}, str(path), metadata=meta)
+
+
+def _read(path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("facecond.kind") != kind:
+            raise ValueError(f"{os.path.basename(str(path))}: not a facecond {kind} file (facecond.kind="
+                             f"{meta.get('facecond.kind')!r})")
+        return meta, {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_mlp(path: str | os.PathLike) -> tuple[CoeffMLP, dict]:
+    """(MLP, info): info has embedder, embed_dim, names (list), facts (BasisFacts), steps."""
+    meta, t = _read(path, MLP_KIND)
+    p, d = int(meta["p"]), int(meta["embed_dim"])
+    if tuple(t["weight"].shape) != (2 * p, d) or tuple(t["bias"].shape) != (2 * p,):
+        raise ValueError(f"{os.path.basename(str(path))}: weight {tuple(t['weight'].shape)} / bias "
+                         f"{tuple(t['bias'].shape)} do not match p={p}, embed_dim={d}")
+    mlp = CoeffMLP(d, p, torch.tensor(json.loads(meta["scale"])))
+    with torch.no_grad():
+        mlp.fc.weight.copy_(t["weight"].float())
+        mlp.fc.bias.copy_(t["bias"].float())
+    info = {"embedder": meta["embedder"], "embed_dim": d, "names": json.loads(meta["names"]),
+            "facts": BasisFacts(p, meta["table_hash"], meta["names_hash"]), "steps": int(meta.get("steps", 0))}
+    return mlp.eval(), info
+
+
+@dataclass(frozen=True)
+class CelebCoeffs:
+    """The CELEB_COEFFS socket: one identity's 2 x p coefficients and the basis they belong to."""
+
+    coeffs: torch.Tensor  # (2, p) float32 (values are fp16-exact when they come from a file)
+    facts: BasisFacts
+    source: str = ""
+
+
+def save_coeffs(c: CelebCoeffs, path: str | os.PathLike, word: str = "") -> None:
+    meta = {"facecond.kind": COEFFS_KIND, "p": str(c.facts.p), "table_hash": c.facts.table_hash,
+            "names_hash": c.facts.names_hash, "word": word, "source": c.source}
+    save_file({"coeffs": c.coeffs.detach().cpu().to(torch.float16).contiguous()}, str(path), metadata=meta)
+
+
+def load_coeffs(path: str | os.PathLike) -> CelebCoeffs:
+    meta, t = _read(path, COEFFS_KIND)
+    x, p = t.get("coeffs"), int(meta["p"])
+    if x is None or tuple(x.shape) != (2, p):
+        raise ValueError(f"{os.path.basename(str(path))}: 'coeffs' must be (2, {p}), got "
+                         f"{None if x is None else tuple(x.shape)}")
+    return CelebCoeffs(x.float(), BasisFacts(p, meta["table_hash"], meta["names_hash"], {"word": meta.get("word")}),
+                       meta.get("source", ""))
+
+
+def fp16_exact(x: torch.Tensor) -> torch.Tensor:
+    """Round to float16 and back: the values a coefficients file stores, so a saved identity reproduces the
+    node's conditioning bit for bit."""
+    return x.to(torch.float16).float()

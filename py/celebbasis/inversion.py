@@ -1,0 +1,170 @@
+"""Textual inversion for faces (Livshits 2023, "Textual inversion modified for faces"; after Gal et al. 2022,
+"An Image is Worth One Word", arXiv:2208.01618).
+
+K learned token vectors stand for a person. Three initialisations:
+- ``face``: the token embeddings of the phrase "human face" (repeated cyclically to K vectors);
+- ``rand2``: the first two token embeddings of a random (seeded) celebrity name of the pack's list, i.e. two
+  random celebrity-name vectors (K > 2: further names are drawn);
+- ``id``: those of the celebrity whose face is closest (cosine of face-recognition embeddings) to the person's.
+  The celebrities' faces come from images the *loaded* model generates for each name, embedded once and cached
+  per model (``CelebFaces`` files, see below).
+
+Optional log-norm reparameterisation: learn a direction d and a log-norm n, ``v = a^n · d/||d||`` (a = 2 or e),
+which keeps ||v|| near the vocabulary's norms; the gradient is ``∇_n L = ∇_v L · d/||d|| · a^n · ln a``.
+Without it the paper uses l2 regularisation 0.01 (Adam's L2 term in ``train_core.TrainConfig``).
+
+Celebrity-face cache (safetensors in models/facecond/celebbasis): tensor ``embeds`` (m, D) float32 (rows of
+names without a detected face are NaN) and ``found`` (m,) uint8; metadata ``facecond.kind = "celeb_faces"``,
+``model_hash``, ``embedder``, ``names`` (JSON list), ``names_hash``, ``prompt``, ``steps``, ``size``.
+Pure torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .basis import name_token_pairs, names_hash
+
+INIT_MODES = ("face", "rand2", "id")
+REPARAM = {"none": None, "log_norm_2": 2.0, "log_norm_e": math.e}  # option -> base a
+FACE_PHRASE = "human face"
+L2_WEIGHT = 0.01  # the paper's l2 regularisation without reparameterisation
+FACES_KIND = "celeb_faces"
+TI_KIND = "face_ti"
+
+
+class TIVectors:
+    """The trainable vectors: plain ``v`` (K, d), or (``d`` (K, d), ``n`` (K,)) with ``v = a^n · d/||d||``."""
+
+    def __init__(self, init: torch.Tensor, reparam: str = "none"):
+        if reparam not in REPARAM:
+            raise ValueError(f"face TI: reparam must be one of {list(REPARAM)}, got {reparam!r}")
+        if init.ndim != 2:
+            raise ValueError(f"face TI: init vectors must be (K, d), got {tuple(init.shape)}")
+        self.base = REPARAM[reparam]
+        init = init.detach().float().clone()
+        if self.base is None:
+            self.params = {"v": init.requires_grad_(True)}
+        else:
+            norm = init.norm(dim=-1).clamp_min(1e-8)
+            self.params = {"d": init.clone().requires_grad_(True),
+                           "n": (torch.log(norm) / math.log(self.base)).requires_grad_(True)}
+
+    def vectors(self) -> torch.Tensor:
+        if self.base is None:
+            return self.params["v"]
+        d, n = self.params["d"], self.params["n"]
+        return torch.pow(self.base, n).unsqueeze(-1) * d / d.norm(dim=-1, keepdim=True)
+
+
+def log_norm_grad(grad_v: torch.Tensor, d: torch.Tensor, n: torch.Tensor, base: float) -> torch.Tensor:
+    """The paper's closed form ``∇_n L = ∇_v L · d/||d|| · a^n · ln a`` (per vector; for the tests)."""
+    return (grad_v * d / d.norm(dim=-1, keepdim=True)).sum(-1) * torch.pow(base, n) * math.log(base)
+
+
+def _cycle(rows: torch.Tensor, k: int) -> torch.Tensor:
+    return rows[torch.arange(k) % rows.shape[0]]
+
+
+def init_vectors(mode: str, table: torch.Tensor, tokenize: Callable[[str], list[int]], k: int, *,
+                 names: Sequence[str] = (), seed: int = 0, celeb_faces: CelebFaces | None = None,
+                 face: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """((K, d) initial vectors, what they are, e.g. "rand2: Tom Hanks") from the text encoder's token table."""
+    if mode not in INIT_MODES:
+        raise ValueError(f"face TI: init must be one of {INIT_MODES}, got {mode!r}")
+    if k < 1:
+        raise ValueError(f"face TI: need at least one vector, got K={k}")
+    t = table.detach().float().cpu()
+    if mode == "face":
+        return _cycle(t[torch.tensor(tokenize(FACE_PHRASE))], k).clone(), f"face: {FACE_PHRASE!r}"
+    kept, ids = name_token_pairs(names, tokenize)
+    if not kept:
+        raise ValueError("face TI: no celebrity name has two tokens; check the names list")
+    if mode == "rand2":
+        g = torch.Generator().manual_seed(int(seed))
+        picks = torch.randperm(len(kept), generator=g)[:math.ceil(k / 2)]
+    else:
+        if celeb_faces is None or face is None:
+            raise ValueError("face TI: init='id' needs the celebrity face cache and the person's face embedding")
+        j = celeb_faces.closest(face, kept)
+        picks = torch.tensor([j])
+    rows = t[ids[picks].flatten()]
+    return _cycle(rows, k).clone(), f"{mode}: " + ", ".join(kept[int(i)] for i in picks)
+
+
+@dataclass(frozen=True)
+class CelebFaces:
+    """Face embeddings of the images a model generates for each celebrity name (the ``id`` init's cache)."""
+
+    embeds: torch.Tensor  # (m, D) float32; NaN rows where no face was found
+    found: torch.Tensor  # (m,) bool
+    names: tuple[str, ...]
+    model_hash: str
+    embedder: str
+    extra: dict
+
+    def closest(self, face: torch.Tensor, candidates: Sequence[str]) -> int:
+        """Index into ``candidates`` of the name whose generated face has the highest cosine with ``face`` (D,)."""
+        if face.shape[-1] != self.embeds.shape[1]:
+            raise ValueError(f"face TI: the face embedding is {face.shape[-1]}-d but the celebrity faces are "
+                             f"{self.embeds.shape[1]}-d ({self.embedder}); embed with the same model")
+        row = {n: i for i, n in enumerate(self.names)}
+        idx = [row.get(n, -1) for n in candidates]
+        ok = torch.tensor([i >= 0 and bool(self.found[i]) for i in idx])
+        if not ok.any():
+            raise ValueError("face TI: the celebrity face cache has no face for any listed name; precompute it again")
+        e = torch.nn.functional.normalize(self.embeds[[max(i, 0) for i in idx]].nan_to_num(0.0), dim=-1)
+        cos = e @ torch.nn.functional.normalize(face.float().flatten(), dim=0)
+        return int(torch.where(ok, cos, torch.full_like(cos, -2.0)).argmax())
+
+
+def fingerprint(tensors: Sequence[torch.Tensor]) -> str:
+    """Short sha256 over a few weight tensors (float32 bytes): a cheap id of a model's weights."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def faces_file_name(model_hash: str, embedder: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", embedder.split("@", maxsplit=1)[0]).strip("-")[:40]
+    return f"celeb_faces_{model_hash}_{slug}_{hashlib.sha256(embedder.encode()).hexdigest()[:8]}.safetensors"
+
+
+def save_celeb_faces(c: CelebFaces, path: str | os.PathLike) -> None:
+    meta = {"facecond.kind": FACES_KIND, "model_hash": c.model_hash, "embedder": c.embedder,
+            "names": json.dumps(list(c.names)), "names_hash": names_hash(c.names),
+            **{k: str(v) for k, v in c.extra.items()}}
+    save_file({"embeds": c.embeds.detach().float().cpu().contiguous(),
+               "found": c.found.to(torch.uint8).cpu().contiguous()}, str(path), metadata=meta)
+
+
+def load_celeb_faces(path: str | os.PathLike) -> CelebFaces:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("facecond.kind") != FACES_KIND:
+            raise ValueError(f"{os.path.basename(str(path))}: not a facecond celebrity-face cache")
+        embeds, found = f.get_tensor("embeds"), f.get_tensor("found").bool()
+    names = tuple(json.loads(meta["names"]))
+    if embeds.shape[0] != len(names) or found.shape != (len(names),):
+        raise ValueError(f"{os.path.basename(str(path))}: {embeds.shape[0]} embeddings for {len(names)} names")
+    extra = {k: v for k, v in meta.items() if k not in ("facecond.kind", "model_hash", "embedder", "names",
+                                                       "names_hash")}
+    return CelebFaces(embeds.float(), found, names, meta["model_hash"], meta["embedder"], extra)
+
+
+def save_embedding(vectors: torch.Tensor, path: str | os.PathLike, key: str, meta: dict) -> None:
+    """A standard ComfyUI/A1111-style safetensors embedding: ``{key: (K, d)}`` (``sd1_clip.load_embed`` reads
+    the text encoder's key, e.g. ``clip_l``), plus our metadata (``facecond.kind = "face_ti"``)."""
+    save_file({key: vectors.detach().float().cpu().contiguous()}, str(path),
+              metadata={"facecond.kind": TI_KIND, **{k: str(v) for k, v in meta.items()}})

@@ -1,0 +1,55 @@
+"""Face embeddings as files: an identity built once (averaged, edited, or a random character) is saved,
+reused in any workflow and shared.
+
+Format (safetensors): tensor ``embeds`` (N, D) float32; metadata (strings): ``facecond.kind = "face_embeds"``,
+``format_version``, ``model`` (embedder id, ``FaceEmbeds.model``), ``normalized`` (``true``/``false``),
+``dim`` (D), ``count`` (N), ``source`` (free text: where it came from), ``source_index`` (JSON list).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..faces.types import FaceEmbeds
+
+KIND = "face_embeds"
+FORMAT_VERSION = "1"
+
+
+def save_embeds(embeds: FaceEmbeds, path: str | os.PathLike, source: str = "") -> None:
+    if len(embeds) == 0:
+        raise ValueError("save_embeds: nothing to save (0 embeddings)")
+    meta = {"facecond.kind": KIND, "format_version": FORMAT_VERSION, "model": embeds.model,
+            "normalized": "true" if embeds.normalized else "false", "dim": str(embeds.dim),
+            "count": str(len(embeds)), "source": source, "source_index": json.dumps(list(embeds.source_index))}
+    save_file({"embeds": embeds.embeds.detach().to("cpu", torch.float32).contiguous()}, str(path), metadata=meta)
+
+
+def load_embeds(path: str | os.PathLike) -> tuple[FaceEmbeds, dict[str, str]]:
+    """The FaceEmbeds stored in ``path`` and the file's metadata (for ``source``)."""
+    where = f"face embeddings file {os.path.basename(str(path))}"
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("facecond.kind") != KIND:
+            raise ValueError(f"{where}: not a facecond face-embeddings file (metadata facecond.kind="
+                             f"{meta.get('facecond.kind')!r}, expected {KIND!r})")
+        if "embeds" not in f.keys():
+            raise ValueError(f"{where}: no 'embeds' tensor")
+        x = f.get_tensor("embeds").float()
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{where}: 'embeds' must be a non-empty (N, D) tensor, got {tuple(x.shape)}")
+    if "dim" in meta and int(meta["dim"]) != x.shape[1]:
+        raise ValueError(f"{where}: metadata says D={meta['dim']} but the tensor is {tuple(x.shape)}")
+    try:
+        src = tuple(int(i) for i in json.loads(meta.get("source_index", "[]")))
+    except (ValueError, TypeError):
+        src = ()
+    if len(src) != x.shape[0]:
+        src = (-1,) * x.shape[0]
+    return FaceEmbeds(embeds=x, model=meta.get("model", "unknown"), normalized=meta.get("normalized") == "true",
+                      source_index=src), meta

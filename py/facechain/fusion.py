@@ -1,0 +1,95 @@
+"""Face-region geometry for FaceChain's preprocessing and face fusion (Liu et al., arXiv 2308.14256, §3.2-3.3).
+
+Both steps cut a square, upright region around a face at a working resolution and (for fusion) paste an
+edited version back. The region is built on the face's 5-point ArcFace alignment (``align.arcface_affine``,
+the Faces socket's ``affine_arcface``): that similarity transform already turns a tilted or sideways face
+upright (FaceDetectCrop's upright correction finds those) and fixes the face's scale, so
+
+    M = Z o A,   Z: 112-px ArcFace crop -> working crop, zoomed out by ``context`` around the crop centre
+
+``context`` = 1 gives exactly the 112x112 aligned face region; 2 shows about head and shoulders.
+The head mask is a soft ellipse in ArcFace-crop coordinates (no segmentation model: FaceChain uses
+Mask2Former human parsing; an ellipse covers face, forehead and chin, not the hair outline or the neck).
+Images are numpy float32 (H, W, C) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+from ..faces.align import ARCFACE_SIZE, warp_crop
+
+# Head ellipse in ArcFace 112-px crop coordinates: centre and semi-axes (x, y). The template's eyes lie at
+# y = 51.6 and its mouth corners at y = 92.3; the ellipse reaches from above the brows (y = -10) to
+# below the chin (y = 114) and over both cheeks.
+HEAD_CENTER = (56.0, 52.0)
+HEAD_AXES = (50.0, 62.0)
+
+
+def region_affine(affine_arcface: np.ndarray, context: float, size: int) -> np.ndarray:
+    """(2, 3) image -> working-crop matrix: the ArcFace crop zoomed out by ``context``, at ``size`` px."""
+    if context <= 0:
+        raise ValueError(f"region_affine: context must be > 0, got {context}")
+    k = size / (ARCFACE_SIZE * context)
+    c = ARCFACE_SIZE / 2.0
+    z = np.array([[k, 0.0, size / 2.0 - k * c], [0.0, k, size / 2.0 - k * c], [0.0, 0.0, 1.0]])
+    a = np.vstack([np.asarray(affine_arcface, np.float64), [0.0, 0.0, 1.0]])
+    return (z @ a)[:2].astype(np.float32)
+
+
+def ellipse_mask(context: float, size: int, feather: float, scale: float = 1.0) -> np.ndarray:
+    """(size, size) float32 soft head ellipse in a working crop made by ``region_affine(., context, size)``.
+
+    feather: Gaussian blur sigma as a fraction of the ellipse's short semi-axis (0: hard edge); the
+    ellipse is shrunk by that much first, so the blurred edge stays inside the hard one. scale grows it.
+    Exactly zero beyond (hard ellipse + 3 sigma), so pixels outside stay untouched when pasting.
+    """
+    k = size / (ARCFACE_SIZE * context)
+    cx = size / 2.0 + k * (HEAD_CENTER[0] - ARCFACE_SIZE / 2.0)
+    cy = size / 2.0 + k * (HEAD_CENTER[1] - ARCFACE_SIZE / 2.0)
+    ax, ay = k * HEAD_AXES[0] * scale, k * HEAD_AXES[1] * scale
+    sigma = feather * min(ax, ay)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32) + 0.5
+    inner = 1.0 - 1.5 * sigma / max(min(ax, ay), 1e-6)  # pull the edge in by 1.5 sigma
+    r = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2
+    mask = (r <= max(inner, 0.05) ** 2).astype(np.float32)
+    if sigma > 0.3:
+        mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_CONSTANT)
+        mask[mask < 1e-3] = 0.0  # a true zero outside: no drift in untouched pixels
+        mask = np.clip(mask / max(float(mask.max()), 1e-6), 0.0, 1.0)
+        mask[mask > 0.999] = 1.0  # and a true one in the middle
+    return mask
+
+
+def cut(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
+    """The working crop through M (outside the image: black, as every crop of the pack)."""
+    return warp_crop(image, m, size)
+
+
+def paste(image: np.ndarray, crop: np.ndarray, m: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blend an edited crop back through the inverse of M with a crop-space mask; returns (image, alpha).
+
+    Pixels where the warped mask is 0 are returned bit-identical (not merely close): the blend is only
+    evaluated where alpha > 0. Does not modify ``image``.
+    """
+    h, w = image.shape[:2]
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    m64 = np.asarray(m, np.float64)
+    back = cv2.warpAffine(np.ascontiguousarray(crop, np.float32), m64, (w, h), flags=flags).reshape(h, w, -1)
+    alpha = cv2.warpAffine(np.ascontiguousarray(mask, np.float32), m64, (w, h), flags=flags,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    alpha = np.clip(alpha, 0.0, 1.0)
+    out = image.copy()
+    sel = alpha > 0
+    a = alpha[sel][:, None]
+    out[sel] = image[sel] * (1.0 - a) + back[sel] * a
+    return out, alpha
+
+
+def roll_degrees(affine_arcface: np.ndarray) -> float:
+    """How far the aligned crop turned the face (degrees, counter-clockwise in the image)."""
+    m = np.asarray(affine_arcface, np.float64)
+    return math.degrees(math.atan2(m[1, 0], m[0, 0]))

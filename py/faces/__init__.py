@@ -1,0 +1,1 @@
+"""Faces in, identities out: detection (MTCNN, SCRFD), alignment, crops, embeddings, similarity."""

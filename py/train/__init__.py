@@ -1,0 +1,1 @@
+"""Training: the shared denoising-loss core, augmentation, LoRA, and the Face0 data and trainer."""

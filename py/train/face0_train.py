@@ -1,0 +1,215 @@
+"""Face0 training core (Valevski et al. 2023, §3): the projection trained jointly with the U-Net.
+
+Pure torch; the ComfyUI model comes in duck-typed (``base.apply_model(x, sigma, c_crossattn=...)`` returning the
+denoised latent for ε and v models alike, ``base.model_sampling.sigmas``, ``base.diffusion_model``). The CLI
+(scripts/face0_train.py) loads the checkpoint and runs the loop with Hugging Face accelerate.
+
+- Loss: the shared ``train_core.denoising_loss`` (ε-MSE, x_t = x0 + σ·ε over the model's σ table); a
+  v-prediction checkpoint predicts through its own parameterisation (ComfyUI's model_sampling), the loss
+  stays the paper's ε-MSE.
+- Face dropout: 10% of rows get zero tokens through ``projection.face_tokens(..., drop=mask)``, the exact
+  "no face" input the sampler (ProjectToContext) uses. The text is never dropped (paper).
+- Randomness: one generator per (seed, micro-step, rank) from ``train_core.step_generator``, so a resumed run
+  draws what the uninterrupted run drew; data order is a function of (seed, epoch, rank) too.
+- State: one safetensors file (trainable params, EMA, AdamW tensors, JSON metadata); no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..face0.projection import Face0Projection, face_tokens, override_tokens
+from .core import denoising_loss, sample_noise, sample_sigmas, step_generator
+from .face0_data import decode_sample, iter_shard, shard_keys
+from .lora import LoRASet
+
+STATE_FORMAT = "facecond.face0_train_state.v1"
+# ComfyUI model-config class -> the projection's base_model; Face0 needs a 77-token CLIP context without the
+# extra conditionings SDXL-style models take.
+FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2"}
+PREDICTIONS = ("EPS", "V_PREDICTION")
+
+
+def check_family(config_name: str, prediction: str, context_dim: int, where: str = "face0_train") -> str:
+    """The projection's base_model for a checkpoint, or ValueError saying why it cannot be trained here."""
+    if config_name not in FAMILIES:
+        raise ValueError(f"{where}: the checkpoint is a {config_name} model; Face0 training supports SD1.x and "
+                         f"SD2.x checkpoints ({', '.join(FAMILIES)}). Use an SD1.5 or SD2.x checkpoint.")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"{where}: the checkpoint's prediction type is {prediction}; the denoising loss supports "
+                         f"{' and '.join(PREDICTIONS)} models.")
+    return FAMILIES[config_name]
+
+
+@dataclass(frozen=True)
+class Face0TrainConfig:
+    steps: int = 500_000  # paper: 500K steps
+    batch: int = 4  # per process and micro-step; global batch = batch · accum · processes (paper: 256)
+    accum: int = 1  # gradient accumulation micro-steps per optimiser step
+    lr: float = 2e-5  # paper
+    warmup: int = 0  # linear LR warm-up steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    ema_decay: float = 0.9999  # paper; with warm-up min(decay, (1+t)/(10+t)) so short runs move too
+    face_drop: float = 0.1  # paper: projected embedding zeroed 10% of the time
+    mode: str = "full"  # "full": projection + whole U-Net; "lora": projection + LoRA on chosen blocks
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_blocks: tuple[str, ...] = ("input_blocks", "middle_block", "output_blocks")
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("full", "lora"):
+            raise ValueError(f"mode must be 'full' or 'lora', got {self.mode!r}")
+        if self.batch < 1 or self.accum < 1 or self.lr <= 0 or not 0 <= self.face_drop < 1:
+            raise ValueError(f"Face0TrainConfig: need batch, accum >= 1, lr > 0, 0 <= face_drop < 1; got {self}")
+
+
+class Face0Model(nn.Module):
+    """Projection + the ComfyUI diffusion model (+ LoRA): forward = the denoiser with the face in the context."""
+
+    def __init__(self, proj: Face0Projection, base: nn.Module, cfg: Face0TrainConfig):
+        super().__init__()
+        self.proj, self.base = proj.train(), base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.lora = None
+        if cfg.mode == "lora":
+            self.lora = LoRASet(base.diffusion_model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_blocks),
+                                seed=cfg.seed)
+        else:
+            for p in base.diffusion_model.parameters():
+                p.requires_grad_(True)
+        for p in proj.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, x_t, sigma, context, embeds, drop):
+        tokens = face_tokens(self.proj, embeds, drop=drop)  # (B, K, W); dropped rows → zeros
+        ctx = override_tokens(context, tokens)  # the last K tokens of each 77-token chunk
+        return self.base.apply_model(x_t, sigma, c_crossattn=ctx)
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+def micro_generator(seed: int, micro_step: int, rank: int, world: int) -> torch.Generator:
+    return step_generator(seed, micro_step * world + rank)
+
+
+def face0_loss(model, x0, context, embeds, sigmas, gen: torch.Generator, face_drop: float) -> torch.Tensor:
+    """One micro-batch: σ uniform over the table, ε ~ N(0, I), face dropout mask, ε-MSE (train_core)."""
+    b = x0.shape[0]
+    sigma, _ = sample_sigmas(sigmas, b, gen)
+    noise = sample_noise(x0, gen)
+    drop = torch.rand(b, generator=gen) < face_drop  # (B,)
+
+    def denoise(x, s, ctx):
+        return model(x, s, ctx, embeds, drop.to(x.device))
+
+    return denoising_loss(denoise, x0, context, sigma.to(x0.device), noise, prediction="x0")
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (paper: 0.9999), with the usual warm-up."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for n, p in params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, params: dict[str, torch.Tensor]) -> None:
+        for n, p in params.items():
+            p.copy_(self.shadow[n].to(p.dtype))
+
+
+def save_state(path: str, params: dict[str, torch.Tensor], ema: EMA, optimizer: torch.optim.Optimizer,
+               step: int, cfg: Face0TrainConfig, extra: dict) -> None:
+    tensors = {f"param.{n}": p.detach().float().cpu().contiguous() for n, p in params.items()}
+    tensors.update({f"ema.{n}": t.cpu().contiguous() for n, t in ema.shadow.items()})
+    sd = optimizer.state_dict()
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    meta = {"format": STATE_FORMAT, "step": step, "config": asdict(cfg), "param_names": list(params),
+            "param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                             for g in sd["param_groups"]], "extra": extra}
+    save_file(tensors, path, metadata={"facecond_face0_state": json.dumps(meta)})
+
+
+def load_state(path: str, params: dict[str, torch.Tensor], ema: EMA, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore params, EMA and optimizer in place; returns the metadata (``step``, ``extra`` ...)."""
+    with safe_open(path, framework="pt") as f:
+        raw = (f.metadata() or {}).get("facecond_face0_state")
+        if raw is None:
+            raise ValueError(f"{path} is not a Face0 trainer state (no 'facecond_face0_state' metadata)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(raw)
+    if meta["param_names"] != list(params):
+        raise ValueError(f"{path}: state is for other parameters (mode or LoRA blocks changed?): "
+                         f"{len(meta['param_names'])} saved vs {len(params)} now")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
+            ema.shadow[n] = tensors[f"ema.{n}"].to(ema.shadow[n].device)
+    state: dict[int, dict] = {}
+    for k, t in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = t
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return meta
+
+
+def sample_stream(shards: list[str], rank: int, world: int, seed: int, skip: int = 0) -> Iterator[dict]:
+    """Endless decoded samples for one process, a function of (seed, epoch, rank) only; ``skip`` consumed first.
+
+    With at least as many shards as processes each process reads its own shards (every world-th of a seeded
+    permutation per epoch); otherwise every process reads all and keeps every world-th sample. Within a shard
+    the samples are shuffled (seeded). Resume is exact when the number of processes is unchanged.
+    """
+    if not shards:
+        raise ValueError("face0_train: no shards given")
+    by_shard = len(shards) >= world
+    epoch = 0
+    while True:
+        order = sorted(shards)
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        mine = order[rank::world] if by_shard else order
+        count = 0
+        for path in mine:
+            if by_shard and skip >= len(keys := shard_keys(path)):
+                skip -= len(keys)
+                continue
+            groups = list(iter_shard(path))
+            random.Random(f"{seed}/{epoch}/{path}").shuffle(groups)
+            for _, g in groups:
+                count += 1
+                if not by_shard and (count - 1) % world != rank:
+                    continue
+                if skip > 0:
+                    skip -= 1
+                    continue
+                yield decode_sample(g)
+        epoch += 1
+
+
+def collate(samples: list[dict]) -> dict:
+    embeds = torch.stack([s["embedding"].float() for s in samples])  # (B, D)
+    key = "latent" if all("latent" in s for s in samples) else "image"
+    return {"captions": [s["caption"] for s in samples], "embeds": embeds, key: torch.stack([s[key] for s in samples]),
+            "embedder": samples[0]["embedder"]}

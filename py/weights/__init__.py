@@ -1,0 +1,1 @@
+"""The weights manifest: pinned files, verification, safe loading, downloads."""

@@ -1,0 +1,113 @@
+"""py/celebbasis/basis.py and coeffs.py with the real CLIP tokenizer (ComfyUI's sd1_tokenizer) and a seeded
+token table: orthonormal bases, exact reconstruction of a name from its coefficients, the p rule, files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from facecond.py.celebbasis import basis as cb
+from facecond.py.celebbasis.coeffs import BasisFacts, CelebCoeffs, load_coeffs, load_mlp, new_mlp, save_coeffs, save_mlp
+
+D = 96
+
+
+@pytest.fixture(scope="module")
+def tokenize():
+    import comfy.sd1_clip
+
+    path = os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_tokenizer")
+    tok = CLIPTokenizer.from_pretrained(path)
+    return lambda s: tok(s)["input_ids"][1:-1]
+
+
+@pytest.fixture(scope="module")
+def table():
+    return torch.randn(49408, D, generator=torch.Generator().manual_seed(0)) * 0.02
+
+
+def test_names_list_shipped_deduplicated(tmp_path):
+    names = cb.load_names()
+    assert len(names) >= 300 and len({n.lower() for n in names}) == len(names)
+    f = tmp_path / "n.txt"
+    f.write_text("# comment\nAda  Lovelace\nada lovelace\n\nAlan Turing\n")
+    assert cb.load_names(f) == ["Ada Lovelace", "Alan Turing"]
+    with pytest.raises(ValueError, match="not found"):
+        cb.load_names(tmp_path / "missing.txt")
+
+
+def test_basis_orthonormal_and_reconstructs_names(table, tokenize):
+    names = cb.load_names()[:80]
+    basis = cb.build_basis(table, names, tokenize, p=512)
+    m = len(basis.names)
+    assert basis.p == m - 1 and basis.basis.shape == (2, m - 1, D)  # p capped at m - 1
+    for k in range(2):
+        gram = basis.basis[k] @ basis.basis[k].T
+        assert torch.allclose(gram, torch.eye(basis.p), atol=1e-5)
+    _, ids = cb.name_token_pairs(basis.names, tokenize)
+    own = torch.stack([table[ids[:, 0]], table[ids[:, 1]]], dim=1)  # (m, 2, D)
+    coeffs = basis.project(own)
+    assert coeffs.shape == (m, 2, basis.p)  # exactly 2 x p numbers per identity
+    assert torch.allclose(basis.embeddings(coeffs), own, atol=1e-6)
+    assert torch.allclose(coeffs.norm(dim=-1).mean(0), basis.scale, rtol=1e-4)
+
+
+def test_p_rule_and_truncated_reconstruction(table, tokenize):
+    names = cb.load_names()
+    basis = cb.build_basis(table, names, tokenize, p=32)
+    assert basis.p == 32 and cb.effective_p(512, 628, 768) == 512 and cb.effective_p(512, 100, 768) == 99
+    assert cb.effective_p(512, 628, 64) == 64
+    _, ids = cb.name_token_pairs(basis.names, tokenize)
+    own = torch.stack([table[ids[:, 0]], table[ids[:, 1]]], dim=1)
+    rec = basis.embeddings(basis.project(own))
+    # the projection is the least-squares fit: the residual is orthogonal to the basis
+    resid = own - rec
+    assert torch.allclose(torch.einsum("mkd,kpd->mkp", resid, basis.basis), torch.zeros(1), atol=1e-5)
+    with pytest.raises(ValueError, match=r"end in \(2, 32\)"):
+        basis.embeddings(torch.zeros(2, 31))
+
+
+def test_cache_and_hash(table, tokenize):
+    names = cb.load_names()[:40]
+    a = cb.cached_basis(table, names, tokenize, p=8)
+    assert cb.cached_basis(table, names, tokenize, p=8) is a
+    other = table.clone()
+    other[0, 0] += 1
+    assert cb.table_hash(other) != a.table_hash
+    assert a.basis_id == f"{a.table_hash}/{a.names_hash}/p8"
+
+
+def test_paper_list_comparison(table, tokenize, shared_data):
+    """Our list and the paper's span related subspaces of the same table (both are people's names)."""
+    ours = cb.build_basis(table, cb.load_names(), tokenize, p=64)
+    paper = cb.build_basis(table, cb.load_names(shared_data / "names" / "celebbasis_wiki_names_v2.txt"), tokenize, p=64)
+    assert len(paper.names) > 500
+    overlap = torch.linalg.svdvals(ours.basis[0] @ paper.basis[0].T).pow(2).mean().item()
+    assert overlap > 64 / D * 1.05  # random 64-d subspaces of R^96 overlap by 64/96 on average
+
+
+def test_mlp_and_coeff_files(tmp_path, table, tokenize):
+    basis = cb.build_basis(table, cb.load_names()[:40], tokenize, p=16)
+    mlp = new_mlp(12, basis, seed=3)
+    f = torch.randn(5, 12)
+    out = mlp(f)
+    assert out.shape == (5, 2, 16)
+    assert torch.allclose(out.norm(dim=-1), basis.scale.expand(5, 2), rtol=1e-5)
+    save_mlp(mlp, tmp_path / "m.safetensors", basis, embedder="test/e", names=cb.load_names()[:40], steps=7)
+    mlp2, info = load_mlp(tmp_path / "m.safetensors")
+    assert torch.equal(mlp2(f), out) and info["steps"] == 7 and info["embedder"] == "test/e"
+    info["facts"].check(basis, "the MLP")
+    facts = BasisFacts(basis.p, basis.table_hash, basis.names_hash)
+    save_coeffs(CelebCoeffs(out[0], facts), tmp_path / "c.safetensors", word="<a>")
+    assert os.path.getsize(tmp_path / "c.safetensors") < 1024  # 2 x 16 fp16 + header
+    c = load_coeffs(tmp_path / "c.safetensors")
+    assert torch.equal(c.coeffs, out[0].half().float()) and c.facts.extra["word"] == "<a>"
+    with pytest.raises(ValueError, match="p=8"):
+        c.facts.check(cb.build_basis(table, cb.load_names()[:40], tokenize, p=8), "coeffs")
+    with pytest.raises(ValueError, match="another model"):
+        c.facts.check(cb.build_basis(table * 2, cb.load_names()[:40], tokenize, p=16), "coeffs")
+    with pytest.raises(ValueError, match="not a facecond celeb_coeffs"):
+        load_coeffs(tmp_path / "m.safetensors")

@@ -1,0 +1,89 @@
+"""Face0 projection (py/face0/projection.py): architecture, file round trip, zero-face convention, token override."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from facecond.py.face0.projection import (
+    Face0Projection,
+    ProjectionInfo,
+    face_tokens,
+    load_projection,
+    override_tokens,
+    random_projection,
+    save_projection,
+)
+
+
+def _info(**kw):
+    return ProjectionInfo(**{"embedder": "test/embedder", "embed_dim": 128, **kw})
+
+
+def test_architecture_is_four_layers_width_768_relu_after_hidden():
+    proj = Face0Projection(_info())
+    linears = [m for m in proj.mlp if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(128, 768), (768, 768), (768, 768), (768, 3 * 768)]
+    kinds = [type(m).__name__ for m in proj.mlp]
+    assert kinds == ["Linear", "ReLU", "Linear", "ReLU", "Linear", "ReLU", "Linear"]  # no ReLU on the output
+    assert proj(torch.randn(5, 128)).shape == (5, 3, 768)
+
+
+@pytest.mark.parametrize(("base", "width"), [("sd1", 768), ("sd2", 1024), ("sdxl", 2048)])
+def test_save_load_round_trip_reads_shapes_from_file(tmp_path, base, width):
+    info = _info(embed_dim=512, context_dim=width, base_model=base, tokens=4, embed_normalized=True)
+    proj = random_projection(info, seed=3)
+    path = tmp_path / f"p_{base}.safetensors"
+    save_projection(proj, path)
+    loaded = load_projection(path)
+    assert loaded.info == info
+    x = torch.randn(2, 512)
+    assert torch.equal(loaded(x), proj(x))
+    assert loaded(x).shape == (2, 4, width)
+
+
+def test_random_projection_is_seeded_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a, b = random_projection(_info(), seed=7), random_projection(_info(), seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_load_rejects_foreign_and_inconsistent_files(tmp_path):
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"), metadata={"foo": "bar"})
+    with pytest.raises(ValueError, match="not a Face0 projection"):
+        load_projection(tmp_path / "other.safetensors")
+    proj = random_projection(_info())
+    meta = proj.info.to_metadata() | {"embed_dim": "64"}  # metadata lies about D
+    save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(tmp_path / "bad.safetensors"),
+              metadata=meta)
+    with pytest.raises(ValueError, match="do not match its metadata"):
+        load_projection(tmp_path / "bad.safetensors")
+
+
+def test_zero_embedding_gives_zero_tokens_and_drop_mask():
+    proj = random_projection(_info(), seed=1)
+    x = torch.randn(3, 128)
+    x[1] = 0
+    tok = face_tokens(proj, x)
+    assert torch.count_nonzero(tok[1]) == 0  # training-time "no face": projected embedding set to zero
+    assert torch.count_nonzero(proj(torch.zeros(1, 128))) > 0  # (MLP(0) would not be zero)
+    torch.testing.assert_close(tok[[0, 2]], proj(x[[0, 2]]).detach())
+    dropped = face_tokens(proj, x, drop=torch.tensor([True, False, False]))
+    assert torch.count_nonzero(dropped[0]) == 0 and torch.equal(dropped[2], tok[2])
+
+
+def test_override_positions_exact_and_input_untouched():
+    ctx = torch.randn(2, 154, 8)
+    orig = ctx.clone()
+    tok = torch.randn(2, 3, 8)
+    for mode, chunks in (("each", [0, 1]), ("first", [0]), ("last", [1])):
+        out = override_tokens(ctx, tok, mode)
+        assert torch.equal(ctx, orig)
+        expected = ctx.clone()
+        for i in chunks:
+            expected[:, 77 * i + 74:77 * i + 77] = tok  # tokens 75-77 (1-based) of the chunk
+        assert torch.equal(out, expected), mode
+    with pytest.raises(ValueError, match="multiple of 77"):
+        override_tokens(torch.randn(1, 80, 8), torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match="chunks must be"):
+        override_tokens(ctx, tok, "middle")
