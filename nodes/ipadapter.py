@@ -19,16 +19,15 @@ import os
 import comfy.ldm.modules.attention as comfy_attention
 import folder_paths
 
-from ..py.faces.types import FaceEmbeds
 from ..py.ipadapter import adapter as ipa
 from ..py.ipadapter import aggregate as agg
+from .common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds, seed_input
 
 log = logging.getLogger("facecond")
 
 CATEGORY = "facecond/ipadapter"
 IPADAPTER_FOLDER = "ipadapter"  # models/ipadapter, the folder IP-Adapter users already have
 AGGREGATOR_FOLDER = "facecond_aggregators"  # models/facecond/aggregators, registered by nodes/model_paths.py
-IPADAPTER_TYPE, EMBEDS_TYPE = "FACECOND_IPADAPTER", "REF_EMBEDS"
 
 
 def _register_folder() -> None:
@@ -72,7 +71,7 @@ class LoadIPAdapter:
                    "(CLIP hidden states, Resampler) or FaceID (a face-recognition embedding).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
-    RETURN_TYPES = (IPADAPTER_TYPE, "STRING")
+    RETURN_TYPES = (IPADAPTER, "STRING")
     RETURN_NAMES = ("ipadapter", "info")
     OUTPUT_TOOLTIPS = ("The IP-Adapter: image projection and the per-layer image keys/values W'_k, W'_v.",
                        "Variant, input it takes, image tokens and layer count.")
@@ -120,7 +119,7 @@ class IPAdapterEncode:
                    "NaN or zero are skipped and reported, never fatal.")
     CATEGORY = CATEGORY
     FUNCTION = "encode"
-    RETURN_TYPES = (EMBEDS_TYPE, "STRING")
+    RETURN_TYPES = (REF_EMBEDS, "STRING")
     RETURN_NAMES = ("embeds", "report")
     OUTPUT_TOOLTIPS = ("N reference embeddings (for AggregateEmbeds or ApplyIPAdapter).",
                        "References used and skipped.")
@@ -128,14 +127,14 @@ class IPAdapterEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "ipadapter": (IPADAPTER_TYPE, {"tooltip": "From LoadIPAdapter: decides which embedding is made."}),
+            "ipadapter": (IPADAPTER, {"tooltip": "From LoadIPAdapter: decides which embedding is made."}),
             "crop": (["center", "none"], {"default": "center", "tooltip":
                      "CLIP vision only: center crops the square middle of each photo, none squashes it."}),
         }, "optional": {
             "image": ("IMAGE", {"tooltip": "Reference photos (plain / plus IP-Adapters), one per batch entry."}),
             "clip_vision": ("CLIP_VISION", {"tooltip": "ComfyUI's CLIPVisionLoader output (ViT-H for the SD1.5 "
                             "IP-Adapters); needed with image."}),
-            "face_embeds": ("FACE_EMBEDS", {"tooltip": "FaceID IP-Adapters: FaceEmbed output (use FaceDetectCrop "
+            "face_embeds": (FACE_EMBEDS, {"tooltip": "FaceID IP-Adapters: FaceEmbed output (use FaceDetectCrop "
                             "with no_face=skip so faceless photos are dropped, not fatal)."}),
         }}
 
@@ -144,10 +143,12 @@ class IPAdapterEncode:
         v = _check_adapter(node, ipadapter).variant
         notes = []
         if v.input_kind == "face":
-            if not isinstance(face_embeds, FaceEmbeds):
+            if face_embeds is None:
                 raise ValueError(f"{node}: {ipadapter.name} is a FaceID IP-Adapter: connect face_embeds "
                                  "(FaceDetectCrop -> FaceEmbed).")
-            x, model, src = face_embeds.embeds.float(), face_embeds.model, tuple(face_embeds.source_index)
+            x = require_embeds(node, "face_embeds", face_embeds, dim=v.input_dim, against=f"{ipadapter.name} takes",
+                               fix="FaceID: insightface buffalo_l, 512-d", allow_empty=True, finite=False)
+            model, src = face_embeds.model, tuple(face_embeds.source_index)
             missing = sorted(set(range(max(src, default=-1) + 1)) - set(src))
             if missing:
                 notes.append(f"images {missing} had no usable face (skipped by FaceDetectCrop)")
@@ -178,7 +179,7 @@ class AggregateEmbeds:
                    "with the seed). Unusable references are skipped with a report.")
     CATEGORY = CATEGORY
     FUNCTION = "aggregate"
-    RETURN_TYPES = (EMBEDS_TYPE, "STRING")
+    RETURN_TYPES = (REF_EMBEDS, "STRING")
     RETURN_NAMES = ("embeds", "report")
     OUTPUT_TOOLTIPS = ("One aggregated embedding (empty if no reference was usable).",
                        "How many references went in, which were skipped, cut or resampled.")
@@ -186,15 +187,15 @@ class AggregateEmbeds:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "embeds": (EMBEDS_TYPE, {"tooltip": "N reference embeddings from IPAdapterEncode."}),
+            "embeds": (REF_EMBEDS, {"tooltip": "N reference embeddings from IPAdapterEncode."}),
             "method": (list(agg.METHODS), {"default": "mean", "tooltip":
                        "mean / max: average or element-wise max pooling. norm-mean: mean of unit-length rows, "
                        "rescaled to their mean length. self-attention: the trained aggregator below."}),
             "aggregator_name": (["none", *folder_paths.get_filename_list(AGGREGATOR_FOLDER)], {"default": "none",
                                 "tooltip": "Self-attention weights in models/facecond/aggregators (method "
                                 "self-attention only)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip":
-                     "Self-attention with fewer references than it was trained on: seed of the resampling."}),
+            "seed": seed_input("Self-attention with fewer references than it was trained on: seed of the resampling.",
+                               control_after_generate=False),
         }}
 
     def aggregate(self, embeds, method, aggregator_name, seed):
@@ -239,8 +240,8 @@ class ApplyIPAdapter:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD1.5 model (existing patches are kept)."}),
-            "ipadapter": (IPADAPTER_TYPE, {"tooltip": "From LoadIPAdapter."}),
-            "embeds": (EMBEDS_TYPE, {"tooltip": "From IPAdapterEncode or AggregateEmbeds."}),
+            "ipadapter": (IPADAPTER, {"tooltip": "From LoadIPAdapter."}),
+            "embeds": (REF_EMBEDS, {"tooltip": "From IPAdapterEncode or AggregateEmbeds."}),
             "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip":
                        "λ: strength of the image term (0: no effect, 1: as trained)."}),
             "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":

@@ -70,5 +70,5 @@ def test_bad_embedding_width_is_reported_by_name(face0_server):
     result = server.run(prompt)
     assert result.status == "error"
     assert result.error["node_type"] == "FacecondProjectToContext"
-    assert "face_embeds are 128-d" in result.error["exception_message"]
+    assert "input 'face_embeds' holds 128-d embeddings" in result.error["exception_message"]
     assert "takes 512-d embeddings" in result.error["exception_message"]
