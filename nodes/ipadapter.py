@@ -1,9 +1,9 @@
 """IP-Adapter with several reference images: load an IP-Adapter, encode references, aggregate them, patch a model.
 
-IP-Adapter: Ye et al. 2023 (arXiv 2308.06721); multi-reference aggregation: Kazistova, Stepanov, Filatov
-(METHODS.md §4). The maths lives in ``py/ipadapter/adapter.py`` (projections, decoupled attention, the attn2 patch)
-and ``py/ipadapter/aggregate.py`` (mean / max / norm-mean / trained self-attention); these classes check inputs, call it
-and wrap the results. CLIP vision comes from ComfyUI's own CLIPVisionLoader (``comfy.clip_vision.load``).
+IP-Adapter: Ye et al. 2023 (arXiv 2308.06721). The maths lives in ``py/ipadapter/adapter.py`` (projections,
+decoupled attention, the attn2 patch); these classes check inputs, call it and wrap the results. The aggregation
+node (AggregateEmbeds) is in ``ipadapter_aggregate.py``. CLIP vision comes from ComfyUI's own CLIPVisionLoader
+(``comfy.clip_vision.load``).
 
 The patch is ComfyUI's ``set_model_attn2_replace`` on a clone, one per UNet cross-attention, keyed
 (block, number, transformer index): input blocks, then output blocks, then the middle block, which is the
@@ -21,13 +21,12 @@ import folder_paths
 
 from ..py.ipadapter import adapter as ipa
 from ..py.ipadapter import aggregate as agg
-from .common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds, seed_input
+from .common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds
 
 log = logging.getLogger("facecond")
 
 CATEGORY = "facecond/ipadapter"
 IPADAPTER_FOLDER = "ipadapter"  # models/ipadapter, the folder IP-Adapter users already have
-AGGREGATOR_FOLDER = "facecond_aggregators"  # models/facecond/aggregators, registered by nodes/model_paths.py
 
 
 def _register_folder() -> None:
@@ -172,60 +171,6 @@ class IPAdapterEncode:
         return (embeds, report)
 
 
-class AggregateEmbeds:
-    DESCRIPTION = ("Several references of one person -> one embedding (Kazistova et al.): mean, max, norm-mean, or "
-                   "a trained self-attention aggregator (models/facecond/aggregators, trained with "
-                   "scripts/train_aggregator.py on N references: more are cut to the first N, fewer bootstrapped "
-                   "with the seed). Unusable references are skipped with a report.")
-    CATEGORY = CATEGORY
-    FUNCTION = "aggregate"
-    RETURN_TYPES = (REF_EMBEDS, "STRING")
-    RETURN_NAMES = ("embeds", "report")
-    OUTPUT_TOOLTIPS = ("One aggregated embedding (empty if no reference was usable).",
-                       "How many references went in, which were skipped, cut or resampled.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "embeds": (REF_EMBEDS, {"tooltip": "N reference embeddings from IPAdapterEncode."}),
-            "method": (list(agg.METHODS), {"default": "mean", "tooltip":
-                       "mean / max: average or element-wise max pooling. norm-mean: mean of unit-length rows, "
-                       "rescaled to their mean length. self-attention: the trained aggregator below."}),
-            "aggregator_name": (["none", *folder_paths.get_filename_list(AGGREGATOR_FOLDER)], {"default": "none",
-                                "tooltip": "Self-attention weights in models/facecond/aggregators (method "
-                                "self-attention only)."}),
-            "seed": seed_input("Self-attention with fewer references than it was trained on: seed of the resampling.",
-                               control_after_generate=False),
-        }}
-
-    def aggregate(self, embeds, method, aggregator_name, seed):
-        node = "AggregateEmbeds"
-        if not isinstance(embeds, agg.RefEmbeds):
-            raise ValueError(f"{node}: input 'embeds' must come from IPAdapterEncode (got {type(embeds).__name__}).")
-        kept, dropped = agg.usable_rows(embeds.embeds)
-        if dropped:
-            embeds = embeds.select(kept, f"references {[embeds.source_index[i] for i in dropped]} skipped "
-                                   "(NaN or zero embedding)")
-        if len(embeds) == 0:
-            report = "; ".join(["no usable reference: the IP-Adapter will be skipped", *embeds.notes])
-            log.warning("[facecond] %s: %s", node, report)
-            return (embeds, report)
-        aggregator = None
-        if method == "self-attention":
-            if aggregator_name == "none":
-                raise ValueError(f"{node}: method self-attention needs aggregator_name (a file in "
-                                 "models/facecond/aggregators from scripts/train_aggregator.py), or pick mean.")
-            aggregator = agg.load_aggregator(folder_paths.get_full_path_or_raise(AGGREGATOR_FOLDER, aggregator_name))
-        try:
-            x, note = agg.aggregate(embeds.embeds, method, aggregator, seed)
-        except ValueError as e:
-            raise ValueError(f"{node}: {e}. Use an aggregator trained on these embeddings ({embeds.model}).") from None
-        out = agg.RefEmbeds(x, embeds.kind, embeds.model, (-1,), (*embeds.notes, note))
-        report = "; ".join(out.notes)
-        log.info("[facecond] %s: %s", node, report)
-        return (out, report)
-
-
 class ApplyIPAdapter:
     DESCRIPTION = ("Adds the image prompt to every cross-attention of a clone of the model: Z = Attention(Q,K,V) + "
                    "weight·Attention(Q,K',V') (IP-Adapter, Ye et al. 2023), between start_at and end_at, inside "
@@ -295,12 +240,10 @@ class ApplyIPAdapter:
 NODE_CLASS_MAPPINGS = {
     "FacecondLoadIPAdapter": LoadIPAdapter,
     "FacecondIPAdapterEncode": IPAdapterEncode,
-    "FacecondAggregateEmbeds": AggregateEmbeds,
     "FacecondApplyIPAdapter": ApplyIPAdapter,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FacecondLoadIPAdapter": "LoadIPAdapter",
     "FacecondIPAdapterEncode": "IPAdapterEncode",
-    "FacecondAggregateEmbeds": "AggregateEmbeds",
     "FacecondApplyIPAdapter": "ApplyIPAdapter",
 }

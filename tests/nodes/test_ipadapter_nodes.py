@@ -16,12 +16,12 @@ from safetensors.torch import save_file
 
 import nodes
 from facecond.nodes.ipadapter import (
-    AggregateEmbeds,
     ApplyIPAdapter,
     IPAdapterEncode,
     LoadIPAdapter,
     cross_attention_layers,
 )
+from facecond.nodes.ipadapter_aggregate import AggregateEmbeds
 from facecond.py.faces.types import FaceEmbeds
 from facecond.py.ipadapter import adapter as ipa
 from facecond.py.ipadapter import aggregate as agg
