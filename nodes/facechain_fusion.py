@@ -102,7 +102,7 @@ class FacecondFaceFusion:
             m = fusion.region_affine(faces.affine_arcface[r].numpy(), context, resolution)
             crop = fusion.cut(out[i], m, resolution)  # (S, S, 3): later faces see earlier fusions
             with torch.inference_mode():
-                latent = vae.encode(torch.from_numpy(crop)[None])
+                latent = vae.encode(numpy_to_image(crop[None]))
                 latent = comfy.sample.fix_empty_latent_channels(model, latent)
                 noise = comfy.sample.prepare_noise(latent, seed + done)
                 callback = lambda step, x0, x, total, d=done: bar(d * steps + step + 1)  # noqa: E731
