@@ -111,6 +111,15 @@ def _check_adapter(node: str, ipadapter) -> ipa.IPAdapter:
     return ipadapter
 
 
+def drop_unusable(embeds: agg.RefEmbeds) -> agg.RefEmbeds:
+    """``embeds`` without its NaN or all-zero rows; the skipped references are added to its notes."""
+    kept, dropped = agg.usable_rows(embeds.embeds)
+    if not dropped:
+        return embeds
+    skipped = [embeds.source_index[i] for i in dropped]
+    return embeds.select(kept, f"references {skipped} skipped (NaN or zero embedding)")
+
+
 class IPAdapterEncode:
     DESCRIPTION = ("Turns reference photos into the embeddings an IP-Adapter takes, one row per reference: FaceID "
                    "uses face_embeds (FaceEmbed); plain and plus encode image with clip_vision (ComfyUI's "
@@ -163,9 +172,7 @@ class IPAdapterEncode:
                              f"{v.input_dim}-d {v.input_kind}. Use the encoder it was trained with (FaceID: "
                              "insightface buffalo_l 512-d; plain/plus SD1.5: CLIP-ViT-H-14).")
         embeds = agg.RefEmbeds(x.cpu(), v.input_kind, model, src, tuple(notes))
-        kept, dropped = agg.usable_rows(embeds.embeds)
-        if dropped:
-            embeds = embeds.select(kept, f"references {[src[i] for i in dropped]} skipped (NaN or zero embedding)")
+        embeds = drop_unusable(embeds)
         report = "; ".join([f"{len(embeds)} references ({v.input_kind}, {model})", *embeds.notes])
         log.info("[facecond] %s: %s", node, report)
         return (embeds, report)

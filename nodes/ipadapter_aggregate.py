@@ -11,7 +11,7 @@ import folder_paths
 
 from ..py.ipadapter import aggregate as agg
 from .common import REF_EMBEDS, seed_input
-from .ipadapter import CATEGORY
+from .ipadapter import CATEGORY, drop_unusable
 
 log = logging.getLogger("facecond")
 
@@ -48,10 +48,7 @@ class AggregateEmbeds:
         node = "AggregateEmbeds"
         if not isinstance(embeds, agg.RefEmbeds):
             raise ValueError(f"{node}: input 'embeds' must come from IPAdapterEncode (got {type(embeds).__name__}).")
-        kept, dropped = agg.usable_rows(embeds.embeds)
-        if dropped:
-            embeds = embeds.select(kept, f"references {[embeds.source_index[i] for i in dropped]} skipped "
-                                   "(NaN or zero embedding)")
+        embeds = drop_unusable(embeds)
         if len(embeds) == 0:
             report = "; ".join(["no usable reference: the IP-Adapter will be skipped", *embeds.notes])
             log.warning("[facecond] %s: %s", node, report)
