@@ -10,7 +10,6 @@ them. Usage:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import resource
 import sys
@@ -21,18 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from facecond_dev import host  # noqa: E402
-from facecond_dev.bench import best_cpu_time  # noqa: E402
+from facecond_dev.bench import best_cpu_time, parse_args  # noqa: E402
 
 log = logging.getLogger("bench_celebbasis")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=64, help="image side in pixels (latent = size/8)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(__doc__, size=64, repeats=3, threads=1)
     base = Path(tempfile.mkdtemp(prefix="facecond-bench-"))
     host.import_comfy(base)
     host.prepare_base(base, pack_dir=None)

@@ -10,7 +10,6 @@ the least CPU time over ``--repeats`` interleaved runs, with one torch thread by
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -18,38 +17,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from facecond_dev.bench import best_cpu_time, setup  # noqa: E402
+from facecond_dev.bench import best_cpu_time, parse_args, prompt_inputs, setup  # noqa: E402
 
 log = logging.getLogger("bench_face0")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=128, help="image side in pixels (latent = size/8)")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
-    ap.add_argument("--batch", type=int, default=1)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
+    args = parse_args(__doc__, size=128, steps=4, repeats=7, threads=1, batch=1)
     _, (model, clip, _) = setup(args.threads)
 
     import torch
 
     import nodes
-    from facecond.nodes.face0 import ProjectToContext, ThreeWayCFGSampler
+    from facecond.nodes.face0 import ThreeWayCFGSampler
+    from facecond.nodes.face0_projection import ProjectToContext
     from facecond.py.face0.projection import ProjectionInfo, face_tokens, override_tokens, random_projection
     from facecond.py.faces.types import FaceEmbeds
 
     proj = random_projection(ProjectionInfo(embedder="bench", embed_dim=512), seed=0)
     fe = FaceEmbeds(torch.nn.functional.normalize(torch.randn(args.batch, 512), dim=-1), "bench", True,
                     tuple(range(args.batch)))
+    text, empty, latent = prompt_inputs(clip, args.size, args.batch)
     with torch.inference_mode():
-        text = nodes.CLIPTextEncode().encode(clip, "a photo of a person")[0]
-        empty = nodes.CLIPTextEncode().encode(clip, "")[0]
         pos, text_only, face_only, neg = ProjectToContext().project(text, fe, proj, clip, "each", empty)
-        latent = nodes.EmptyLatentImage().generate(args.size, args.size, args.batch)[0]
 
         def ksampler():
             nodes.KSampler().sample(model, 1, args.steps, 7.5, "euler", "normal", pos, neg, latent)

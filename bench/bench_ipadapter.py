@@ -13,7 +13,6 @@ process CPU time, one torch thread by default. Usage:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -21,21 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from facecond_dev.bench import best_cpu_time, setup  # noqa: E402
+from facecond_dev.bench import best_cpu_time, parse_args, prompt_inputs, setup  # noqa: E402
 
 log = logging.getLogger("bench_ipadapter")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=128, help="image side in pixels (latent = size/8)")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
-    ap.add_argument("--batch", type=int, default=1)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
+    args = parse_args(__doc__, size=128, steps=4, repeats=7, threads=1, batch=1)
     _, (model, clip, _) = setup(args.threads)
 
     import torch
@@ -49,10 +40,8 @@ def main() -> None:
     adapter = ipa.from_state_dict(ipa.random_state_dict("faceid", 512, [d for _, d, _ in layers], layers[0][2]), "b")
     embeds = agg.RefEmbeds(torch.nn.functional.normalize(torch.randn(1, 512), dim=-1), "face", "bench", (0,))
 
+    pos, neg, latent = prompt_inputs(clip, args.size, args.batch)
     with torch.inference_mode():
-        pos = nodes.CLIPTextEncode().encode(clip, "a photo of a person")[0]
-        neg = nodes.CLIPTextEncode().encode(clip, "")[0]
-        latent = nodes.EmptyLatentImage().generate(args.size, args.size, args.batch)[0]
         active = ApplyIPAdapter().apply(model, adapter, embeds, 0.8, 0.0, 1.0)[0]
         outside = ApplyIPAdapter().apply(model, adapter, embeds, 0.8, 1.0, 1.0)[0]  # window: sigma = 0 only
 

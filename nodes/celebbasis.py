@@ -1,10 +1,12 @@
-"""Celeb Basis nodes (Yuan et al. 2023): a face as a pseudo-word in the loaded model's own celebrity-name space.
+"""Celeb Basis nodes (Yuan et al. 2023, "Inserting Anybody in Diffusion Models via Celeb Basis", arXiv
+2306.00926): a face as a pseudo-word in the loaded model's own celebrity-name space.
 
 The maths is in ``py/celebbasis/basis.py`` (basis), ``py/celebbasis/coeffs.py`` (MLP, files), ``py/train/core.py`` and
 ``py/train/augment.py`` (training). These classes check inputs, call it and wrap results.
 
 A pseudo-word enters a cloned CLIP through ``nodes/pseudo_words.py``; the trainer's ComfyUI-side helpers
-are in ``nodes/training.py``. Several identities: chain the node with different words.
+are in ``nodes/training.py``, the names lists, MLP and identity files in ``nodes/celebbasis_files.py``.
+Several identities: chain the node with different words.
 """
 
 from __future__ import annotations
@@ -13,29 +15,19 @@ import dataclasses
 import logging
 import os
 import re
-from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.model_sampling
-import comfy.utils
 import folder_paths
 import torch
 
 from ..py.celebbasis import basis as cb
-from ..py.celebbasis.coeffs import (
-    BasisFacts,
-    CelebCoeffs,
-    CoeffMLP,
-    fp16_exact,
-    load_coeffs,
-    load_mlp,
-    new_mlp,
-    save_coeffs,
-    save_mlp,
-)
+from ..py.celebbasis.coeffs import BasisFacts, CelebCoeffs, fp16_exact, new_mlp, save_mlp
 from ..py.faces.types import FaceEmbeds
 from ..py.train.augment import augment as augment_images
 from ..py.train.core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
+from .celebbasis_files import FOLDER, CelebMLP, load_celeb_mlp, mlp_files, names_with_hash
+from .common import CELEB_COEFFS, CELEB_MLP, FACE_EMBEDS, Progress, require_embeds, seed_input, steps_input
 from .pseudo_words import TextEncoder, add_pseudo_word, text_encoder
 from .training import (
     encode_images,
@@ -49,59 +41,18 @@ from .training import (
 log = logging.getLogger("facecond")
 
 CATEGORY = "facecond/celebbasis"
-FOLDER = "facecond_celebbasis"  # models/facecond/celebbasis: coefficient MLPs, names lists, saved identities
 DEFAULT_TEMPLATES = "a photo of {}\na depiction of {}\na close-up photo of {}\na portrait of {}\n{} smiling"
 
 
 # --- basis for a CLIP ----------------------------------------------------------------------------------------
-def _names_files() -> dict[str, str]:
-    files = {"(pack list)": str(cb.NAMES_FILE)}
-    for root in folder_paths.get_folder_paths(FOLDER):
-        if os.path.isdir(root):
-            for f in sorted(os.listdir(root)):
-                if f.endswith(".txt"):
-                    files[f] = os.path.join(root, f)
-    return files
-
-
 def basis_for(clip, names: list[str], p: int, node: str) -> tuple[cb.CelebBasis, TextEncoder]:
     enc = text_encoder(clip, node)
     return cb.cached_basis(enc.table(), names, enc.tokenize, p), enc
 
 
-def names_with_hash(h: str, node: str, what: str) -> list[str]:
-    for path in _names_files().values():
-        names = cb.load_names(path)
-        if cb.names_hash(names) == h:
-            return names
-    raise ValueError(f"{node}: {what} was made with a celebrity-name list (hash {h}) that is neither the pack's list "
-                     f"nor a .txt file in models/facecond/celebbasis. Put the list it was trained with there.")
-
-
-@dataclass(frozen=True)
-class CelebMLP:
-    """The CELEB_MLP socket: a coefficient MLP and what it was trained for."""
-
-    mlp: CoeffMLP
-    embedder: str
-    names: tuple[str, ...]
-    facts: BasisFacts
-
-
-def _mlp_files() -> list[str]:
-    return [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".safetensors")
-            and not f.endswith(".state.safetensors")]
-
-
 def _mean_face(node: str, fe: FaceEmbeds, mlp: CelebMLP) -> torch.Tensor:
-    if not isinstance(fe, FaceEmbeds) or len(fe) == 0:
-        raise ValueError(f"{node}: face_embeds is empty or missing; connect FaceEmbed (a face must be found).")
-    x = fe.embeds.float()
-    if x.shape[1] != mlp.mlp.fc.in_features or mlp.embedder not in ("any", fe.model):
-        raise ValueError(f"{node}: face_embeds come from {fe.model!r} ({x.shape[1]}-d) but the coefficient MLP was "
-                         f"trained on {mlp.embedder!r} ({mlp.mlp.fc.in_features}-d). Embed with that model.")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{node}: face_embeds contain NaN or inf; re-embed the faces.")
+    x = require_embeds(node, "face_embeds", fe, dim=mlp.mlp.fc.in_features, embedder=mlp.embedder,
+                       against="the coefficient MLP takes")
     m = x.mean(0, keepdim=True)  # several photos of one person: their embeddings are averaged
     return torch.nn.functional.normalize(m, dim=-1) if fe.normalized else m
 
@@ -114,7 +65,7 @@ class CelebBasisCoeffs:
                    "several people. SD1.x/SD2.x.")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
-    RETURN_TYPES = ("CLIP", "CELEB_COEFFS")
+    RETURN_TYPES = ("CLIP", CELEB_COEFFS)
     RETURN_NAMES = ("clip", "coefficients")
     OUTPUT_TOOLTIPS = ("A clone of the CLIP that knows the pseudo-word (the input CLIP is unchanged).",
                        "The identity's 2 x p coefficients (save them with SaveCelebCoeffs).")
@@ -125,14 +76,14 @@ class CelebBasisCoeffs:
             "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP (SD1.x / SD2.x). Its token table defines the basis."}),
             "pseudo_word": ("STRING", {"default": "<alice>", "tooltip": "The new word, written <name>; use it in "
                             "prompts exactly like this."}),
-            "mlp_name": (["none", *_mlp_files()], {"default": "none", "tooltip": "Trained coefficient MLP in "
+            "mlp_name": (["none", *mlp_files()], {"default": "none", "tooltip": "Trained coefficient MLP in "
                          "models/facecond/celebbasis (from TrainCelebBasis). Not needed with coefficients."}),
         }, "optional": {
-            "face_embeds": ("FACE_EMBEDS", {"tooltip": "The person's face embedding(s), from FaceEmbed with the "
+            "face_embeds": (FACE_EMBEDS, {"tooltip": "The person's face embedding(s), from FaceEmbed with the "
                             "embedder the MLP was trained on; several photos are averaged."}),
-            "celeb_mlp": ("CELEB_MLP", {"tooltip": "A coefficient MLP straight from TrainCelebBasis (overrides "
+            "celeb_mlp": (CELEB_MLP, {"tooltip": "A coefficient MLP straight from TrainCelebBasis (overrides "
                           "mlp_name)."}),
-            "coefficients": ("CELEB_COEFFS", {"tooltip": "Saved coefficients (LoadCelebCoeffs); when connected, "
+            "coefficients": (CELEB_COEFFS, {"tooltip": "Saved coefficients (LoadCelebCoeffs); when connected, "
                              "face_embeds and the MLP are not used."}),
         }}
 
@@ -161,54 +112,6 @@ class CelebBasisCoeffs:
         return (add_pseudo_word(clip, pseudo_word, vectors, node), c)
 
 
-def load_celeb_mlp(name: str) -> CelebMLP:
-    mlp, info = load_mlp(folder_paths.get_full_path_or_raise(FOLDER, name))
-    return CelebMLP(mlp, info["embedder"], tuple(info["names"]), info["facts"])
-
-
-class SaveCelebCoeffs:
-    DESCRIPTION = "Saves an identity's Celeb Basis coefficients (2 x p fp16, about 2 KB) with its basis facts."
-    CATEGORY = CATEGORY
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("file",)
-    OUTPUT_TOOLTIPS = ("The saved file's name in models/facecond/celebbasis (what LoadCelebCoeffs lists).",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "coefficients": ("CELEB_COEFFS", {"tooltip": "From CelebBasisCoeffs."}),
-            "filename_prefix": ("STRING", {"default": "identities/person", "tooltip": "Name under models/facecond/"
-                                "celebbasis; a counter and .safetensors are added. May contain a subfolder."}),
-        }}
-
-    def save(self, coefficients, filename_prefix):
-        root = folder_paths.get_folder_paths(FOLDER)[0]
-        full_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)
-        os.makedirs(full_dir, exist_ok=True)
-        file = f"{name}_{counter:05}_.safetensors"
-        save_coeffs(coefficients, os.path.join(full_dir, file))
-        return (os.path.join(subfolder, file) if subfolder else file,)
-
-
-class LoadCelebCoeffs:
-    DESCRIPTION = "Loads saved Celeb Basis coefficients (an identity) for CelebBasisCoeffs."
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = ("CELEB_COEFFS",)
-    RETURN_NAMES = ("coefficients",)
-    OUTPUT_TOOLTIPS = ("The identity's coefficients and the basis they belong to.",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"coeffs_name": (_mlp_files(), {"tooltip": "A coefficients file in "
-                                                            "models/facecond/celebbasis (SaveCelebCoeffs)."})}}
-
-    def load(self, coeffs_name):
-        return (load_coeffs(folder_paths.get_full_path_or_raise(FOLDER, coeffs_name)),)
-
-
 def parse_identities(text: str, n: int, node: str) -> list[int]:
     if not text.strip():
         return [0] * n
@@ -228,7 +131,7 @@ class TrainCelebBasis:
     CATEGORY = CATEGORY
     FUNCTION = "train"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("CELEB_MLP", "STRING", "STRING")
+    RETURN_TYPES = (CELEB_MLP, "STRING", "STRING")
     RETURN_NAMES = ("celeb_mlp", "mlp_name", "report")
     OUTPUT_TOOLTIPS = ("The trained MLP (connect to CelebBasisCoeffs).",
                        "The file written to models/facecond/celebbasis.", "Losses and settings.")
@@ -241,18 +144,18 @@ class TrainCelebBasis:
             "vae": ("VAE", {"tooltip": "Encodes the photos to latents."}),
             "images": ("IMAGE", {"tooltip": "Photos of the person/people (face crops work best), one "
                        "per face embedding."}),
-            "face_embeds": ("FACE_EMBEDS", {"tooltip": "One embedding per image (FaceEmbed), row i for image i."}),
+            "face_embeds": (FACE_EMBEDS, {"tooltip": "One embedding per image (FaceEmbed), row i for image i."}),
             "identities": ("STRING", {"default": "", "tooltip": "One label per image ('a,a,b'): images with the same "
                            "label are one person. Empty: all images are one person."}),
             "prompt_templates": ("STRING", {"default": DEFAULT_TEMPLATES, "multiline": True, "tooltip":
                                  "One prompt per line; {} is where the person's pseudo-word goes."}),
-            "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip": "Optimiser steps in total."}),
+            "steps": steps_input("Optimiser steps in total.", default=400, most=100000),
             "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
                               "tooltip": "Adam learning rate."}),
             "p": ("INT", {"default": 512, "min": 1, "max": 4096, "tooltip": "Basis size (principal components per "
                   "token); capped at names - 1 and the token width."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Fixes the MLP init, "
-                     "noise, timesteps, templates and augmentation."}),
+            "seed": seed_input("Fixes the MLP init, noise, timesteps, templates and augmentation.",
+                               control_after_generate=False),
             "augment": ("BOOLEAN", {"default": True, "tooltip": "Colour jitter, random resize and shift."}),
             "save_name": ("STRING", {"default": "celeb_mlp", "tooltip": "File name (without extension) in "
                           "models/facecond/celebbasis; the trainer state goes next to it as .state.safetensors."}),
@@ -310,13 +213,7 @@ class TrainCelebBasis:
         if resume and os.path.isfile(state_path):
             trainer.load(state_path)
             log.info("[facecond] %s: resuming %s at step %d", node, save_name, trainer.step)
-        pbar = comfy.utils.ProgressBar(steps)
-
-        def progress(done, total, loss):
-            pbar.update_absolute(done, total)
-            if done == 1 or done % 10 == 0 or done == total:
-                log.info("[facecond] %s step %d/%d loss %.5f", node, done, total, loss)
-
+        progress = Progress(steps, label=node)
         try:
             trainer.run(loss_fn, progress=progress,
                         check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
@@ -333,13 +230,9 @@ class TrainCelebBasis:
 
 NODE_CLASS_MAPPINGS = {
     "FacecondCelebBasisCoeffs": CelebBasisCoeffs,
-    "FacecondSaveCelebCoeffs": SaveCelebCoeffs,
-    "FacecondLoadCelebCoeffs": LoadCelebCoeffs,
     "FacecondTrainCelebBasis": TrainCelebBasis,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FacecondCelebBasisCoeffs": "CelebBasisCoeffs",
-    "FacecondSaveCelebCoeffs": "SaveCelebCoeffs",
-    "FacecondLoadCelebCoeffs": "LoadCelebCoeffs",
     "FacecondTrainCelebBasis": "TrainCelebBasis",
 }

@@ -16,6 +16,7 @@ import torch
 from ..py.face0.embeds_io import load_embeds, save_embeds
 from ..py.face0.interpolate import add_noise, direction_edit, fit_prior, lerp, slerp, weighted_mean
 from ..py.faces.types import FaceEmbeds
+from .common import FACE_EMBEDS, require_embeds, seed_input
 
 log = logging.getLogger("facecond")
 
@@ -28,21 +29,14 @@ def _files(folder: str) -> list[str]:
     return [f for f in folder_paths.get_filename_list(folder) if f.endswith(".safetensors")]
 
 
-def _check(node: str, name: str, fe: FaceEmbeds | None, required: bool = True) -> None:
+def _check(node: str, name: str, fe: FaceEmbeds | None, like: FaceEmbeds | None = None) -> torch.Tensor:
+    """The rows of input ``name`` (needed by this mode), of the same model as ``like`` when given."""
     if fe is None:
-        if required:
-            raise ValueError(f"{node}: this mode needs the {name} input; connect a FACE_EMBEDS to it.")
-        return
-    if len(fe) == 0:
-        raise ValueError(f"{node}: {name} is empty (0 embeddings). Check that a face was found in every image.")
-    if not torch.isfinite(fe.embeds).all():
-        raise ValueError(f"{node}: {name} contains NaN or inf; re-embed those faces.")
-
-
-def _same_model(node: str, a: FaceEmbeds, name_b: str, b: FaceEmbeds) -> None:
-    if a.model != b.model or a.dim != b.dim:
-        raise ValueError(f"{node}: face_embeds come from {a.model!r} ({a.dim}-d) but {name_b} from {b.model!r} "
-                         f"({b.dim}-d); embeddings of different models cannot be mixed. Embed both with one model.")
+        raise ValueError(f"{node}: this mode needs the {name} input; connect a {FACE_EMBEDS} to it.")
+    if like is None:
+        return require_embeds(node, name, fe)
+    return require_embeds(node, name, fe, dim=like.dim, embedder=like.model, against="face_embeds holds",
+                          fix="embeddings of different models cannot be mixed")
 
 
 def _pairable(node: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +64,7 @@ class EmbeddingInterpolate:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "face_embeds": ("FACE_EMBEDS", {"tooltip": "e (or e0 for lerp/slerp; the photos to average)."}),
+                "face_embeds": (FACE_EMBEDS, {"tooltip": "e (or e0 for lerp/slerp; the photos to average)."}),
                 "mode": (MODES, {"default": "lerp", "tooltip": "lerp/slerp: from face_embeds to face_embeds_b at "
                          "count values of t; weighted_mean: one embedding from all rows; direction: e + "
                          "strength·(direction_to − direction_from); noise_only: just add noise."}),
@@ -88,19 +82,18 @@ class EmbeddingInterpolate:
                                           "tooltip": "Per-dimension standard deviation of Gaussian noise added to "
                                                      "every output (diversity; 0 = none). Unit-norm 512-d "
                                                      "embeddings: 0.01 is a small change."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
-                                 "tooltip": "Seed of the noise (same seed, same noise)."}),
+                "seed": seed_input("Seed of the noise (same seed, same noise)."),
             },
             "optional": {
-                "face_embeds_b": ("FACE_EMBEDS", {"tooltip": "lerp/slerp: the face at t = 1."}),
-                "direction_from": ("FACE_EMBEDS", {"tooltip": "direction: the start of the edit direction "
+                "face_embeds_b": (FACE_EMBEDS, {"tooltip": "lerp/slerp: the face at t = 1."}),
+                "direction_from": (FACE_EMBEDS, {"tooltip": "direction: the start of the edit direction "
                                                    "(e.g. the source face); several rows are averaged."}),
-                "direction_to": ("FACE_EMBEDS", {"tooltip": "direction: the end of the edit direction (e.g. the "
+                "direction_to": (FACE_EMBEDS, {"tooltip": "direction: the end of the edit direction (e.g. the "
                                                  "same face 'with a mustache'); several rows are averaged."}),
             },
         }
 
-    RETURN_TYPES = ("FACE_EMBEDS",)
+    RETURN_TYPES = (FACE_EMBEDS,)
     OUTPUT_TOOLTIPS = ("The new embeddings (same embedder id; re-normalised if the inputs were).",)
     FUNCTION = "interpolate"
     CATEGORY = CATEGORY
@@ -109,24 +102,20 @@ class EmbeddingInterpolate:
     def interpolate(self, face_embeds, mode, t_start, t_end, count, weights, strength, noise_sigma, seed,
                     face_embeds_b=None, direction_from=None, direction_to=None):
         node = "EmbeddingInterpolate"
-        _check(node, "face_embeds", face_embeds)
-        a = face_embeds.embeds.float()
+        a = _check(node, "face_embeds", face_embeds)
         norm = face_embeds.normalized
         if mode in ("lerp", "slerp"):
-            _check(node, "face_embeds_b", face_embeds_b)
-            _same_model(node, face_embeds, "face_embeds_b", face_embeds_b)
-            e0, e1 = _pairable(node, a, "face_embeds_b", face_embeds_b.embeds.float())
+            b = _check(node, "face_embeds_b", face_embeds_b, like=face_embeds)
+            e0, e1 = _pairable(node, a, "face_embeds_b", b)
             norm = norm and face_embeds_b.normalized
             ts = torch.linspace(t_start, t_end, count) if count > 1 else torch.tensor([t_start])
             out = (lerp if mode == "lerp" else slerp)(e0, e1, ts, normalized=norm)
         elif mode == "weighted_mean":
             out = weighted_mean(a, _parse_weights(node, weights, a.shape[0]), normalized=norm)
         elif mode == "direction":
-            for name, fe in (("direction_from", direction_from), ("direction_to", direction_to)):
-                _check(node, name, fe)
-                _same_model(node, face_embeds, name, fe)
-            out = direction_edit(a, direction_from.embeds.float().mean(0, keepdim=True),
-                                 direction_to.embeds.float().mean(0, keepdim=True), strength, normalized=norm)
+            d0, d1 = (_check(node, name, fe, like=face_embeds).mean(0, keepdim=True)
+                      for name, fe in (("direction_from", direction_from), ("direction_to", direction_to)))
+            out = direction_edit(a, d0, d1, strength, normalized=norm)
         elif mode == "noise_only":
             out = a.clone()
         else:
@@ -142,10 +131,9 @@ class RandomIdentity:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "face_embeds": ("FACE_EMBEDS", {"tooltip": "The set the distribution is fitted to (at least 2 "
+                "face_embeds": (FACE_EMBEDS, {"tooltip": "The set the distribution is fitted to (at least 2 "
                                 "faces: a folder of photos, or a shared set loaded with LoadFaceEmbeds)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
-                                 "tooltip": "Same seed, same set: the same characters every time."}),
+                "seed": seed_input("Same seed, same set: the same characters every time."),
                 "count": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Number of identities to draw."}),
                 "components": ("INT", {"default": 1, "min": 1, "max": 32, "tooltip": "Gaussian mixture components "
                                "(1: one Gaussian; Face0 samples from a simple mixture)."}),
@@ -154,7 +142,7 @@ class RandomIdentity:
             },
         }
 
-    RETURN_TYPES = ("FACE_EMBEDS",)
+    RETURN_TYPES = (FACE_EMBEDS,)
     OUTPUT_TOOLTIPS = ("count random identities (source index -1), same embedder id as the set.",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
@@ -163,11 +151,11 @@ class RandomIdentity:
 
     def sample(self, face_embeds, seed, count, components, spread):
         node = "RandomIdentity"
-        _check(node, "face_embeds", face_embeds)
+        x = _check(node, "face_embeds", face_embeds)
         if len(face_embeds) < 2:
             raise ValueError(f"{node}: face_embeds has 1 embedding; a distribution needs at least 2. Embed more "
                              "photos (of different people for varied characters) or load a saved set.")
-        prior = fit_prior(face_embeds.embeds.float(), components=components, seed=0)  # fit is fixed; seed samples
+        prior = fit_prior(x, components=components, seed=0)  # fit is fixed; seed samples
         out = prior.sample(count, seed, spread)
         if face_embeds.normalized:
             out = torch.nn.functional.normalize(out, dim=-1)
@@ -179,7 +167,7 @@ class SaveFaceEmbeds:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "face_embeds": ("FACE_EMBEDS", {"tooltip": "The embeddings to store (an identity or a set)."}),
+                "face_embeds": (FACE_EMBEDS, {"tooltip": "The embeddings to store (an identity or a set)."}),
                 "filename_prefix": ("STRING", {"default": "identity", "tooltip": "File name prefix; a counter "
                                     "and .safetensors are added. May contain a subfolder."}),
                 "destination": (["embeds_folder", "output"], {"default": "embeds_folder", "tooltip": "embeds_folder: "
@@ -222,7 +210,7 @@ class LoadFaceEmbeds:
         return {"required": {"embeds_name": (_files(EMBEDS_FOLDER), {
             "tooltip": "A face-embeddings file in models/facecond/embeds (written by SaveFaceEmbeds)."})}}
 
-    RETURN_TYPES = ("FACE_EMBEDS",)
+    RETURN_TYPES = (FACE_EMBEDS,)
     OUTPUT_TOOLTIPS = ("The stored embeddings with their embedder id and normalisation flag.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY

@@ -1,13 +1,10 @@
-"""Face0 nodes (Valevski et al. 2023): load a projection, put a face into the text context, sample with the
-three-way guidance. The maths lives in ``py/face0/projection.py`` and ``py/face0/guidance.py``; these classes
-check inputs, call it and wrap results. The embedding nodes (interpolate, random identity, save/load) are in
-``embeddings.py``.
+"""Face0 sampling (Valevski et al. 2023, "Face0: Instantaneously Conditioning a Text-to-Image Model on a Face",
+arXiv 2306.06638): the three-way guidance as a guider and as a KSampler-like node. The maths lives in
+``py/face0/guidance.py``; these classes check inputs, call it and wrap results. The projection nodes
+(LoadFace0Projection, ProjectToContext) are in ``face0_projection.py``, the embedding nodes in ``embeddings.py``.
 
-Conventions (see ProjectToContext's DESCRIPTION):
-- Face0's unconditional input is *empty text + zero face*, its text-only input *text + zero face*: the
-  projection was trained with the projected tokens zeroed 10% of the time, so "no face" means zero tokens.
-- The three-way guider combines ComfyUI's denoised (x0) predictions; the combination is affine with weights
-  summing to 1, hence identical to combining ε (see py/face0/guidance.py).
+The three-way guider combines ComfyUI's denoised (x0) predictions; the combination is affine with weights
+summing to 1, hence identical to combining ε (see py/face0/guidance.py).
 """
 
 from __future__ import annotations
@@ -18,158 +15,15 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
-import folder_paths
 import latent_preview
 import node_helpers
-import torch
 
 from ..py.face0.guidance import branch_weights, combine_conditional
-from ..py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, override_tokens
+from .common import denoise_input, sampler_inputs, seed_input, steps_input
 
 log = logging.getLogger("facecond")
 
-PROJECTION_FOLDER = "facecond_face0"  # models/facecond/face0, registered by nodes/model_paths.py
 CATEGORY = "facecond/face0"
-CHUNK_MODES = ["each", "first", "last"]
-
-
-class LoadFace0Projection:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"projection_name": (folder_paths.get_filename_list(PROJECTION_FOLDER), {
-            "tooltip": "Face0 projection (.safetensors) in models/facecond/face0. Its metadata says which face "
-                       "embedder and which base model (context width) it was trained for."})}}
-
-    RETURN_TYPES = ("FACE0_PROJECTION",)
-    RETURN_NAMES = ("projection",)
-    OUTPUT_TOOLTIPS = ("The Face0 projection MLP: face embedding -> K context tokens.",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Loads a Face0 projection (4-layer MLP) from models/facecond/face0."
-
-    def load(self, projection_name):
-        path = folder_paths.get_full_path_or_raise(PROJECTION_FOLDER, projection_name)
-        proj = load_projection(path)
-        log.info("[facecond] loaded Face0 projection %s (%s)", projection_name, proj.info)
-        return (proj,)
-
-
-def _check_embeds(node: str, face_embeds, proj) -> torch.Tensor:
-    """The (N, D) float32 embeddings after the checks every Face0 node needs; ValueError naming the fix."""
-    info = proj.info
-    if len(face_embeds) == 0:
-        raise ValueError(f"{node}: face_embeds is empty (0 embeddings). Check that FaceDetectCrop found a face "
-                         "in every image, or use LoadFaceEmbeds / RandomIdentity.")
-    x = face_embeds.embeds.float()
-    if x.shape[1] != info.embed_dim:
-        raise ValueError(f"{node}: face_embeds are {x.shape[1]}-d (from {face_embeds.model!r}) but the projection "
-                         f"takes {info.embed_dim}-d embeddings from {info.embedder!r}. Embed the faces with the "
-                         "model the projection was trained with, or load a projection trained for this embedder.")
-    if info.embedder not in ("any", face_embeds.model):
-        raise ValueError(f"{node}: face_embeds come from {face_embeds.model!r} but the projection was trained on "
-                         f"{info.embedder!r}. Use that embedder, or a projection trained for {face_embeds.model!r}.")
-    bad = (~torch.isfinite(x)).any(dim=1).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"{node}: face_embeds rows {bad} contain NaN or inf. Re-run FaceEmbed on those images, "
-                         "or lower the noise / extrapolation of EmbeddingInterpolate.")
-    return x
-
-
-def _check_context(node: str, input_name: str, conditioning, proj) -> None:
-    info = proj.info
-    if not conditioning:
-        raise ValueError(f"{node}: {input_name} is an empty conditioning list. Connect a CLIPTextEncode output.")
-    for ctx, _ in conditioning:
-        if ctx.ndim != 3 or ctx.shape[-1] != info.context_dim:
-            raise ValueError(
-                f"{node}: {input_name} has context width {ctx.shape[-1] if ctx.ndim == 3 else tuple(ctx.shape)} but "
-                f"the projection makes {info.context_dim}-wide tokens (base model {info.base_model!r}). Load a "
-                "projection trained for this checkpoint's family (768: SD1.x, 1024: SD2.x, 2048: SDXL).")
-        if ctx.shape[1] % TOKENS_PER_CHUNK:
-            raise ValueError(f"{node}: {input_name} has {ctx.shape[1]} tokens, not a multiple of "
-                             f"{TOKENS_PER_CHUNK}; Face0 needs a CLIP text context (SD1.x, SD2.x, SDXL).")
-
-
-def apply_face_tokens(conditioning, tokens: torch.Tensor | None, k: int, chunks: str, node: str):
-    """A copy of ``conditioning`` whose context ends (per ``chunks``) with ``tokens`` (N, K, W), or zeros if None.
-
-    Batch rule per entry of batch B: B == N pairs row i with embedding i; B == 1 repeats the prompt for the
-    N faces; N == 1 puts the one face into every row; anything else is an error. Other keys (pooled_output,
-    masks, areas, hooks) are kept as they are; a batch-1 pooled output is broadcast by ComfyUI.
-    """
-    out = []
-    for ctx, opts in conditioning:
-        b, _, width = ctx.shape
-        if tokens is None:
-            tok, base = torch.zeros(b, k, width), ctx
-        else:
-            n = tokens.shape[0]
-            if b == n:
-                tok, base = tokens, ctx
-            elif b == 1:
-                tok, base = tokens, ctx.expand(n, -1, -1)
-            elif n == 1:
-                tok, base = tokens.expand(b, -1, -1), ctx
-            else:
-                raise ValueError(f"{node}: {n} face embeddings for a conditioning batch of {b}. Give one face, "
-                                 f"one prompt, or as many faces as prompts.")
-        out.append([override_tokens(base, tok, chunks), opts.copy()])
-    return out
-
-
-class ProjectToContext:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "conditioning": ("CONDITIONING", {"tooltip": "The text prompt (CLIPTextEncode). Its last K tokens "
-                                                  "are replaced by the projected face."}),
-                "face_embeds": ("FACE_EMBEDS", {"tooltip": "N face embeddings: N embeddings and a "
-                                                "one-prompt conditioning give a conditioning batch of N (use a latent "
-                                                "batch of N)."}),
-                "projection": ("FACE0_PROJECTION", {"tooltip": "From LoadFace0Projection."}),
-                "clip": ("CLIP", {"tooltip": "Encodes the empty prompt for face_only and negative (Face0's "
-                                  "unconditional input is empty text + zero face)."}),
-                "chunks": (CHUNK_MODES, {"default": "each", "tooltip": "Prompts over 75 tokens are several 77-token "
-                           "chunks. each: the face ends every chunk (each chunk looks like a training context and "
-                           "the face keeps its share of attention); first / last: only that chunk."}),
-            },
-            "optional": {
-                "empty_conditioning": ("CONDITIONING", {"tooltip": "Optional: use this instead of encoding \"\" "
-                                       "with clip (e.g. an SDXL encode with size settings)."}),
-            },
-        }
-
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("positive", "text_only", "face_only", "negative")
-    OUTPUT_TOOLTIPS = ("text + face: ε(d, f)", "text + zero face: ε(d)", "empty text + face: ε(f)",
-                       "empty text + zero face: the unconditional ε(∅)")
-    FUNCTION = "project"
-    CATEGORY = CATEGORY
-    DESCRIPTION = (
-        "Face0: overrides the last K (=3) tokens of each 77-token chunk of the text context with the projected "
-        "face embedding. A zero embedding (or the text_only / negative outputs) gives zero tokens, the training-"
-        "time 'no face' input. SDXL: needs a 2048-wide projection; the pooled output is left alone. Never edits "
-        "its inputs.")
-
-    def project(self, conditioning, face_embeds, projection, clip, chunks, empty_conditioning=None):
-        node = "ProjectToContext"
-        x = _check_embeds(node, face_embeds, projection)
-        if empty_conditioning is None:
-            if clip is None:
-                raise ValueError(f"{node}: clip is None (the checkpoint has no text encoder); connect "
-                                 "empty_conditioning instead.")
-            empty_conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-        _check_context(node, "conditioning", conditioning, projection)
-        _check_context(node, "empty_conditioning", empty_conditioning, projection)
-        with torch.inference_mode():
-            tokens = face_tokens(projection, x)  # (N, K, W); zero rows → zero tokens
-        k = projection.info.tokens
-        positive = apply_face_tokens(conditioning, tokens, k, chunks, node)
-        text_only = apply_face_tokens(conditioning, None, k, chunks, node)
-        face_only = apply_face_tokens(empty_conditioning, tokens, k, chunks, node)
-        negative = apply_face_tokens(empty_conditioning, None, k, chunks, node)
-        return (positive, text_only, face_only, negative)
 
 
 class Guider_Face0ThreeWay(comfy.samplers.CFGGuider):
@@ -284,19 +138,16 @@ class ThreeWayCFGSampler:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The diffusion model (patches on it are honoured)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
-                                 "tooltip": "Noise seed (same noise as KSampler for the same seed)."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
+                "seed": seed_input("Noise seed (same noise as KSampler for the same seed)."),
+                "steps": steps_input("Denoising steps."),
                 **_guidance_inputs(),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm."}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The noise schedule."}),
+                **sampler_inputs(),
                 "positive": ("CONDITIONING", {"tooltip": _CONDS_TOOLTIPS["positive"]}),
                 "text_only": ("CONDITIONING", {"tooltip": _CONDS_TOOLTIPS["text_only"]}),
                 "face_only": ("CONDITIONING", {"tooltip": _CONDS_TOOLTIPS["face_only"]}),
                 "negative": ("CONDITIONING", {"tooltip": _CONDS_TOOLTIPS["negative"]}),
                 "latent_image": ("LATENT", {"tooltip": "The latent to denoise (batch N for N faces)."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Fraction of the schedule to run (img2img below 1)."}),
+                "denoise": denoise_input("Fraction of the schedule to run (img2img below 1)."),
             },
         }
 
@@ -334,14 +185,10 @@ class ThreeWayCFGSampler:
 
 
 NODE_CLASS_MAPPINGS = {
-    "FacecondLoadFace0Projection": LoadFace0Projection,
-    "FacecondProjectToContext": ProjectToContext,
     "FacecondThreeWayGuider": ThreeWayGuider,
     "FacecondThreeWayCFGSampler": ThreeWayCFGSampler,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "FacecondLoadFace0Projection": "LoadFace0Projection",
-    "FacecondProjectToContext": "ProjectToContext",
     "FacecondThreeWayGuider": "ThreeWayGuider",
     "FacecondThreeWayCFGSampler": "ThreeWayCFGSampler",
 }

@@ -1,6 +1,7 @@
 """FaceChain's finishing chain (Liu et al., "FaceChain: A Playground for Human-centric Artificial Intelligence
 Generated Content", arXiv 2308.14256): preprocessing of the user's photos for a face-LoRA, template-face
-choice by face quality, face fusion of generated images, and similarity ranking against the template.
+choice by face quality and similarity ranking against the template; face fusion of generated images is in
+``facechain_fusion.py``.
 
 Thin ComfyUI wrappers over ``py/facechain/`` (``quality``, ``ranking``, ``fusion``); faces come from
 FaceDetectCrop (FACES), embeddings from FaceEmbed (FACE_EMBEDS). The LoRAs themselves are ComfyUI's own
@@ -13,28 +14,22 @@ import logging
 import math
 from dataclasses import replace
 
-import comfy.model_management
-import comfy.sample
-import comfy.samplers
-import comfy.utils
 import numpy as np
 import torch
 
 from ..py.facechain import fusion, ranking
 from ..py.facechain import quality as face_quality
-from ..py.faces import align
-from ..py.faces.types import FaceEmbeds, Faces
-from .faces import image_to_numpy
+from ..py.faces.types import Faces
+from .common import FACE_EMBEDS, FACES, image_to_numpy, numpy_to_image, require_embeds, require_faces
 
 log = logging.getLogger("facecond")
 
 CATEGORY = "facecond/facechain"
-MASK_SHAPES = ["ellipse", "square"]
 
 
-def _check_faces(node: str, faces, imgs: np.ndarray, image_name: str = "image") -> Faces:
-    if not isinstance(faces, Faces):
-        raise ValueError(f"{node}: input 'faces' must come from FaceDetectCrop (got {type(faces).__name__}).")
+def check_faces(node: str, faces, imgs: np.ndarray, image_name: str = "image") -> Faces:
+    """``faces``, checked to be FaceDetectCrop's faces of the images ``imgs`` (B, H, W, 3) of input image_name."""
+    require_faces(node, "faces", faces)
     b, h, w = imgs.shape[:3]
     if faces.num_images != b or tuple(faces.image_size) != (h, w):
         raise ValueError(f"{node}: 'faces' were found in {faces.num_images} image(s) of {faces.image_size[0]}x"
@@ -43,7 +38,7 @@ def _check_faces(node: str, faces, imgs: np.ndarray, image_name: str = "image") 
     return faces
 
 
-def _real(faces: Faces, row: int) -> bool:
+def real_face(faces: Faces, row: int) -> bool:
     """False for FaceDetectCrop's no_face='passthrough' stand-ins (score 0)."""
     return float(faces.scores[row]) > 0.0
 
@@ -55,7 +50,7 @@ class FacecondChooseTemplateFace:
                    "and every face's score.")
     CATEGORY = CATEGORY
     FUNCTION = "choose"
-    RETURN_TYPES = ("FACES", "IMAGE", "IMAGE", "STRING", "INT")
+    RETURN_TYPES = (FACES, "IMAGE", "IMAGE", "STRING", "INT")
     RETURN_NAMES = ("template_face", "template_image", "template_crop", "report", "image_index")
     OUTPUT_TOOLTIPS = (
         "The chosen face alone (as FACES of the one template image: source index 0).",
@@ -68,15 +63,15 @@ class FacecondChooseTemplateFace:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "faces": ("FACES", {"tooltip": "Faces of the user's photos (FaceDetectCrop, select=largest or all)."}),
+            "faces": (FACES, {"tooltip": "Faces of the user's photos (FaceDetectCrop, select=largest or all)."}),
             "image": ("IMAGE", {"tooltip": "The same photos that went into FaceDetectCrop."}),
         }}
 
     def choose(self, faces, image):
         node = "ChooseTemplateFace"
         imgs = image_to_numpy(image, node)
-        faces = _check_faces(node, faces, imgs)
-        rows = [r for r in range(len(faces)) if _real(faces, r)]
+        faces = check_faces(node, faces, imgs)
+        rows = [r for r in range(len(faces)) if real_face(faces, r)]
         if not rows:
             raise ValueError(f"{node}: 'faces' holds no detected face (only passthrough stand-ins or none). Give "
                              "photos where FaceDetectCrop finds a face, or lower its min_size.")
@@ -91,7 +86,7 @@ class FacecondChooseTemplateFace:
         report = "\n".join(lines)
         log.info("[facecond] %s: %s", node, lines[0])
         template = replace(faces.select([best]), source_index=(0,), num_images=1, skipped=())
-        photo = torch.from_numpy(imgs[src:src + 1].copy())
+        photo = numpy_to_image(imgs[src:src + 1].copy())
         return (template, photo, faces.crops_arcface[best:best + 1].clone(), report, int(src))
 
 
@@ -116,10 +111,10 @@ class FacecondRankBySimilarity:
     def INPUT_TYPES(cls):
         return {"required": {
             "images": ("IMAGE", {"tooltip": "The generated batch to rank."}),
-            "face_embeds": ("FACE_EMBEDS", {"tooltip": "FaceEmbed of FaceDetectCrop on 'images' (any no_face "
+            "face_embeds": (FACE_EMBEDS, {"tooltip": "FaceEmbed of FaceDetectCrop on 'images' (any no_face "
                             "policy: images without a row, or with a passthrough row when 'faces' is given, "
                             "count as faceless)."}),
-            "template_embeds": ("FACE_EMBEDS", {"tooltip": "FaceEmbed of the template face (same model). Several "
+            "template_embeds": (FACE_EMBEDS, {"tooltip": "FaceEmbed of the template face (same model). Several "
                                 "rows: their mean direction is the template."}),
             "top_k": ("INT", {"default": 2, "min": 1, "max": 4096, "tooltip":
                       "How many of the best images top_k_images holds (fewer if the batch is smaller)."}),
@@ -127,7 +122,7 @@ class FacecondRankBySimilarity:
                             "0: scores are the cosine. > 0: softmax(cosine / T) over the images with a face "
                             "(FaceChain's temperature scaling; 0.1 is sharp, 1 flat). The order is the same."}),
         }, "optional": {
-            "faces": ("FACES", {"tooltip": "FaceDetectCrop's faces of 'images' (optional): its no_face='passthrough' "
+            "faces": (FACES, {"tooltip": "FaceDetectCrop's faces of 'images' (optional): its no_face='passthrough' "
                       "stand-ins (score 0) are then treated as no face instead of being ranked."}),
         }}
 
@@ -135,23 +130,16 @@ class FacecondRankBySimilarity:
         node = "RankBySimilarity"
         imgs = image_to_numpy(images, node, "images")
         n = imgs.shape[0]
-        for name, fe in (("face_embeds", face_embeds), ("template_embeds", template_embeds)):
-            if not isinstance(fe, FaceEmbeds):
-                raise ValueError(f"{node}: input '{name}' must be a FACE_EMBEDS from FaceEmbed "
-                                 f"(got {type(fe).__name__}).")
-        if len(template_embeds) == 0:
-            raise ValueError(f"{node}: 'template_embeds' is empty; embed the template face with FaceEmbed.")
-        if len(face_embeds) and (face_embeds.model != template_embeds.model or face_embeds.dim != template_embeds.dim):
-            raise ValueError(f"{node}: face_embeds come from {face_embeds.model!r} ({face_embeds.dim}-d) and "
-                             f"template_embeds from {template_embeds.model!r} ({template_embeds.dim}-d). Embed both "
-                             "with the same FaceEmbed model.")
+        require_embeds(node, "template_embeds", template_embeds, finite=False)
+        require_embeds(node, "face_embeds", face_embeds, dim=template_embeds.dim, embedder=template_embeds.model,
+                       against="template_embeds holds", allow_empty=True, finite=False)
         valid = None
         if faces is not None:
-            faces = _check_faces(node, faces, imgs, "images")
+            faces = check_faces(node, faces, imgs, "images")
             if tuple(faces.source_index) != tuple(face_embeds.source_index):
                 raise ValueError(f"{node}: 'faces' and 'face_embeds' list different faces; connect the FACES that "
                                  "went into the FaceEmbed of face_embeds.")
-            valid = [_real(faces, r) for r in range(len(faces))]
+            valid = [real_face(faces, r) for r in range(len(faces))]
         if len(face_embeds):
             cos = ranking.image_cosines(face_embeds.embeds, face_embeds.source_index, template_embeds.embeds, n, valid)
         else:
@@ -171,107 +159,6 @@ class FacecondRankBySimilarity:
         sorted_images = images[idx].clone() if images.ndim == 4 else images.unsqueeze(0)[idx].clone()
         return (sorted_images, sorted_images[:k].clone(), [float(res.scores[i]) for i in order], "\n".join(lines),
                 [int(i) for i in order])
-
-
-def _sampler_inputs():
-    return {
-        "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
-                         "tooltip": "Noise seed; face f of the batch uses seed + f."}),
-        "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Sampling steps of the full schedule "
-                          "(denoise runs the last part of it)."}),
-        "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                          "tooltip": "Classifier-free guidance scale."}),
-        "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm."}),
-        "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The noise schedule."}),
-        "denoise": ("FLOAT", {"default": 0.4, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                    "How much of the face is redrawn: 0 keeps it, 0.3-0.5 moves it towards the identity while "
-                    "keeping pose and light, 1 redraws it from noise."}),
-    }
-
-
-class FacecondFaceFusion:
-    DESCRIPTION = ("FaceChain-style face fusion on ComfyUI sampling: each detected face of the generated images is "
-                   "cut out upright with context, upscaled to the working resolution, VAE-encoded, re-diffused with "
-                   "the identity conditioning at the given denoise, decoded, shrunk and pasted back with a feathered "
-                   "mask. Pixels outside the mask are left bit-identical; images without a face pass through.")
-    CATEGORY = CATEGORY
-    FUNCTION = "fuse"
-    RETURN_TYPES = ("IMAGE", "MASK", "STRING")
-    RETURN_NAMES = ("images", "mask", "report")
-    OUTPUT_TOOLTIPS = (
-        "The images with their faces re-diffused (unchanged where no face was found).",
-        "The paste-back alpha per image (0: pixel untouched).",
-        "Which faces were fused and which images passed through.",
-    )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model that carries the identity (face LoRA, IP-Adapter patch...)."}),
-            "positive": ("CONDITIONING", {"tooltip": "Identity prompt, e.g. 'a close-up photo of sks man' or a "
-                         "ProjectToContext positive."}),
-            "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
-            "vae": ("VAE", {"tooltip": "Encodes and decodes the face crops."}),
-            "images": ("IMAGE", {"tooltip": "The generated images (e.g. RankBySimilarity's top_k_images)."}),
-            "faces": ("FACES", {"tooltip": "FaceDetectCrop on the same 'images' (no_face='passthrough' or 'skip' "
-                      "so faceless images do not stop the graph)."}),
-            **_sampler_inputs(),
-            "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip":
-                           "Working size of the face crop (512 for SD1.5, 1024 for SDXL)."}),
-            "context": ("FLOAT", {"default": 1.6, "min": 1.0, "max": 4.0, "step": 0.05, "tooltip":
-                        "Crop side in units of the aligned face region (1: the 112-px ArcFace crop area; more gives "
-                        "the model hair and background to blend with)."}),
-            "mask_shape": (MASK_SHAPES, {"default": "ellipse", "tooltip": "ellipse: a soft head ellipse from the "
-                           "landmarks (no segmentation model). square: the whole crop with feathered edges."}),
-            "feather": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 0.5, "step": 0.01, "tooltip":
-                        "Softness of the mask edge (fraction of the ellipse's short axis, or of the crop side)."}),
-        }}
-
-    def fuse(self, model, positive, negative, vae, images, faces, seed, steps, cfg, sampler_name, scheduler,
-             denoise, resolution, context, mask_shape, feather):
-        node = "FaceFusion"
-        imgs = image_to_numpy(images, node, "images")
-        faces = _check_faces(node, faces, imgs, "images")
-        if mask_shape not in MASK_SHAPES:
-            raise ValueError(f"{node}: mask_shape {mask_shape!r}; choose one of {MASK_SHAPES}.")
-        b, h, w = imgs.shape[:3]
-        rows = [r for r in range(len(faces)) if _real(faces, r)]
-        out, alpha_all = imgs.copy(), np.zeros((b, h, w), np.float32)
-        crop_mask = fusion.ellipse_mask(context, resolution, feather) if mask_shape == "ellipse" else \
-            align.square_mask(resolution, feather)
-        pbar = comfy.utils.ProgressBar(max(1, len(rows) * steps))
-        lines = []
-        for done, r in enumerate(rows):
-            i = faces.source_index[r]
-            m = fusion.region_affine(faces.affine_arcface[r].numpy(), context, resolution)
-            crop = fusion.cut(out[i], m, resolution)  # (S, S, 3): later faces see earlier fusions
-            with torch.inference_mode():
-                latent = vae.encode(torch.from_numpy(crop)[None])
-                latent = comfy.sample.fix_empty_latent_channels(model, latent)
-                noise = comfy.sample.prepare_noise(latent, seed + done)
-                callback = lambda step, x0, x, total, d=done: pbar.update_absolute(d * steps + step + 1)  # noqa: E731
-                samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative,
-                                              latent, denoise=denoise, callback=callback,
-                                              disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed + done)
-                new = vae.decode(samples.to(comfy.model_management.intermediate_device()))
-            new = new.reshape(-1, *new.shape[-3:])[0, ..., :3].float().clamp(0, 1).cpu().numpy()
-            if new.shape[:2] != (resolution, resolution):  # VAEs that change the size by a few pixels
-                import cv2
-
-                new = cv2.resize(new, (resolution, resolution), interpolation=cv2.INTER_AREA)
-            out[i], alpha = fusion.paste(out[i], new, m, crop_mask)
-            alpha_all[i] = np.maximum(alpha_all[i], alpha)
-            lines.append(f"image {i}: face {r} fused (score {float(faces.scores[r]):.3f}, roll "
-                         f"{fusion.roll_degrees(faces.affine_arcface[r].numpy()):+.0f} deg)")
-        fused = {faces.source_index[r] for r in rows}
-        passed = [i for i in range(b) if i not in fused]
-        for i in passed:
-            lines.append(f"image {i}: no face, passed through unchanged")
-        if passed:
-            log.info("[facecond] %s: no face in image(s) %s; passed through unchanged", node, passed)
-        head = f"fused {len(rows)} face(s) in {b} image(s) at {resolution}px, denoise {denoise:g}"
-        report = "\n".join([head, *lines])
-        return (torch.from_numpy(out), torch.from_numpy(alpha_all), report)
 
 
 class FacecondFaceChainPreprocess:
@@ -294,7 +181,7 @@ class FacecondFaceChainPreprocess:
     def INPUT_TYPES(cls):
         return {"required": {
             "image": ("IMAGE", {"tooltip": "The user's photos (the IMAGE that went into FaceDetectCrop)."}),
-            "faces": ("FACES", {"tooltip": "FaceDetectCrop's faces of 'image' (upright=rotate_if_no_face finds "
+            "faces": (FACES, {"tooltip": "FaceDetectCrop's faces of 'image' (upright=rotate_if_no_face finds "
                       "faces on their side; select=largest keeps one face per photo)."}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip":
                            "Training resolution (FaceChain: 512 for SD1.5)."}),
@@ -312,8 +199,8 @@ class FacecondFaceChainPreprocess:
     def prepare(self, image, faces, resolution, context, head_mask, background):
         node = "FaceChainPreprocess"
         imgs = image_to_numpy(image, node)
-        faces = _check_faces(node, faces, imgs)
-        rows = [r for r in range(len(faces)) if _real(faces, r)]
+        faces = check_faces(node, faces, imgs)
+        rows = [r for r in range(len(faces)) if real_face(faces, r)]
         if not rows:
             raise ValueError(f"{node}: no face found in any of the {imgs.shape[0]} photo(s); FaceChain needs "
                              "photos where FaceDetectCrop finds the face. Lower its min_size or use other photos.")
@@ -336,19 +223,16 @@ class FacecondFaceChainPreprocess:
         if dropped:
             log.warning("[facecond] %s: no face in photo(s) %s; dropped from the training set", node, dropped)
         report = f"{len(rows)} training image(s) at {resolution}px\n" + "\n".join(lines)
-        return (torch.from_numpy(np.stack(crops).astype(np.float32)).clamp(0, 1),
-                torch.from_numpy(np.stack(masks).astype(np.float32)), report)
+        return numpy_to_image(np.stack(crops)).clamp(0, 1), numpy_to_image(np.stack(masks)), report
 
 
 NODE_CLASS_MAPPINGS = {
     "FacecondChooseTemplateFace": FacecondChooseTemplateFace,
     "FacecondRankBySimilarity": FacecondRankBySimilarity,
-    "FacecondFaceFusion": FacecondFaceFusion,
     "FacecondFaceChainPreprocess": FacecondFaceChainPreprocess,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FacecondChooseTemplateFace": "ChooseTemplateFace",
     "FacecondRankBySimilarity": "RankBySimilarity",
-    "FacecondFaceFusion": "FaceFusion",
     "FacecondFaceChainPreprocess": "FaceChainPreprocess",
 }

@@ -11,7 +11,6 @@ import logging
 import os
 
 import comfy.model_management
-import comfy.utils
 import folder_paths
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from ..py.faces import crop, detect, draw, embed, similarity
 from ..py.faces import onnx_pack as ifp
 from ..py.faces.types import FaceEmbeds, Faces
 from ..py.weights import manifest as weights
+from .common import FACE_EMBEDS, FACES, Progress, image_to_numpy, numpy_to_image, require_embeds, require_faces
 from .model_paths import resolve_weight, verify_user_file
 
 log = logging.getLogger("facecond")
@@ -71,35 +71,6 @@ def _insightface_file(choice: str, node: str, input_name: str):
     return path
 
 
-def image_to_numpy(image: torch.Tensor, node: str, name: str = "image") -> np.ndarray:
-    """A ComfyUI IMAGE as (B, H, W, 3) float32 in [0, 1]; greyscale/alpha/odd ranges handled, NaN refused."""
-    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
-        raise ValueError(f"{node}: input '{name}' must be an IMAGE tensor (B, H, W, C); got "
-                         f"{getattr(image, 'shape', type(image).__name__)}.")
-    x = image if image.ndim == 4 else image.unsqueeze(0)
-    x = x.detach().float().cpu()
-    c = x.shape[-1]
-    if c in (1, 2):  # greyscale (+ alpha)
-        x = x[..., :1].expand(*x.shape[:-1], 3)
-    elif c == 4:  # RGBA: the alpha is ignored, the colour kept
-        x = x[..., :3]
-    elif c != 3:
-        raise ValueError(f"{node}: input '{name}' has {c} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA) "
-                         "in the last dimension (ComfyUI IMAGE is B, H, W, C).")
-    lo, hi = (float(v) for v in torch.aminmax(x))  # one pass; NaN/Inf anywhere make lo or hi non-finite
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        idx = (~torch.isfinite(x).flatten(1).all(1)).nonzero().flatten().tolist()
-        raise ValueError(f"{node}: input '{name}' has NaN or infinite pixels in image(s) {idx} of {x.shape[0]}. "
-                         "Fix the node that produced it (an fp16 VAE decode often does this: try --fp32-vae or "
-                         "a different VAE), or replace the image.")
-    if hi > 1.0 or lo < 0.0:
-        scale = 1.0 if hi <= 1.0 else 255.0 if hi <= 255.0 else 65535.0 if hi <= 65535.0 else hi
-        log.warning("[facecond] %s: '%s' values span %.3g..%.3g, not 0..1; dividing by %g and clipping to 0..1",
-                    node, name, lo, hi, scale)
-        x = (x / scale).clamp(0.0, 1.0)
-    return np.ascontiguousarray(x.numpy(), dtype=np.float32)
-
-
 _DETECTORS: dict[tuple, object] = {}
 
 
@@ -129,7 +100,7 @@ class FacecondFaceDetectCrop:
                    "the face boxes and a text report.")
     CATEGORY = CATEGORY
     FUNCTION = "detect"
-    RETURN_TYPES = ("FACES", "IMAGE", "MASK", "IMAGE", "IMAGE", "STRING")
+    RETURN_TYPES = (FACES, "IMAGE", "MASK", "IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("faces", "preview", "mask", "crops_facenet", "crops_aligned", "report")
     OUTPUT_TOOLTIPS = (
         "The faces: both crops, boxes, landmarks, scores, source image index and the crop matrices (to paste back).",
@@ -173,10 +144,9 @@ class FacecondFaceDetectCrop:
         imgs = image_to_numpy(image, node)
         b, h, w = imgs.shape[:3]
         det = _detector(detector, node)
-        pbar = comfy.utils.ProgressBar(b)
+        bar = Progress(b)
         per_image = crop.detect_faces(det, imgs * 255.0, min_size=min_size, select_mode=select,
-                                      face_index=face_index, upright=upright,
-                                      progress=lambda i: pbar.update_absolute(i + 1, b))
+                                      face_index=face_index, upright=upright, progress=lambda i: bar(i + 1))
         res = crop.crop_faces(imgs, per_image, no_face=no_face, margin_scale=margin_scale, detector_name=det.name,
                               node=node, min_size=min_size, select_mode=select, face_index=face_index)
         preview = np.stack([draw.draw_faces(imgs[i], res.per_image[i], missing=not per_image[i]) for i in range(b)])
@@ -184,8 +154,7 @@ class FacecondFaceDetectCrop:
         log.info("[facecond] %s", res.report.splitlines()[0])  # the summary; every image's line at DEBUG
         log.debug("[facecond] %s", res.report.replace("\n", "; "))
         f = res.faces
-        return (f, torch.from_numpy(preview), torch.from_numpy(mask), f.crops_facenet, f.crops_arcface,
-                res.report)
+        return (f, numpy_to_image(preview), numpy_to_image(mask), f.crops_facenet, f.crops_arcface, res.report)
 
 
 _PATCHERS: dict[int, object] = {}
@@ -212,7 +181,7 @@ class FacecondFaceEmbed:
                    "aligned 112x112 crops, via onnxruntime (CUDA when available, else CPU).")
     CATEGORY = CATEGORY
     FUNCTION = "embed"
-    RETURN_TYPES = ("FACE_EMBEDS",)
+    RETURN_TYPES = (FACE_EMBEDS,)
     RETURN_NAMES = ("face_embeds",)
     OUTPUT_TOOLTIPS = ("One embedding per face (N, D), with the model that made it and each face's source image.",)
 
@@ -220,7 +189,7 @@ class FacecondFaceEmbed:
     def INPUT_TYPES(cls):
         models = [FACENET_MANIFEST, *_facenet_files(), *_insightface_choices("recognition")]
         return {"required": {
-            "faces": ("FACES", {"tooltip": "Faces from FaceDetectCrop."}),
+            "faces": (FACES, {"tooltip": "Faces from FaceDetectCrop."}),
             "model": (models, {"default": FACENET_MANIFEST, "tooltip":
                       "facenet_vggface2: Face0's embedder (models/facenet/20180402-114759-vggface2.pt, from the "
                       "weights manifest). facenet/FILE: another FaceNet state dict in models/facenet. "
@@ -236,13 +205,10 @@ class FacecondFaceEmbed:
 
     def embed(self, faces: Faces, model: str, facenet_layer: str, normalize: str):
         node = "FaceEmbed"
-        if not isinstance(faces, Faces):
-            raise ValueError(f"{node}: input 'faces' must come from FaceDetectCrop (got {type(faces).__name__}).")
+        require_faces(node, "faces", faces)
         if len(faces) == 0:
             raise ValueError(f"{node}: input 'faces' holds no faces; check FaceDetectCrop's report.")
-        n = len(faces)
-        pbar = comfy.utils.ProgressBar(n)
-        progress = lambda done: pbar.update_absolute(done, n)  # noqa: E731
+        progress = Progress(len(faces))
         if model == FACENET_MANIFEST or model.startswith("facenet/"):
             path = resolve_weight(FACENET_MANIFEST, node=node) if model == FACENET_MANIFEST else \
                 verify_user_file("facenet", model[len("facenet/"):])
@@ -282,22 +248,18 @@ class FacecondFaceSimilarity:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "face_embeds_a": ("FACE_EMBEDS", {"tooltip": "Rows of the matrix (e.g. reference photos)."}),
+            "face_embeds_a": (FACE_EMBEDS, {"tooltip": "Rows of the matrix (e.g. reference photos)."}),
         }, "optional": {
-            "face_embeds_b": ("FACE_EMBEDS", {"tooltip": "Columns (e.g. generated images). Empty: A against A."}),
+            "face_embeds_b": (FACE_EMBEDS, {"tooltip": "Columns (e.g. generated images). Empty: A against A."}),
         }}
 
     def compare(self, face_embeds_a: FaceEmbeds, face_embeds_b: FaceEmbeds | None = None):
         node = "FaceSimilarity"
         same = face_embeds_b is None
         b = face_embeds_a if same else face_embeds_b
-        for name, fe in (("face_embeds_a", face_embeds_a), ("face_embeds_b", b)):
-            if not isinstance(fe, FaceEmbeds) or len(fe) == 0:
-                raise ValueError(f"{node}: input '{name}' is empty or not a FACE_EMBEDS; connect FaceEmbed to it.")
-        if face_embeds_a.model != b.model or face_embeds_a.dim != b.dim:
-            raise ValueError(f"{node}: face_embeds_a come from {face_embeds_a.model!r} ({face_embeds_a.dim}-d) and "
-                             f"face_embeds_b from {b.model!r} ({b.dim}-d); only embeddings of one model compare. "
-                             "Embed both with the same FaceEmbed model.")
+        require_embeds(node, "face_embeds_a", face_embeds_a, finite=False)
+        require_embeds(node, "face_embeds_b", b, dim=face_embeds_a.dim, embedder=face_embeds_a.model,
+                       against="face_embeds_a holds", fix="only embeddings of one model compare", finite=False)
         sim = similarity.cosine_matrix(face_embeds_a.embeds, b.embeds)
         rows = [f"a{i}(img{s})" for i, s in enumerate(face_embeds_a.source_index)]
         cols = [f"{'a' if same else 'b'}{i}(img{s})" for i, s in enumerate(b.source_index)]

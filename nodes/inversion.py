@@ -12,7 +12,6 @@ import os
 import re
 
 import comfy.model_management
-import comfy.utils
 import folder_paths
 import torch
 
@@ -22,6 +21,7 @@ from ..py.faces.types import FaceEmbeds
 from ..py.train.augment import augment as augment_images
 from ..py.train.core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
 from .celebbasis import DEFAULT_TEMPLATES, FOLDER
+from .common import FACE_EMBEDS, Progress, seed_input, steps_input
 from .pseudo_words import text_encoder
 from .training import encode_images, encode_with, model_denoiser, normal_tensor, template_tokens, trainable_clip
 
@@ -61,7 +61,7 @@ def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, em
     neg = nodes.CLIPTextEncode().encode(clip, "cartoon, drawing, painting, blurry, several people")[0]
     latent = nodes.EmptyLatentImage().generate(size, size, 1)[0]
     rows, model_id = [], None
-    pbar = comfy.utils.ProgressBar(len(names))
+    bar = Progress(len(names))
     for i, name in enumerate(names):
         comfy.model_management.throw_exception_if_processing_interrupted()
         pos = nodes.CLIPTextEncode().encode(clip, prompt.format(name))[0]
@@ -78,7 +78,7 @@ def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, em
             model_id = fe.model
         else:
             rows.append(None)
-        pbar.update_absolute(i + 1, len(names))
+        bar(i + 1)
     if model_id is None:
         raise ValueError(f"{node}: no face was detected in any of the {len(names)} generated images; this model "
                          "does not draw faces at this size/steps. Raise size (512) and steps (20).")
@@ -121,10 +121,9 @@ class PrecomputeCelebFaces:
             "detector": (det[0], {**det[1], "tooltip": "Face detector for the generated images (as FaceDetectCrop)."}),
             "embedder": (emb[0], {**emb[1], "tooltip": "Face recogniser: the same FaceEmbed model you will use for "
                          "your person's photos."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampling steps per celebrity."}),
+            "steps": steps_input("Sampling steps per celebrity.", most=200),
             "size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Image side in pixels."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Seed of the first name "
-                     "(name i uses seed + i)."}),
+            "seed": seed_input("Seed of the first name (name i uses seed + i).", control_after_generate=False),
         }}
 
     def precompute(self, model, clip, vae, detector, embedder, steps, size, seed):
@@ -240,33 +239,26 @@ class TrainFaceTI:
                         "v = a^n·d/||d|| (keeps the norm near the vocabulary's); none = plain vectors with l2 0.01."}),
             "prompt_templates": ("STRING", {"default": DEFAULT_TEMPLATES, "multiline": True, "tooltip":
                                  "One prompt per line; {} is where the person's word goes."}),
-            "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip": "Optimiser steps (paper: 400)."}),
+            "steps": steps_input("Optimiser steps (paper: 400).", default=400, most=100000),
             "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
                               "tooltip": "Adam learning rate."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Fixes the rand2 "
-                     "name, noise, timesteps, templates and augmentation."}),
+            "seed": seed_input("Fixes the rand2 name, noise, timesteps, templates and augmentation.",
+                               control_after_generate=False),
             "augment": ("BOOLEAN", {"default": True, "tooltip": "Colour jitter, random resize and shift."}),
             "save_name": ("STRING", {"default": "face_ti_person", "tooltip": "Embedding name (letters, digits, _ -): "
                           "written to models/embeddings/<name>.safetensors (overwritten)."}),
         }, "optional": {
-            "face_embeds": ("FACE_EMBEDS", {"tooltip": "The person's face embeddings (FaceEmbed); needed for "
+            "face_embeds": (FACE_EMBEDS, {"tooltip": "The person's face embeddings (FaceEmbed); needed for "
                             "init='id'."}),
         }}
 
     def train(self, model, clip, vae, images, init, num_vectors, reparam, prompt_templates, steps, learning_rate,
               seed, augment, save_name, face_embeds=None):
         node = "TrainFaceTI"
-        pbar = comfy.utils.ProgressBar(steps)
-
-        def progress(done, total, loss):
-            pbar.update_absolute(done, total)
-            if done == 1 or done % 10 == 0 or done == total:
-                log.info("[facecond] %s step %d/%d loss %.5f", node, done, total, loss)
-
         _, _, losses, what = train_face_ti(
             model, clip, vae, images, face_embeds, init=init, num_vectors=num_vectors, reparam=reparam,
             prompt_templates=prompt_templates, steps=steps, learning_rate=learning_rate, seed=seed, augment=augment,
-            save_name=save_name, node=node, progress=progress)
+            save_name=save_name, node=node, progress=Progress(steps, label=node))
         report = (f"{node}: {len(losses)} steps, {images.shape[0]} images, K={num_vectors}, init {what}, "
                   f"reparam {reparam}; loss first {losses[0]:.4f} last {losses[-1]:.4f}; use embedding:{save_name}")
         return (clip.clone(), save_name, report)

@@ -1,9 +1,9 @@
 """IP-Adapter with several reference images: load an IP-Adapter, encode references, aggregate them, patch a model.
 
-IP-Adapter: Ye et al. 2023 (arXiv 2308.06721); multi-reference aggregation: Kazistova, Stepanov, Filatov
-(METHODS.md §4). The maths lives in ``py/ipadapter/adapter.py`` (projections, decoupled attention, the attn2 patch)
-and ``py/ipadapter/aggregate.py`` (mean / max / norm-mean / trained self-attention); these classes check inputs, call it
-and wrap the results. CLIP vision comes from ComfyUI's own CLIPVisionLoader (``comfy.clip_vision.load``).
+IP-Adapter: Ye et al. 2023 (arXiv 2308.06721). The maths lives in ``py/ipadapter/adapter.py`` (projections,
+decoupled attention, the attn2 patch); these classes check inputs, call it and wrap the results. The aggregation
+node (AggregateEmbeds) is in ``ipadapter_aggregate.py``. CLIP vision comes from ComfyUI's own CLIPVisionLoader
+(``comfy.clip_vision.load``).
 
 The patch is ComfyUI's ``set_model_attn2_replace`` on a clone, one per UNet cross-attention, keyed
 (block, number, transformer index): input blocks, then output blocks, then the middle block, which is the
@@ -19,16 +19,14 @@ import os
 import comfy.ldm.modules.attention as comfy_attention
 import folder_paths
 
-from ..py.faces.types import FaceEmbeds
 from ..py.ipadapter import adapter as ipa
 from ..py.ipadapter import aggregate as agg
+from .common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds
 
 log = logging.getLogger("facecond")
 
 CATEGORY = "facecond/ipadapter"
 IPADAPTER_FOLDER = "ipadapter"  # models/ipadapter, the folder IP-Adapter users already have
-AGGREGATOR_FOLDER = "facecond_aggregators"  # models/facecond/aggregators, registered by nodes/model_paths.py
-IPADAPTER_TYPE, EMBEDS_TYPE = "FACECOND_IPADAPTER", "REF_EMBEDS"
 
 
 def _register_folder() -> None:
@@ -72,7 +70,7 @@ class LoadIPAdapter:
                    "(CLIP hidden states, Resampler) or FaceID (a face-recognition embedding).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
-    RETURN_TYPES = (IPADAPTER_TYPE, "STRING")
+    RETURN_TYPES = (IPADAPTER, "STRING")
     RETURN_NAMES = ("ipadapter", "info")
     OUTPUT_TOOLTIPS = ("The IP-Adapter: image projection and the per-layer image keys/values W'_k, W'_v.",
                        "Variant, input it takes, image tokens and layer count.")
@@ -113,6 +111,15 @@ def _check_adapter(node: str, ipadapter) -> ipa.IPAdapter:
     return ipadapter
 
 
+def drop_unusable(embeds: agg.RefEmbeds) -> agg.RefEmbeds:
+    """``embeds`` without its NaN or all-zero rows; the skipped references are added to its notes."""
+    kept, dropped = agg.usable_rows(embeds.embeds)
+    if not dropped:
+        return embeds
+    skipped = [embeds.source_index[i] for i in dropped]
+    return embeds.select(kept, f"references {skipped} skipped (NaN or zero embedding)")
+
+
 class IPAdapterEncode:
     DESCRIPTION = ("Turns reference photos into the embeddings an IP-Adapter takes, one row per reference: FaceID "
                    "uses face_embeds (FaceEmbed); plain and plus encode image with clip_vision (ComfyUI's "
@@ -120,7 +127,7 @@ class IPAdapterEncode:
                    "NaN or zero are skipped and reported, never fatal.")
     CATEGORY = CATEGORY
     FUNCTION = "encode"
-    RETURN_TYPES = (EMBEDS_TYPE, "STRING")
+    RETURN_TYPES = (REF_EMBEDS, "STRING")
     RETURN_NAMES = ("embeds", "report")
     OUTPUT_TOOLTIPS = ("N reference embeddings (for AggregateEmbeds or ApplyIPAdapter).",
                        "References used and skipped.")
@@ -128,14 +135,14 @@ class IPAdapterEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "ipadapter": (IPADAPTER_TYPE, {"tooltip": "From LoadIPAdapter: decides which embedding is made."}),
+            "ipadapter": (IPADAPTER, {"tooltip": "From LoadIPAdapter: decides which embedding is made."}),
             "crop": (["center", "none"], {"default": "center", "tooltip":
                      "CLIP vision only: center crops the square middle of each photo, none squashes it."}),
         }, "optional": {
             "image": ("IMAGE", {"tooltip": "Reference photos (plain / plus IP-Adapters), one per batch entry."}),
             "clip_vision": ("CLIP_VISION", {"tooltip": "ComfyUI's CLIPVisionLoader output (ViT-H for the SD1.5 "
                             "IP-Adapters); needed with image."}),
-            "face_embeds": ("FACE_EMBEDS", {"tooltip": "FaceID IP-Adapters: FaceEmbed output (use FaceDetectCrop "
+            "face_embeds": (FACE_EMBEDS, {"tooltip": "FaceID IP-Adapters: FaceEmbed output (use FaceDetectCrop "
                             "with no_face=skip so faceless photos are dropped, not fatal)."}),
         }}
 
@@ -144,10 +151,12 @@ class IPAdapterEncode:
         v = _check_adapter(node, ipadapter).variant
         notes = []
         if v.input_kind == "face":
-            if not isinstance(face_embeds, FaceEmbeds):
+            if face_embeds is None:
                 raise ValueError(f"{node}: {ipadapter.name} is a FaceID IP-Adapter: connect face_embeds "
                                  "(FaceDetectCrop -> FaceEmbed).")
-            x, model, src = face_embeds.embeds.float(), face_embeds.model, tuple(face_embeds.source_index)
+            x = require_embeds(node, "face_embeds", face_embeds, dim=v.input_dim, against=f"{ipadapter.name} takes",
+                               fix="FaceID: insightface buffalo_l, 512-d", allow_empty=True, finite=False)
+            model, src = face_embeds.model, tuple(face_embeds.source_index)
             missing = sorted(set(range(max(src, default=-1) + 1)) - set(src))
             if missing:
                 notes.append(f"images {missing} had no usable face (skipped by FaceDetectCrop)")
@@ -163,66 +172,10 @@ class IPAdapterEncode:
                              f"{v.input_dim}-d {v.input_kind}. Use the encoder it was trained with (FaceID: "
                              "insightface buffalo_l 512-d; plain/plus SD1.5: CLIP-ViT-H-14).")
         embeds = agg.RefEmbeds(x.cpu(), v.input_kind, model, src, tuple(notes))
-        kept, dropped = agg.usable_rows(embeds.embeds)
-        if dropped:
-            embeds = embeds.select(kept, f"references {[src[i] for i in dropped]} skipped (NaN or zero embedding)")
+        embeds = drop_unusable(embeds)
         report = "; ".join([f"{len(embeds)} references ({v.input_kind}, {model})", *embeds.notes])
         log.info("[facecond] %s: %s", node, report)
         return (embeds, report)
-
-
-class AggregateEmbeds:
-    DESCRIPTION = ("Several references of one person -> one embedding (Kazistova et al.): mean, max, norm-mean, or "
-                   "a trained self-attention aggregator (models/facecond/aggregators, trained with "
-                   "scripts/train_aggregator.py on N references: more are cut to the first N, fewer bootstrapped "
-                   "with the seed). Unusable references are skipped with a report.")
-    CATEGORY = CATEGORY
-    FUNCTION = "aggregate"
-    RETURN_TYPES = (EMBEDS_TYPE, "STRING")
-    RETURN_NAMES = ("embeds", "report")
-    OUTPUT_TOOLTIPS = ("One aggregated embedding (empty if no reference was usable).",
-                       "How many references went in, which were skipped, cut or resampled.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "embeds": (EMBEDS_TYPE, {"tooltip": "N reference embeddings from IPAdapterEncode."}),
-            "method": (list(agg.METHODS), {"default": "mean", "tooltip":
-                       "mean / max: average or element-wise max pooling. norm-mean: mean of unit-length rows, "
-                       "rescaled to their mean length. self-attention: the trained aggregator below."}),
-            "aggregator_name": (["none", *folder_paths.get_filename_list(AGGREGATOR_FOLDER)], {"default": "none",
-                                "tooltip": "Self-attention weights in models/facecond/aggregators (method "
-                                "self-attention only)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip":
-                     "Self-attention with fewer references than it was trained on: seed of the resampling."}),
-        }}
-
-    def aggregate(self, embeds, method, aggregator_name, seed):
-        node = "AggregateEmbeds"
-        if not isinstance(embeds, agg.RefEmbeds):
-            raise ValueError(f"{node}: input 'embeds' must come from IPAdapterEncode (got {type(embeds).__name__}).")
-        kept, dropped = agg.usable_rows(embeds.embeds)
-        if dropped:
-            embeds = embeds.select(kept, f"references {[embeds.source_index[i] for i in dropped]} skipped "
-                                   "(NaN or zero embedding)")
-        if len(embeds) == 0:
-            report = "; ".join(["no usable reference: the IP-Adapter will be skipped", *embeds.notes])
-            log.warning("[facecond] %s: %s", node, report)
-            return (embeds, report)
-        aggregator = None
-        if method == "self-attention":
-            if aggregator_name == "none":
-                raise ValueError(f"{node}: method self-attention needs aggregator_name (a file in "
-                                 "models/facecond/aggregators from scripts/train_aggregator.py), or pick mean.")
-            aggregator = agg.load_aggregator(folder_paths.get_full_path_or_raise(AGGREGATOR_FOLDER, aggregator_name))
-        try:
-            x, note = agg.aggregate(embeds.embeds, method, aggregator, seed)
-        except ValueError as e:
-            raise ValueError(f"{node}: {e}. Use an aggregator trained on these embeddings ({embeds.model}).") from None
-        out = agg.RefEmbeds(x, embeds.kind, embeds.model, (-1,), (*embeds.notes, note))
-        report = "; ".join(out.notes)
-        log.info("[facecond] %s: %s", node, report)
-        return (out, report)
 
 
 class ApplyIPAdapter:
@@ -239,8 +192,8 @@ class ApplyIPAdapter:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD1.5 model (existing patches are kept)."}),
-            "ipadapter": (IPADAPTER_TYPE, {"tooltip": "From LoadIPAdapter."}),
-            "embeds": (EMBEDS_TYPE, {"tooltip": "From IPAdapterEncode or AggregateEmbeds."}),
+            "ipadapter": (IPADAPTER, {"tooltip": "From LoadIPAdapter."}),
+            "embeds": (REF_EMBEDS, {"tooltip": "From IPAdapterEncode or AggregateEmbeds."}),
             "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip":
                        "λ: strength of the image term (0: no effect, 1: as trained)."}),
             "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
@@ -294,12 +247,10 @@ class ApplyIPAdapter:
 NODE_CLASS_MAPPINGS = {
     "FacecondLoadIPAdapter": LoadIPAdapter,
     "FacecondIPAdapterEncode": IPAdapterEncode,
-    "FacecondAggregateEmbeds": AggregateEmbeds,
     "FacecondApplyIPAdapter": ApplyIPAdapter,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FacecondLoadIPAdapter": "LoadIPAdapter",
     "FacecondIPAdapterEncode": "IPAdapterEncode",
-    "FacecondAggregateEmbeds": "AggregateEmbeds",
     "FacecondApplyIPAdapter": "ApplyIPAdapter",
 }

@@ -141,6 +141,7 @@ def train(people_train: list[Person], people_test: list[Person], model, adapter,
           eval_rounds: int = 4):
     """Train G; returns (aggregator, train losses, {"self-attention": test loss, "mean": test loss}), the test
     losses averaged over ``eval_rounds`` seeded leave-one-out draws per held-out person (the same for both)."""
+    from facecond.nodes.common import Progress
     from facecond.nodes.ipadapter import cross_attention_layers
     from facecond.py.ipadapter.aggregate import SelfAttentionAggregator
     from facecond.py.train.core import TrainConfig, Trainer, step_generator
@@ -166,11 +167,7 @@ def train(people_train: list[Person], people_test: list[Person], model, adapter,
         person = people_train[int(torch.randint(0, len(people_train), (1,), generator=g))]
         return leave_one_out_loss(person, g_module, adapter, layers, denoise, ms.sigmas, g, n_refs)
 
-    def progress(done, total, loss):
-        if done == 1 or done % 10 == 0 or done == total:
-            log.info("step %d/%d loss %.5f", done, total, loss)
-
-    losses = trainer.run(loss_fn, progress=progress)
+    losses = trainer.run(loss_fn, progress=Progress(steps, label="train_aggregator"))
     if state_path is not None:
         trainer.save(str(state_path))
     g_module.eval().requires_grad_(False)

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> str:
     import_comfy(args.comfyui, args.base_dir, args.cpu)
 
     from facecond.nodes.celebbasis import DEFAULT_TEMPLATES
+    from facecond.nodes.common import Progress
     from facecond.nodes.inversion import precompute_celeb_faces, train_face_ti
     from facecond.py.celebbasis import basis as cb
 
@@ -62,14 +63,11 @@ def main(argv: list[str] | None = None) -> str:
         return path
     crops, embeds = faces_of(load_photos(args.photos), args.detector, args.embedder)
 
-    def progress(done, total, loss):
-        if done == 1 or done % 10 == 0 or done == total:
-            log.info("[facecond] TrainFaceTI step %d/%d loss %.5f", done, total, loss)
-
     path, _, losses, what = train_face_ti(
         model, clip, vae, crops, embeds, init=args.init, num_vectors=args.num_vectors, reparam=args.reparam,
         prompt_templates=templates_text(args.templates, DEFAULT_TEMPLATES), steps=args.steps, learning_rate=args.lr,
-        seed=args.seed, augment=not args.no_augment, save_name=args.name, progress=progress)
+        seed=args.seed, augment=not args.no_augment, save_name=args.name,
+        progress=Progress(args.steps, label="TrainFaceTI"))
     log.info("[facecond] %d steps, init %s, loss first %.4f last %.4f", len(losses), what, losses[0], losses[-1])
     print(path)
     return path

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..weights.files import require_kind
 from .basis import CelebBasis
 
 MLP_KIND = "celeb_mlp"
@@ -88,10 +89,7 @@ def save_mlp(mlp: CoeffMLP, path: str | os.PathLike, basis: CelebBasis, *, embed
 
 def _read(path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if meta.get("facecond.kind") != kind:
-            raise ValueError(f"{os.path.basename(str(path))}: not a facecond {kind} file (facecond.kind="
-                             f"{meta.get('facecond.kind')!r})")
+        meta = require_kind(f.metadata(), kind, os.path.basename(str(path)), f"facecond {kind}")
         return meta, {k: f.get_tensor(k) for k in f.keys()}
 
 

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..weights.files import require_kind
 from .basis import name_token_pairs, names_hash
 
 INIT_MODES = ("face", "rand2", "id")
@@ -151,9 +152,7 @@ def save_celeb_faces(c: CelebFaces, path: str | os.PathLike) -> None:
 
 def load_celeb_faces(path: str | os.PathLike) -> CelebFaces:
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if meta.get("facecond.kind") != FACES_KIND:
-            raise ValueError(f"{os.path.basename(str(path))}: not a facecond celebrity-face cache")
+        meta = require_kind(f.metadata(), FACES_KIND, os.path.basename(str(path)), "facecond celebrity-face cache")
         embeds, found = f.get_tensor("embeds"), f.get_tensor("found").bool()
     names = tuple(json.loads(meta["names"]))
     if embeds.shape[0] != len(names) or found.shape != (len(names),):

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..faces.types import FaceEmbeds
+from ..weights.files import require_kind
 
 KIND = "face_embeds"
 FORMAT_VERSION = "1"
@@ -34,10 +35,7 @@ def load_embeds(path: str | os.PathLike) -> tuple[FaceEmbeds, dict[str, str]]:
     """The FaceEmbeds stored in ``path`` and the file's metadata (for ``source``)."""
     where = f"face embeddings file {os.path.basename(str(path))}"
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if meta.get("facecond.kind") != KIND:
-            raise ValueError(f"{where}: not a facecond face-embeddings file (metadata facecond.kind="
-                             f"{meta.get('facecond.kind')!r}, expected {KIND!r})")
+        meta = require_kind(f.metadata(), KIND, where, "facecond face-embeddings")
         if "embeds" not in f.keys():
             raise ValueError(f"{where}: no 'embeds' tensor")
         x = f.get_tensor("embeds").float()

@@ -27,6 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..weights.files import require_kind
+
 KIND = "face0_projection"
 FORMAT_VERSION = "1"
 # Context width of the cross-attention text context for each base-model family (Face0 targets SD1.x).
@@ -59,9 +61,7 @@ class ProjectionInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], where: str) -> ProjectionInfo:
-        if meta.get("facecond.kind") != KIND:
-            raise ValueError(f"{where}: not a Face0 projection file (metadata facecond.kind="
-                             f"{meta.get('facecond.kind')!r}, expected {KIND!r})")
+        require_kind(meta, KIND, where, "Face0 projection")
         try:
             norm = meta.get("embed_normalized")
             return cls(embedder=meta["embedder"], embed_dim=int(meta["embed_dim"]), tokens=int(meta["tokens"]),

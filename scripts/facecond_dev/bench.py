@@ -6,12 +6,42 @@ machine other processes steal cores, which inflates wall time but not the work t
 
 from __future__ import annotations
 
+import argparse
+import logging
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from . import host
+
+_FLAGS = {"size": "image side in pixels (latent = size/8)", "steps": "sampling steps",
+          "repeats": "timed repeats (the least time counts)", "threads": "torch CPU threads (1: stable timings)",
+          "batch": "latent batch"}
+
+
+def parse_args(doc: str, **defaults: int) -> argparse.Namespace:
+    """The command line of a benchmark: the integer flags named in ``defaults`` (size, steps, repeats, threads,
+    batch) with those defaults, ``doc``'s first line as the description; INFO logging to stderr."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in defaults.items():
+        ap.add_argument(f"--{name}", type=int, default=default, help=_FLAGS[name])
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args
+
+
+def prompt_inputs(clip, size: int, batch: int = 1):
+    """(positive "a photo of a person", negative "", empty latent size x size of ``batch``) for a sampling bench."""
+    import torch
+
+    import nodes
+
+    with torch.inference_mode():
+        pos = nodes.CLIPTextEncode().encode(clip, "a photo of a person")[0]
+        neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+        latent = nodes.EmptyLatentImage().generate(size, size, batch)[0]
+    return pos, neg, latent
 
 
 def best_cpu_time(fn: Callable[[], object], repeats: int) -> float:

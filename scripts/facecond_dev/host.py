@@ -248,3 +248,13 @@ def copy_inputs(base: Path, files: dict[str, Path]) -> None:
     """Copy files into the base's input folder under the given names (what LoadImage lists)."""
     for name, src in files.items():
         shutil.copyfile(src, base / "input" / name)
+
+
+def stage_server(server, files: dict[str, Path]):
+    """A running test server (``client.ComfyClient``) made ready for the example workflows: ``files`` copied into
+    its input folder, the stand-in face models installed, its node list refreshed so the new files show."""
+    base = Path(server.base_dir)
+    copy_inputs(base, files)
+    install_stand_in_models(base)
+    server.object_info(refresh=True)
+    return server

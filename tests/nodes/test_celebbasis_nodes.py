@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import nodes
-from facecond.nodes.celebbasis import CelebBasisCoeffs, LoadCelebCoeffs, SaveCelebCoeffs, TrainCelebBasis, basis_for
+from facecond.nodes.celebbasis import CelebBasisCoeffs, TrainCelebBasis, basis_for
+from facecond.nodes.celebbasis_files import LoadCelebCoeffs, SaveCelebCoeffs
 from facecond.nodes.pseudo_words import text_encoder
 from facecond.nodes.training import encode_with, template_tokens
 from facecond.py.celebbasis import basis as cb

@@ -13,12 +13,8 @@ from comfy_extras.nodes_model_advanced import RescaleCFG
 
 import nodes
 from facecond.nodes.embeddings import EmbeddingInterpolate, LoadFaceEmbeds, RandomIdentity, SaveFaceEmbeds
-from facecond.nodes.face0 import (
-    LoadFace0Projection,
-    ProjectToContext,
-    ThreeWayCFGSampler,
-    ThreeWayGuider,
-)
+from facecond.nodes.face0 import ThreeWayCFGSampler, ThreeWayGuider
+from facecond.nodes.face0_projection import LoadFace0Projection, ProjectToContext
 from facecond.py.face0.projection import ProjectionInfo, random_projection, save_projection
 from facecond.py.faces.types import FaceEmbeds
 
@@ -115,15 +111,15 @@ def test_project_bad_inputs_name_node_input_and_fix(tiny_model, projection, cond
     _, clip, _ = tiny_model
     text = conds["text"]
     node = ProjectToContext()
-    with pytest.raises(ValueError, match=r"ProjectToContext: face_embeds are 64-d .* takes 128-d"):
+    with pytest.raises(ValueError, match=r"ProjectToContext: input 'face_embeds' holds 64-d .* takes 128-d"):
         node.project(text, FaceEmbeds(torch.randn(1, 64), "test/embedder", False, (0,)), projection, clip, "each")
-    with pytest.raises(ValueError, match="ProjectToContext: face_embeds is empty"):
+    with pytest.raises(ValueError, match="ProjectToContext: input 'face_embeds' is empty"):
         node.project(text, FaceEmbeds(torch.zeros(0, D), "test/embedder", False, ()), projection, clip, "each")
     nan = _embeds(2).embeds.clone()
     nan[1, 3] = float("nan")
     with pytest.raises(ValueError, match=r"rows \[1\] contain NaN"):
         node.project(text, FaceEmbeds(nan, "test/embedder", True, (0, 1)), projection, clip, "each")
-    with pytest.raises(ValueError, match="trained on 'test/embedder'"):
+    with pytest.raises(ValueError, match="'other/model' but the projection takes 128-d embeddings from 'test/emb"):
         node.project(text, _embeds(1, model="other/model"), projection, clip, "each")
     sd2 = random_projection(ProjectionInfo(embedder="test/embedder", embed_dim=D, context_dim=1024, base_model="sd2"))
     with pytest.raises(ValueError, match=r"context width 768 .* 1024-wide tokens \(base model 'sd2'\)"):

@@ -9,12 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from facecond.nodes.facechain import (
-    FacecondChooseTemplateFace,
-    FacecondFaceChainPreprocess,
-    FacecondFaceFusion,
-    FacecondRankBySimilarity,
-)
+from facecond.nodes.facechain import FacecondChooseTemplateFace, FacecondFaceChainPreprocess, FacecondRankBySimilarity
+from facecond.nodes.facechain_fusion import FacecondFaceFusion
 from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
 from facecond.py.faces import crop
 from facecond.py.faces.align import transform_points

@@ -16,12 +16,12 @@ from safetensors.torch import save_file
 
 import nodes
 from facecond.nodes.ipadapter import (
-    AggregateEmbeds,
     ApplyIPAdapter,
     IPAdapterEncode,
     LoadIPAdapter,
     cross_attention_layers,
 )
+from facecond.nodes.ipadapter_aggregate import AggregateEmbeds
 from facecond.py.faces.types import FaceEmbeds
 from facecond.py.ipadapter import adapter as ipa
 from facecond.py.ipadapter import aggregate as agg
@@ -83,7 +83,7 @@ def test_load_detects_variant_and_encode_checks_inputs(faceid, embeds):
     with pytest.raises(ValueError, match=r"IPAdapterEncode: .*FaceID IP-Adapter: connect face_embeds"):
         IPAdapterEncode().encode(faceid, "center")
     wrong = FaceEmbeds(torch.ones(2, 64), "other", False, (0, 1))
-    with pytest.raises(ValueError, match=r"are 64-d .* takes 128-d face"):
+    with pytest.raises(ValueError, match=r"IPAdapterEncode: input 'face_embeds' holds 64-d .* takes 128-d embeddings"):
         IPAdapterEncode().encode(faceid, "center", face_embeds=wrong)
 
 

@@ -27,22 +27,18 @@ TRAINERS = ("FacecondTrainCelebBasis", "FacecondTrainFaceTI")
 
 @pytest.fixture(scope="module")
 def celeb_server(server, shared_data):
-    base = Path(server.base_dir)
     faces = shared_data / "faces"
-    host.copy_inputs(base, {"celebbasis_photo.jpg": faces / "obama" / "obama.jpg",
-                            "ti_photo_1.jpg": faces / "obama" / "obama.jpg",
-                            "ti_photo_2.jpg": faces / "obama" / "obama2.jpg",
-                            "ti_photo_3.jpg": faces / "obama" / "obama3.jpg"})
     a, b = Image.open(faces / "obama" / "obama.jpg").convert("RGB"), Image.open(faces / "biden" / "biden.jpg")
     h = 400
     a, b = (im.convert("RGB").resize((round(im.width * h / im.height), h)) for im in (a, b))
     pair = Image.new("RGB", (a.width + b.width, h))
     pair.paste(a, (0, 0))
     pair.paste(b, (a.width, 0))
-    pair.save(base / "input" / "celebbasis_two_people.jpg", quality=95)
-    host.install_stand_in_models(base)
-    server.object_info(refresh=True)
-    return server
+    pair.save(Path(server.base_dir) / "input" / "celebbasis_two_people.jpg", quality=95)
+    return host.stage_server(server, {"celebbasis_photo.jpg": faces / "obama" / "obama.jpg",
+                                      "ti_photo_1.jpg": faces / "obama" / "obama.jpg",
+                                      "ti_photo_2.jpg": faces / "obama" / "obama2.jpg",
+                                      "ti_photo_3.jpg": faces / "obama" / "obama3.jpg"})
 
 
 def _prompt(server, path: Path) -> dict:

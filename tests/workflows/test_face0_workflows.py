@@ -24,15 +24,11 @@ EXPECTED_IMAGES = {"face0_single_photo.json": 1, "face0_interpolate_two_photos.j
 
 @pytest.fixture(scope="module")
 def face0_server(server, shared_data):
-    base = Path(server.base_dir)
     faces = shared_data / "faces"
-    host.copy_inputs(base, {"face0_photo.jpg": faces / "obama" / "obama.jpg",
-                            "face0_photo_b.jpg": faces / "biden" / "biden.jpg",
-                            "face0_photo_c.png": faces / "astronaut" / "astronaut.png",
-                            "face0_photo_d.jpg": faces / "johns" / "John_Salley" / "000179_02159509.jpg"})
-    host.install_stand_in_models(base)
-    server.object_info(refresh=True)
-    return server
+    return host.stage_server(server, {"face0_photo.jpg": faces / "obama" / "obama.jpg",
+                                      "face0_photo_b.jpg": faces / "biden" / "biden.jpg",
+                                      "face0_photo_c.png": faces / "astronaut" / "astronaut.png",
+                                      "face0_photo_d.jpg": faces / "johns" / "John_Salley" / "000179_02159509.jpg"})
 
 
 def _prompt(server, path: Path) -> dict:
@@ -70,5 +66,5 @@ def test_bad_embedding_width_is_reported_by_name(face0_server):
     result = server.run(prompt)
     assert result.status == "error"
     assert result.error["node_type"] == "FacecondProjectToContext"
-    assert "face_embeds are 128-d" in result.error["exception_message"]
+    assert "input 'face_embeds' holds 128-d embeddings" in result.error["exception_message"]
     assert "takes 512-d embeddings" in result.error["exception_message"]
