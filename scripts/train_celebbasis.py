@@ -2,8 +2,9 @@
 
 ComfyUI is imported in-process (the pinned host by default, or --comfyui PATH); the checkpoint is any SD1.x /
 SD2.x file; photos are read from a folder, their faces detected and embedded with the pack's face nodes, then
-the node's own training runs and writes the same file (models/facecond/celebbasis/<save-name>.safetensors under
-the ComfyUI base directory, or --base-dir). Prints the written file's path. Example:
+the trainer the node runs (``nodes/celebbasis.train_celeb_mlp``) writes the same file
+(models/facecond/celebbasis/<save-name>.safetensors under the ComfyUI base directory, or --base-dir). Prints the
+written file's path. Example:
 
     .host/venv/bin/python -P scripts/train_celebbasis.py --checkpoint sd15.safetensors --photos me/ --steps 400
 
@@ -99,6 +100,15 @@ def faces_of(photos, detector: str, embedder: str):
     return torch.cat(crops), FaceEmbeds(embeds, model_id, normalized, tuple(range(len(rows))))
 
 
+def log_step(node: str):
+    """An ``on_step(done, total, loss)`` that logs every 10th step (and the first and last), as the nodes do."""
+    def on_step(done, total, loss):
+        if done == 1 or done % 10 == 0 or done == total:
+            log.info("[facecond] %s step %d/%d loss %.5f", node, done, total, loss)
+
+    return on_step
+
+
 def templates_text(path: str | None, default: str) -> str:
     return Path(path).read_text(encoding="utf-8") if path else default
 
@@ -115,13 +125,16 @@ def main(argv: list[str] | None = None) -> str:
     import_comfy(args.comfyui, args.base_dir, args.cpu)
     import folder_paths
 
-    from facecond.nodes.celebbasis import DEFAULT_TEMPLATES, FOLDER, TrainCelebBasis
+    from facecond.nodes.celebbasis import DEFAULT_TEMPLATES, FOLDER, train_celeb_mlp
+    from facecond.py.celebbasis.train import WordTrainConfig
 
     model, clip, vae = load_checkpoint(args.checkpoint)
     crops, embeds = faces_of(load_photos(args.photos), args.detector, args.embedder)
-    _, name, report = TrainCelebBasis().train(model, clip, vae, crops, embeds, args.identities,
-                                              templates_text(args.templates, DEFAULT_TEMPLATES), args.steps, args.lr,
-                                              args.p, args.seed, not args.no_augment, args.save_name, args.resume)
+    config = WordTrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, augment=not args.no_augment)
+    _, name, report = train_celeb_mlp(model, clip, vae, crops, embeds, identities=args.identities,
+                                      prompt_templates=templates_text(args.templates, DEFAULT_TEMPLATES), p=args.p,
+                                      config=config, save_name=args.save_name, resume=args.resume,
+                                      on_step=log_step("TrainCelebBasis"))
     log.info("[facecond] %s", report)
     path = str(Path(folder_paths.get_folder_paths(FOLDER)[0]) / name)
     print(path)

@@ -1,7 +1,8 @@
 """Train a face textual-inversion embedding from the command line (Livshits 2023; same code as TrainFaceTI).
 
 ComfyUI is imported in-process (the pinned host by default, or --comfyui PATH); photos come from a folder, their
-faces are detected and embedded with the pack's face nodes, and the node's own training writes the same file:
+faces are detected and embedded with the pack's face nodes, and the trainer the node runs
+(``nodes/inversion.train_face_ti``) writes the same file:
 models/embeddings/<name>.safetensors (use it as embedding:<name>). Prints the written file's path. Examples:
 
     .host/venv/bin/python -P scripts/train_face_ti.py --checkpoint sd15.safetensors --photos me/ --name me_ti
@@ -26,6 +27,7 @@ from train_celebbasis import (
     import_comfy,
     load_checkpoint,
     load_photos,
+    log_step,
     templates_text,
 )
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> str:
     from facecond.nodes.celebbasis import DEFAULT_TEMPLATES
     from facecond.nodes.inversion import precompute_celeb_faces, train_face_ti
     from facecond.py.celebbasis import basis as cb
+    from facecond.py.celebbasis.train import WordTrainConfig
 
     model, clip, vae = load_checkpoint(args.checkpoint)
     if args.precompute_celeb_faces:
@@ -61,15 +64,11 @@ def main(argv: list[str] | None = None) -> str:
         print(path)
         return path
     crops, embeds = faces_of(load_photos(args.photos), args.detector, args.embedder)
-
-    def progress(done, total, loss):
-        if done == 1 or done % 10 == 0 or done == total:
-            log.info("[facecond] TrainFaceTI step %d/%d loss %.5f", done, total, loss)
-
+    config = WordTrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, augment=not args.no_augment)
     path, _, losses, what = train_face_ti(
         model, clip, vae, crops, embeds, init=args.init, num_vectors=args.num_vectors, reparam=args.reparam,
-        prompt_templates=templates_text(args.templates, DEFAULT_TEMPLATES), steps=args.steps, learning_rate=args.lr,
-        seed=args.seed, augment=not args.no_augment, save_name=args.name, progress=progress)
+        prompt_templates=templates_text(args.templates, DEFAULT_TEMPLATES), config=config, save_name=args.name,
+        progress=log_step("TrainFaceTI"))
     log.info("[facecond] %d steps, init %s, loss first %.4f last %.4f", len(losses), what, losses[0], losses[-1])
     print(path)
     return path
