@@ -27,7 +27,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..face0.projection import Face0Projection, face_tokens, override_tokens
-from .core import denoising_loss, sample_noise, sample_sigmas, step_generator
+from .core import (
+    denoising_loss,
+    load_optimizer_state,
+    optimizer_state,
+    sample_noise,
+    sample_sigmas,
+    step_generator,
+)
 from .face0_data import decode_sample, iter_shard, shard_keys
 from .lora import LoRASet
 
@@ -140,13 +147,10 @@ def save_state(path: str, params: dict[str, torch.Tensor], ema: EMA, optimizer: 
                step: int, cfg: Face0TrainConfig, extra: dict) -> None:
     tensors = {f"param.{n}": p.detach().float().cpu().contiguous() for n, p in params.items()}
     tensors.update({f"ema.{n}": t.cpu().contiguous() for n, t in ema.shadow.items()})
-    sd = optimizer.state_dict()
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    optim, groups = optimizer_state(optimizer)
+    tensors.update(optim)
     meta = {"format": STATE_FORMAT, "step": step, "config": asdict(cfg), "param_names": list(params),
-            "param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-                             for g in sd["param_groups"]], "extra": extra}
+            "param_groups": groups, "extra": extra}
     save_file(tensors, path, metadata={"facecond_face0_state": json.dumps(meta)})
 
 
@@ -165,13 +169,7 @@ def load_state(path: str, params: dict[str, torch.Tensor], ema: EMA, optimizer: 
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
             ema.shadow[n] = tensors[f"ema.{n}"].to(ema.shadow[n].device)
-    state: dict[int, dict] = {}
-    for k, t in tensors.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = t
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    load_optimizer_state(optimizer, tensors, meta["param_groups"])
     return meta
 
 
