@@ -1,9 +1,11 @@
 """IP-Adapter with several reference images: load an IP-Adapter, encode references, aggregate them, patch a model.
 
-IP-Adapter: Ye et al. 2023 (arXiv 2308.06721); multi-reference aggregation: Kazistova, Stepanov, Filatov
-(METHODS.md §4). The maths lives in ``py/ipadapter/adapter.py`` (projections, decoupled attention, the attn2 patch)
-and ``py/ipadapter/aggregate.py`` (mean / max / norm-mean / trained self-attention); these classes check inputs, call it
-and wrap the results. CLIP vision comes from ComfyUI's own CLIPVisionLoader (``comfy.clip_vision.load``).
+IP-Adapter: Ye et al. 2023 (arXiv 2308.06721); multi-reference aggregation: K. M. Kazistova, I. D. Stepanov,
+A. V. Filatov, "Создание персонализированных генераций изображений" [Creating personalized image generations],
+MIPT / Skoltech (undated, after 2023; no arXiv id). The maths lives in ``py/ipadapter/adapter.py``
+(projections, the attn2 patch: decoupled attention) and ``py/ipadapter/aggregate.py`` (mean / max / norm-mean /
+trained self-attention); these classes check inputs, call it and wrap the results. CLIP vision comes from
+ComfyUI's own CLIPVisionLoader (``comfy.clip_vision.load``).
 
 The patch is ComfyUI's ``set_model_attn2_replace`` on a clone, one per UNet cross-attention, keyed
 (block, number, transformer index): input blocks, then output blocks, then the middle block, which is the

@@ -4,12 +4,12 @@ Pure torch; the ComfyUI model comes in duck-typed (``base.apply_model(x, sigma, 
 denoised latent for ε and v models alike, ``base.model_sampling.sigmas``, ``base.diffusion_model``). The CLI
 (scripts/face0_train.py) loads the checkpoint and runs the loop with Hugging Face accelerate.
 
-- Loss: the shared ``train_core.denoising_loss`` (ε-MSE, x_t = x0 + σ·ε over the model's σ table); a
+- Loss: the shared ``core.denoising_loss`` (ε-MSE, x_t = x0 + σ·ε over the model's σ table); a
   v-prediction checkpoint predicts through its own parameterisation (ComfyUI's model_sampling), the loss
   stays the paper's ε-MSE.
 - Face dropout: 10% of rows get zero tokens through ``projection.face_tokens(..., drop=mask)``, the exact
   "no face" input the sampler (ProjectToContext) uses. The text is never dropped (paper).
-- Randomness: one generator per (seed, micro-step, rank) from ``train_core.step_generator``, so a resumed run
+- Randomness: one generator per (seed, micro-step, rank) from ``core.step_generator``, so a resumed run
   draws what the uninterrupted run drew; data order is a function of (seed, epoch, rank) too.
 - State: one safetensors file (trainable params, EMA, AdamW tensors, JSON metadata); no pickle.
 """
@@ -112,7 +112,7 @@ def micro_generator(seed: int, micro_step: int, rank: int, world: int) -> torch.
 
 
 def face0_loss(model, x0, context, embeds, sigmas, gen: torch.Generator, face_drop: float) -> torch.Tensor:
-    """One micro-batch: σ uniform over the table, ε ~ N(0, I), face dropout mask, ε-MSE (train_core)."""
+    """One micro-batch: σ uniform over the table, ε ~ N(0, I), face dropout mask, ε-MSE (core)."""
     b = x0.shape[0]
     sigma, _ = sample_sigmas(sigmas, b, gen)
     noise = sample_noise(x0, gen)
