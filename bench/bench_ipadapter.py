@@ -35,9 +35,10 @@ def main() -> None:
     from facecond.nodes.ipadapter import ApplyIPAdapter, cross_attention_layers
     from facecond.py.ipadapter import adapter as ipa
     from facecond.py.ipadapter import aggregate as agg
+    from facecond_dev.random_weights import random_state_dict
 
     layers = cross_attention_layers(model)
-    adapter = ipa.from_state_dict(ipa.random_state_dict("faceid", 512, [d for _, d, _ in layers], layers[0][2]), "b")
+    adapter = ipa.from_state_dict(random_state_dict("faceid", 512, [d for _, d, _ in layers], layers[0][2]), "b")
     embeds = agg.RefEmbeds(torch.nn.functional.normalize(torch.randn(1, 512), dim=-1), "face", "bench", (0,))
 
     pos, neg, latent = prompt_inputs(clip, args.size, args.batch)

@@ -1,8 +1,8 @@
 """Celeb Basis nodes (Yuan et al. 2023, "Inserting Anybody in Diffusion Models via Celeb Basis", arXiv
 2306.00926): a face as a pseudo-word in the loaded model's own celebrity-name space.
 
-The maths is in ``py/celebbasis/basis.py`` (basis), ``py/celebbasis/coeffs.py`` (MLP, files), ``py/train/core.py`` and
-``py/train/augment.py`` (training). These classes check inputs, call it and wrap results.
+The maths is in ``py/celebbasis/basis.py`` (basis), ``py/celebbasis/coeffs.py`` (MLP, files) and
+``py/celebbasis/train.py`` (training). These classes check inputs, call it and wrap results.
 
 A pseudo-word enters a cloned CLIP through ``nodes/pseudo_words.py``; the trainer's ComfyUI-side helpers
 are in ``nodes/training.py``, the names lists, MLP and identity files in ``nodes/celebbasis_files.py``.
@@ -22,21 +22,13 @@ import folder_paths
 import torch
 
 from ..py.celebbasis import basis as cb
-from ..py.celebbasis.coeffs import BasisFacts, CelebCoeffs, fp16_exact, new_mlp, save_mlp
+from ..py.celebbasis.coeffs import BasisFacts, CelebCoeffs, fp16_exact, save_mlp
+from ..py.celebbasis.train import WordTrainConfig, parse_identities, train_celeb_basis
 from ..py.faces.types import FaceEmbeds
-from ..py.train.augment import augment as augment_images
-from ..py.train.core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
 from .celebbasis_files import FOLDER, CelebMLP, load_celeb_mlp, mlp_files, names_with_hash
 from .common import CELEB_COEFFS, CELEB_MLP, FACE_EMBEDS, Progress, require_embeds, seed_input, steps_input
 from .pseudo_words import TextEncoder, add_pseudo_word, text_encoder
-from .training import (
-    encode_images,
-    encode_with,
-    model_denoiser,
-    normal_tensor,
-    template_tokens,
-    trainable_clip,
-)
+from .training import normal_tensor, word_model
 
 log = logging.getLogger("facecond")
 
@@ -112,15 +104,39 @@ class CelebBasisCoeffs:
         return (add_pseudo_word(clip, pseudo_word, vectors, node), c)
 
 
-def parse_identities(text: str, n: int, node: str) -> list[int]:
-    if not text.strip():
-        return [0] * n
-    labels = [s.strip() for s in text.replace(";", ",").split(",") if s.strip()]
-    if len(labels) != n:
-        raise ValueError(f"{node}: identities has {len(labels)} labels for {n} images; give one per image, e.g. "
-                         "'a,a,b' (or leave it empty: one person).")
-    order = list(dict.fromkeys(labels))
-    return [order.index(s) for s in labels]
+def train_celeb_mlp(model, clip, vae, images, face_embeds: FaceEmbeds, *, identities: str, prompt_templates: str,
+                    p: int, config: WordTrainConfig, save_name: str, resume: bool = False,
+                    node: str = "TrainCelebBasis", on_step=None) -> tuple[CelebMLP, str, str]:
+    """Check the inputs, build the trainer's callables from the ComfyUI objects, run ``train_celeb_basis`` and
+    write models/facecond/celebbasis/<save_name>.safetensors (+ .state.safetensors). Returns (CELEB_MLP, file
+    name relative to that folder, report). TrainCelebBasis and scripts/train_celebbasis.py run this."""
+    n = images.shape[0]
+    require_embeds(node, "face_embeds", face_embeds)
+    if len(face_embeds) != n:
+        raise ValueError(f"{node}: {n} images but {len(face_embeds)} face embeddings; give one face per image "
+                         "(FaceDetectCrop select=largest, no_face=error).")
+    if not re.fullmatch(r"[\w\-. /]+", save_name) or ".." in save_name:
+        raise ValueError(f"{node}: save_name {save_name!r} must be a plain file name (letters, digits, _-./).")
+    ids = parse_identities(identities, n, node)
+    templates = [t.strip() for t in prompt_templates.splitlines() if t.strip()]
+    names = cb.load_names()
+    basis, _ = basis_for(clip, names, p, node)
+    # the server runs nodes under inference mode: tensors autograd saves must be normal ones (grad_safe)
+    basis = dataclasses.replace(basis, mean=normal_tensor(basis.mean), basis=normal_tensor(basis.basis))
+    wm = word_model(model, clip, vae, templates, node)
+    root = folder_paths.get_folder_paths(FOLDER)[0]
+    path = os.path.join(root, save_name + ".safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    mlp, trainer = train_celeb_basis(
+        wm, basis, images, face_embeds.embeds, ids, config, normalized=face_embeds.normalized,
+        state_path=os.path.join(root, save_name + ".state.safetensors"), resume=resume, state_meta={"node": node},
+        on_step=on_step, check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+    save_mlp(mlp, path, basis, embedder=face_embeds.model, names=names, steps=trainer.step)
+    facts = BasisFacts(basis.p, basis.table_hash, basis.names_hash)
+    losses = trainer.losses
+    report = (f"{node}: {trainer.step} steps, {max(ids) + 1} identities, {n} images, p={basis.p}; loss first "
+              f"{losses[0]:.4f} last {losses[-1]:.4f}" if losses else f"{node}: nothing to do")
+    return CelebMLP(mlp, face_embeds.model, tuple(names), facts), os.path.relpath(path, root), report
 
 
 class TrainCelebBasis:
@@ -166,66 +182,10 @@ class TrainCelebBasis:
     def train(self, model, clip, vae, images, face_embeds, identities, prompt_templates, steps, learning_rate, p,
               seed, augment, save_name, resume):
         node = "TrainCelebBasis"
-        n = images.shape[0]
-        if not isinstance(face_embeds, FaceEmbeds) or len(face_embeds) != n:
-            raise ValueError(f"{node}: {n} images but {len(face_embeds) if face_embeds is not None else 0} face "
-                             "embeddings; give one face per image (FaceDetectCrop select=largest, no_face=error).")
-        if not re.fullmatch(r"[\w\-. /]+", save_name) or ".." in save_name:
-            raise ValueError(f"{node}: save_name {save_name!r} must be a plain file name (letters, digits, _-./).")
-        ids = parse_identities(identities, n, node)
-        templates = [t.strip() for t in prompt_templates.splitlines() if t.strip()]
-        names = cb.load_names()
-        basis, _ = basis_for(clip, names, p, node)
-        denoise, sigmas, device = model_denoiser(model, node)
-        # the server runs nodes under inference mode: tensors autograd saves must be normal ones (grad_safe)
-        basis = dataclasses.replace(basis, mean=normal_tensor(basis.mean), basis=normal_tensor(basis.basis))
-        feats = normal_tensor(face_embeds.embeds.float())
-        tclip = trainable_clip(clip)
-        with torch.inference_mode(False):
-            people = torch.stack([feats[[i for i in range(n) if ids[i] == k]].mean(0) for k in range(max(ids) + 1)])
-            if face_embeds.normalized:
-                people = torch.nn.functional.normalize(people, dim=-1)
-            mlp = new_mlp(feats.shape[1], basis, seed).to(device)
-        tokens = template_tokens(clip, templates, node)
-        pixels = images[..., :3].movedim(-1, 1).float()  # (N, 3, H, W)
-        fixed_latents = None if augment else encode_images(vae, model, images)
-        people = people.to(device)
-
-        def loss_fn(step, g):
-            i = int(torch.randint(0, n, (1,), generator=g))
-            t = int(torch.randint(0, len(tokens), (1,), generator=g))
-            if fixed_latents is None:
-                img = augment_images(pixels[i:i + 1], g).movedim(1, -1)
-                x0 = encode_images(vae, model, img).to(device)
-            else:
-                x0 = fixed_latents[i:i + 1].to(device)
-            sigma, _ = sample_sigmas(sigmas, 1, g)
-            noise = sample_noise(x0, g)
-            vectors = basis.embeddings(mlp(people[ids[i]:ids[i] + 1])[0])
-            context = encode_with(tclip, tokens[t], vectors)
-            return denoising_loss(denoise, x0, context.to(device), sigma, noise)
-
-        trainer = Trainer(dict(mlp.named_parameters()), TrainConfig(steps=steps, lr=learning_rate, seed=seed))
-        root = folder_paths.get_folder_paths(FOLDER)[0]
-        path = os.path.join(root, save_name + ".safetensors")
-        state_path = os.path.join(root, save_name + ".state.safetensors")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if resume and os.path.isfile(state_path):
-            trainer.load(state_path)
-            log.info("[facecond] %s: resuming %s at step %d", node, save_name, trainer.step)
-        progress = Progress(steps, label=node)
-        try:
-            trainer.run(loss_fn, progress=progress,
-                        check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-        finally:  # an interrupted run can be resumed from its last finished step
-            trainer.save(state_path, {"node": node, "basis_id": basis.basis_id})
-        mlp = mlp.cpu().eval()
-        save_mlp(mlp, path, basis, embedder=face_embeds.model, names=names, steps=trainer.step)
-        facts = BasisFacts(basis.p, basis.table_hash, basis.names_hash)
-        losses = trainer.losses
-        report = (f"{node}: {trainer.step} steps, {max(ids) + 1} identities, {n} images, p={basis.p}; loss first "
-                  f"{losses[0]:.4f} last {losses[-1]:.4f}" if losses else f"{node}: nothing to do")
-        return (CelebMLP(mlp, face_embeds.model, tuple(names), facts), os.path.relpath(path, root), report)
+        return train_celeb_mlp(model, clip, vae, images, face_embeds, identities=identities,
+                               prompt_templates=prompt_templates, p=p, save_name=save_name, resume=resume,
+                               config=WordTrainConfig(steps=steps, lr=learning_rate, seed=seed, augment=augment),
+                               node=node, on_step=Progress(steps, label=node))
 
 
 NODE_CLASS_MAPPINGS = {

@@ -18,7 +18,7 @@ import comfy.utils
 import latent_preview
 import node_helpers
 
-from ..py.face0.guidance import branch_weights, combine_conditional
+from ..py.face0.guidance import branch_weights, three_way_cfg
 from .common import denoise_input, sampler_inputs, seed_input, steps_input
 
 log = logging.getLogger("facecond")
@@ -31,30 +31,42 @@ class Guider_Face0ThreeWay(comfy.samplers.CFGGuider):
 
     Every branch with a non-zero weight is evaluated in one ``calc_cond_batch`` call, in the order
     [positive (d,f), negative (∅), text_only (d), face_only (f)] so that hooks reading ``conds_out[0]``/``[1]``
-    see cond/uncond as under plain CFG; the combined ε̃ then goes through ComfyUI's own ``cfg_function``
-    (so ``sampler_cfg_function`` patches and post-CFG hooks run as under KSampler). Pre-CFG hooks are run
-    here, as Guider_PerpNeg does, because ``sampling_function`` is skipped.
+    see cond/uncond as under plain CFG; ``three_way_cfg`` combines them, handing ε̃ to ComfyUI's own
+    ``cfg_function`` (so ``sampler_cfg_function`` patches and post-CFG hooks run as under KSampler). Pre-CFG hooks
+    are run here, as Guider_PerpNeg does, because ``sampling_function`` is skipped.
+
+    ``set_cfg(cfg, c, a)`` and ``set_conds(positive, negative, text_only, face_only)`` may come in either order:
+    whichever comes second registers the text_only / face_only conditionings that the weights need (only those,
+    so c = 1 prepares exactly what KSampler prepares) and raises if one of them is missing.
     """
 
     def __init__(self, model_patcher):
         super().__init__(model_patcher)
+        self.extra_conds = None  # text_only / face_only as set_conds got them (None: set_conds not called yet)
         self.set_cfg(self.cfg)  # plain CFG until set_cfg says otherwise
 
     def set_conds(self, positive, negative, text_only=None, face_only=None):
-        conds = {"positive": positive, "negative": negative}
-        need = self.weights.needed(skip_uncond_at_cfg1=False)
-        # Only the branches that can run are registered, so c = 1 prepares exactly what KSampler prepares.
-        for key, cond, weight in (("text_only", text_only, "text"), ("face_only", face_only, "face")):
-            if need[weight]:
-                if cond is None:
-                    raise ValueError(f"ThreeWayCFG: c={self.c:g}, a={self.a:g} give the {key} branch weight "
-                                     f"{getattr(self.weights, weight):g}; connect ProjectToContext's {key} output.")
-                conds[key] = node_helpers.conditioning_set_values(cond, {"prompt_type": "positive"})
-        self.inner_set_conds(conds)
+        self.inner_set_conds({"positive": positive, "negative": negative})
+        self.extra_conds = {"text_only": text_only, "face_only": face_only}
+        self._register_branches()
 
     def set_cfg(self, cfg, c=1.0, a=0.0):
         self.cfg, self.c, self.a = cfg, c, a
         self.weights = branch_weights(cfg, c, a)
+        self._register_branches()
+
+    def _register_branches(self):
+        if self.extra_conds is None:
+            return
+        need = self.weights.needed(skip_uncond_at_cfg1=False)
+        for key, weight in (("text_only", "text"), ("face_only", "face")):
+            self.original_conds.pop(key, None)
+            if need[weight]:
+                cond = self.extra_conds[key]
+                if cond is None:
+                    raise ValueError(f"ThreeWayCFG: c={self.c:g}, a={self.a:g} give the {key} branch weight "
+                                     f"{getattr(self.weights, weight):g}; connect ProjectToContext's {key} output.")
+                self.inner_set_conds({key: node_helpers.conditioning_set_values(cond, {"prompt_type": "positive"})})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
         need = self.weights.needed(skip_uncond_at_cfg1=not model_options.get("disable_cfg1_optimization", False))
@@ -76,9 +88,12 @@ class Guider_Face0ThreeWay(comfy.samplers.CFGGuider):
             out = fn(args)
         out = list(out) + [None] * (4 - len(out))
         preds = [o if cnd is not None else None for o, cnd in zip(out, [*conds, None, None])]
-        cond_pred = combine_conditional(self.weights, preds[0], preds[2], preds[3])
-        return comfy.samplers.cfg_function(self.inner_model, cond_pred, out[1], self.cfg, x, timestep,
-                                           model_options=model_options, cond=positive, uncond=conds[1])
+
+        def cfg_function(cond_pred, uncond_pred):
+            return comfy.samplers.cfg_function(self.inner_model, cond_pred, uncond_pred, self.cfg, x, timestep,
+                                               model_options=model_options, cond=positive, uncond=conds[1])
+
+        return three_way_cfg(self.weights, preds[0], preds[2], preds[3], out[1], cfg_function=cfg_function)
 
 
 def _guidance_inputs():

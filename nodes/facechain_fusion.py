@@ -115,7 +115,7 @@ class FacecondFaceFusion:
                 import cv2
 
                 new = cv2.resize(new, (resolution, resolution), interpolation=cv2.INTER_AREA)
-            out[i], alpha = fusion.paste(out[i], new, m, crop_mask)
+            out[i], alpha = align.paste_back(out[i], new, m, crop_mask)
             alpha_all[i] = np.maximum(alpha_all[i], alpha)
             lines.append(f"image {i}: face {r} fused (score {float(faces.scores[r]):.3f}, roll "
                          f"{fusion.roll_degrees(faces.affine_arcface[r].numpy()):+.0f} deg)")

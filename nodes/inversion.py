@@ -1,8 +1,8 @@
 """Face textual inversion nodes (Livshits 2023, after Gal et al. 2022): K learned token vectors for a person,
 saved as a standard embedding that ComfyUI's ``embedding:NAME`` prompt syntax loads.
 
-The maths is in ``py/celebbasis/inversion.py``; training reuses ``py/train/core.Trainer`` and the Celeb Basis trainer's
-differentiable text-encoder forward (``nodes/celebbasis.encode_with``), so both trainers share one core.
+The maths is in ``py/celebbasis/inversion.py``; the training loop is ``py/celebbasis/train.train_face_ti``, which
+shares its loss step with the Celeb Basis trainer and gets the ComfyUI model through ``nodes/training.word_model``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import torch
 
 from ..py.celebbasis import basis as cb
 from ..py.celebbasis import inversion as inv
+from ..py.celebbasis.train import WordTrainConfig
+from ..py.celebbasis.train import train_face_ti as train_vectors
 from ..py.faces.types import FaceEmbeds
-from ..py.train.augment import augment as augment_images
-from ..py.train.core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
 from .celebbasis import DEFAULT_TEMPLATES, FOLDER
 from .common import FACE_EMBEDS, Progress, seed_input, steps_input
 from .pseudo_words import text_encoder
-from .training import encode_images, encode_with, model_denoiser, normal_tensor, template_tokens, trainable_clip
+from .training import normal_tensor, word_model
 
 log = logging.getLogger("facecond")
 
@@ -139,10 +139,13 @@ def face_vector(fe: FaceEmbeds, node: str) -> torch.Tensor:
 
 
 def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbeds | None, *, init: str,
-                  num_vectors: int, reparam: str, prompt_templates: str, steps: int, learning_rate: float, seed: int,
-                  augment: bool, save_name: str, node: str = "TrainFaceTI", progress=None):
-    """Train K TI vectors on ``images`` (N, H, W, 3); write ``models/embeddings/<save_name>.safetensors``.
-    Returns (file path, vectors (K, d), losses, init description). Shared by the node and the CLI."""
+                  num_vectors: int, reparam: str, prompt_templates: str, config: WordTrainConfig, save_name: str,
+                  node: str = "TrainFaceTI", progress=None):
+    """Check the inputs, pick the start vectors, build the trainer's callables from the ComfyUI objects, run
+    ``py/celebbasis/train.train_face_ti`` on ``images`` (N, H, W, 3) and write
+    ``models/embeddings/<save_name>.safetensors``. Returns (file path, vectors (K, d), losses, init description).
+    TrainFaceTI and scripts/train_face_ti.py run this."""
+    seed = config.seed
     if not NAME_RE.match(save_name):
         raise ValueError(f"{node}: save_name {save_name!r} must be letters, digits, _ or - (it becomes the word "
                          "in embedding:NAME), at most 64 characters.")
@@ -170,42 +173,17 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
         celeb_faces, face = inv.load_celeb_faces(path), face_vector(face_embeds, node)
     start, what = inv.init_vectors(init, enc.table(), enc.tokenize, num_vectors, names=names, seed=seed,
                                    celeb_faces=celeb_faces, face=face)
-    denoise, sigmas, device = model_denoiser(model, node)
-    tokens = template_tokens(clip, templates, node, k=num_vectors)
-    tclip = trainable_clip(clip)
-    with torch.inference_mode(False):
-        vecs = inv.TIVectors(normal_tensor(start).to(device), reparam)
-    pixels = images[..., :3].movedim(-1, 1).float()  # (N, 3, H, W)
-    fixed = None if augment else encode_images(vae, model, images)
-    n = images.shape[0]
-
-    def loss_fn(step, g):
-        i = int(torch.randint(0, n, (1,), generator=g))
-        t = int(torch.randint(0, len(tokens), (1,), generator=g))
-        if fixed is None:
-            x0 = encode_images(vae, model, augment_images(pixels[i:i + 1], g).movedim(1, -1)).to(device)
-        else:
-            x0 = fixed[i:i + 1].to(device)
-        sigma, _ = sample_sigmas(sigmas, 1, g)
-        noise = sample_noise(x0, g)
-        context = encode_with(tclip, tokens[t], vecs.vectors(), node)
-        return denoising_loss(denoise, x0, context.to(device), sigma, noise)
-
-    cfg = TrainConfig(steps=steps, lr=learning_rate, betas=(0.9, 0.98), seed=seed,
-                      weight_decay=inv.L2_WEIGHT if inv.REPARAM[reparam] is None else 0.0)
-    trainer = Trainer(vecs.params, cfg)
-    trainer.run(loss_fn, progress=progress,
-                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-    with torch.inference_mode(False), torch.no_grad():
-        final = vecs.vectors().detach().cpu().float().clone()
+    wm = word_model(model, clip, vae, templates, node, k=num_vectors)
+    final, losses = train_vectors(wm, normal_tensor(start), images, config, reparam=reparam, on_step=progress,
+                                  check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
     out_dir = folder_paths.get_folder_paths("embeddings")[0]
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, save_name + ".safetensors")
-    inv.save_embedding(final, path, enc.key, {"init": what, "reparam": reparam, "steps": trainer.step,
-                                              "seed": seed, "losses": trainer.losses[-10:],
+    inv.save_embedding(final, path, enc.key, {"init": what, "reparam": reparam, "steps": len(losses),
+                                              "seed": seed, "losses": losses[-10:],
                                               "table_hash": cb.table_hash(enc.table()),
                                               "face_embedder": face_embeds.model if face_embeds else ""})
-    return path, final, trainer.losses, what
+    return path, final, losses, what
 
 
 class TrainFaceTI:
@@ -257,8 +235,8 @@ class TrainFaceTI:
         node = "TrainFaceTI"
         _, _, losses, what = train_face_ti(
             model, clip, vae, images, face_embeds, init=init, num_vectors=num_vectors, reparam=reparam,
-            prompt_templates=prompt_templates, steps=steps, learning_rate=learning_rate, seed=seed, augment=augment,
-            save_name=save_name, node=node, progress=Progress(steps, label=node))
+            prompt_templates=prompt_templates, save_name=save_name, node=node, progress=Progress(steps, label=node),
+            config=WordTrainConfig(steps=steps, lr=learning_rate, seed=seed, augment=augment))
         report = (f"{node}: {len(losses)} steps, {images.shape[0]} images, K={num_vectors}, init {what}, "
                   f"reparam {reparam}; loss first {losses[0]:.4f} last {losses[-1]:.4f}; use embedding:{save_name}")
         return (clip.clone(), save_name, report)

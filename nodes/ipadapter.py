@@ -1,7 +1,7 @@
 """IP-Adapter with several reference images: load an IP-Adapter, encode references, aggregate them, patch a model.
 
 IP-Adapter: Ye et al. 2023 (arXiv 2308.06721). The maths lives in ``py/ipadapter/adapter.py`` (projections,
-decoupled attention, the attn2 patch); these classes check inputs, call it and wrap the results. The aggregation
+the attn2 patch: decoupled attention); these classes check inputs, call it and wrap the results. The aggregation
 node (AggregateEmbeds) is in ``ipadapter_aggregate.py``. CLIP vision comes from ComfyUI's own CLIPVisionLoader
 (``comfy.clip_vision.load``).
 

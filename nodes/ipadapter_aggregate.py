@@ -1,5 +1,7 @@
-"""Several reference photos of one person -> one IP-Adapter embedding (Kazistova, Stepanov, Filatov): mean, max,
-norm-mean or a trained self-attention aggregator. The maths is ``py/ipadapter/aggregate.py``; the other
+"""Several reference photos of one person -> one IP-Adapter embedding: mean, max, norm-mean or a trained
+self-attention aggregator (K. M. Kazistova, I. D. Stepanov, A. V. Filatov,
+"Создание персонализированных генераций изображений" [Creating personalized image generations],
+MIPT / Skoltech, undated, after 2023; no arXiv id). The maths is ``py/ipadapter/aggregate.py``; the other
 IP-Adapter nodes are in ``ipadapter.py``.
 """
 

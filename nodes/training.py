@@ -4,7 +4,8 @@ ComfyUI runs nodes under ``torch.inference_mode()`` and its CLIP layers add resi
 needs: a clone whose weights are read through a grad-safe wrapper (``grad_safe``, ``trainable_clip``), tensors
 copied out of inference mode (``normal_tensor``), the model as a ``denoise(x, sigma, context)`` callable for
 ``py/train/core.denoising_loss`` (``model_denoiser``), and a differentiable text-encoder forward that takes
-the learned vectors at a pseudo-word's positions (``template_tokens`` + ``encode_with``).
+the learned vectors at a pseudo-word's positions (``template_tokens`` + ``encode_with``). ``word_model`` bundles
+them as the plain callables ``py/celebbasis/train.py`` trains with.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import comfy.model_management
 import comfy.model_sampling
 import torch
 
+from ..py.celebbasis.train import WordModel
 from .pseudo_words import add_pseudo_word, text_encoder
 
 
@@ -132,3 +134,16 @@ def encode_images(vae, model, images: torch.Tensor) -> torch.Tensor:
         lat = vae.encode(images[..., :3])
         lat = model.model.process_latent_in(lat)
     return lat.clone()
+
+
+def word_model(model, clip, vae, templates: list[str], node: str, k: int = 2) -> WordModel:
+    """A ComfyUI MODEL / CLIP / VAE as the trainers' ``WordModel``: the model's denoiser and sigma table, the VAE
+    encoder, and ``templates`` (each with one ``{}``) encoded through a trainable clone of the CLIP with k vectors
+    at ``{}``. The inputs are not modified."""
+    denoise, sigmas, device = model_denoiser(model, node)
+    tokens = template_tokens(clip, templates, node, k=k)
+    tclip = trainable_clip(clip)
+    return WordModel(denoise=denoise, sigmas=sigmas, device=device,
+                     encode_images=lambda images: encode_images(vae, model, images),
+                     encode_text=lambda t, vectors: encode_with(tclip, tokens[t], vectors, node),
+                     templates=len(tokens))

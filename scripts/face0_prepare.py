@@ -5,7 +5,8 @@ captions next to them, a CSV (or Parquet, needs pyarrow) with columns path,capti
 holding KEY.jpg/png + KEY.txt. Each image: MTCNN (facenet-pytorch weights), largest face of at least
 --min-face px, Face0's crop margins, embedded with --face-model (a FaceNet VGGFace2 state dict: Face0's
 embedder, or an insightface-format ONNX recogniser); the image is stored at --resolution (short side, centre
-crop), optionally with its VAE latent (--checkpoint, a ComfyUI SD checkpoint). Format: py/train/face0_data.py.
+crop), optionally with its VAE latent (--checkpoint, a ComfyUI SD checkpoint). Format: py/train/face0_data.py
+(sources: py/train/face0_sources.py).
 
 Resumable: a shard counts as finished when its report ``shard-NNNNNN.json`` exists; re-running skips it.
 Parallel: --workers processes on this machine; --shard-index i --num-shards n splits the shards across
@@ -128,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--resolution {args.resolution} must be a multiple of 8 (VAE latents)")
     _pack()
     from facecond.py.train import face0_data as fd
+    from facecond.py.train.face0_sources import source_items
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    items = fd.source_items(args.sources)
+    items = source_items(args.sources)
     plan = fd.plan_shards(len(items), args.shard_size)
     mine = fd.my_shards(len(plan), args.shard_index, args.num_shards)
     todo = [i for i in mine if not (out / f"{fd.shard_name(i)[:-4]}.json").is_file()]

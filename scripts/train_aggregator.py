@@ -1,5 +1,7 @@
-"""Train the self-attention reference aggregator of multi-reference IP-Adapter (Kazistova, Stepanov, Filatov;
-METHODS.md §4) on a folder of people, leave-one-out, with the pack's shared training core (py/train/core.py).
+"""Train the self-attention reference aggregator of multi-reference IP-Adapter (K. M. Kazistova, I. D. Stepanov,
+A. V. Filatov, "Создание персонализированных генераций изображений" [Creating personalized image generations], MIPT /
+Skoltech; undated, no arXiv id) on a folder of people, leave-one-out, with the pack's shared training core
+(py/train/core.py).
 
 Data: ``DATA/<person>/<image>`` (jpg/png/webp), one subfolder per person; an optional ``<image>.txt`` next to an
 image is its caption (else ``--caption``). People are split train/test 2:1 by person (seeded), as the paper does.

@@ -2,8 +2,9 @@
 
 ComfyUI is imported in-process (the pinned host by default, or --comfyui PATH); the checkpoint is any SD1.x /
 SD2.x file; photos are read from a folder, their faces detected and embedded with the pack's face nodes, then
-the node's own training runs and writes the same file (models/facecond/celebbasis/<save-name>.safetensors under
-the ComfyUI base directory, or --base-dir). Prints the written file's path. Example:
+the trainer the node runs (``nodes/celebbasis.train_celeb_mlp``) writes the same file
+(models/facecond/celebbasis/<save-name>.safetensors under the ComfyUI base directory, or --base-dir). Prints the
+written file's path. Example:
 
     .host/venv/bin/python -P scripts/train_celebbasis.py --checkpoint sd15.safetensors --photos me/ --steps 400
 
@@ -115,13 +116,17 @@ def main(argv: list[str] | None = None) -> str:
     import_comfy(args.comfyui, args.base_dir, args.cpu)
     import folder_paths
 
-    from facecond.nodes.celebbasis import DEFAULT_TEMPLATES, FOLDER, TrainCelebBasis
+    from facecond.nodes.celebbasis import DEFAULT_TEMPLATES, FOLDER, train_celeb_mlp
+    from facecond.nodes.common import Progress
+    from facecond.py.celebbasis.train import WordTrainConfig
 
     model, clip, vae = load_checkpoint(args.checkpoint)
     crops, embeds = faces_of(load_photos(args.photos), args.detector, args.embedder)
-    _, name, report = TrainCelebBasis().train(model, clip, vae, crops, embeds, args.identities,
-                                              templates_text(args.templates, DEFAULT_TEMPLATES), args.steps, args.lr,
-                                              args.p, args.seed, not args.no_augment, args.save_name, args.resume)
+    config = WordTrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, augment=not args.no_augment)
+    _, name, report = train_celeb_mlp(model, clip, vae, crops, embeds, identities=args.identities,
+                                      prompt_templates=templates_text(args.templates, DEFAULT_TEMPLATES), p=args.p,
+                                      config=config, save_name=args.save_name, resume=args.resume,
+                                      on_step=Progress(args.steps, label="TrainCelebBasis"))
     log.info("[facecond] %s", report)
     path = str(Path(folder_paths.get_folder_paths(FOLDER)[0]) / name)
     print(path)

@@ -1,7 +1,8 @@
 """Train a face textual-inversion embedding from the command line (Livshits 2023; same code as TrainFaceTI).
 
 ComfyUI is imported in-process (the pinned host by default, or --comfyui PATH); photos come from a folder, their
-faces are detected and embedded with the pack's face nodes, and the node's own training writes the same file:
+faces are detected and embedded with the pack's face nodes, and the trainer the node runs
+(``nodes/inversion.train_face_ti``) writes the same file:
 models/embeddings/<name>.safetensors (use it as embedding:<name>). Prints the written file's path. Examples:
 
     .host/venv/bin/python -P scripts/train_face_ti.py --checkpoint sd15.safetensors --photos me/ --name me_ti
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> str:
     from facecond.nodes.common import Progress
     from facecond.nodes.inversion import precompute_celeb_faces, train_face_ti
     from facecond.py.celebbasis import basis as cb
+    from facecond.py.celebbasis.train import WordTrainConfig
 
     model, clip, vae = load_checkpoint(args.checkpoint)
     if args.precompute_celeb_faces:
@@ -62,11 +64,10 @@ def main(argv: list[str] | None = None) -> str:
         print(path)
         return path
     crops, embeds = faces_of(load_photos(args.photos), args.detector, args.embedder)
-
+    config = WordTrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, augment=not args.no_augment)
     path, _, losses, what = train_face_ti(
         model, clip, vae, crops, embeds, init=args.init, num_vectors=args.num_vectors, reparam=args.reparam,
-        prompt_templates=templates_text(args.templates, DEFAULT_TEMPLATES), steps=args.steps, learning_rate=args.lr,
-        seed=args.seed, augment=not args.no_augment, save_name=args.name,
+        prompt_templates=templates_text(args.templates, DEFAULT_TEMPLATES), config=config, save_name=args.name,
         progress=Progress(args.steps, label="TrainFaceTI"))
     log.info("[facecond] %d steps, init %s, loss first %.4f last %.4f", len(losses), what, losses[0], losses[-1])
     print(path)

@@ -1,4 +1,4 @@
-"""Test harness: real ComfyUI 0.3.75, in-process and as a headless server (see shared/HOST.md).
+"""Test harness: real ComfyUI 0.3.75, in-process and as a headless server (``scripts/facecond_dev/host.py``).
 
 At import, ComfyUI is imported into the pytest process on the CPU with a throw-away base directory,
 and the pack is imported as the package ``facecond`` (its real ``__init__``), so tests write

@@ -11,7 +11,7 @@ K learned token vectors stand for a person. Three initialisations:
 
 Optional log-norm reparameterisation: learn a direction d and a log-norm n, ``v = a^n · d/||d||`` (a = 2 or e),
 which keeps ||v|| near the vocabulary's norms; the gradient is ``∇_n L = ∇_v L · d/||d|| · a^n · ln a``.
-Without it the paper uses l2 regularisation 0.01 (Adam's L2 term in ``train_core.TrainConfig``).
+Without it the paper uses l2 regularisation 0.01 (Adam's L2 term in ``py/train/core.TrainConfig``).
 
 Celebrity-face cache (safetensors in models/facecond/celebbasis): tensor ``embeds`` (m, D) float32 (rows of
 names without a detected face are NaN) and ``found`` (m,) uint8; metadata ``facecond.kind = "celeb_faces"``,

@@ -21,6 +21,7 @@ CFG patches (RescaleCFG, ...) and post-CFG hooks see the same thing they see und
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,9 +89,18 @@ def combine_conditional(weights: BranchWeights, text_face: torch.Tensor | None, 
     return out
 
 
-def three_way_cfg(weights: BranchWeights, text_face, text, face, uncond) -> torch.Tensor:
-    """ε̂ = ε(∅) + w·(ε̃ − ε(∅)) = w·ε̃ + (1 − w)·ε(∅), in ComfyUI's CFG form (``cfg_function``'s arithmetic)."""
+def three_way_cfg(weights: BranchWeights, text_face, text, face, uncond,
+                  cfg_function: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+    """ε̂ = ε(∅) + w·(ε̃ − ε(∅)) = w·ε̃ + (1 − w)·ε(∅), in ComfyUI's CFG form (``cfg_function``'s arithmetic).
+
+    ``cfg_function(cond, uncond)``: the host's own CFG step, given ε̃ as ``cond`` and ε(∅) (the guider passes
+    ComfyUI's ``samplers.cfg_function`` so CFG patches and post-CFG hooks run); without patches it is the
+    formula above. None: that formula here.
+    """
     cond = combine_conditional(weights, text_face, text, face)
+    if cfg_function is not None:
+        return cfg_function(cond, uncond)
     if uncond is None:
         if not math.isclose(weights.cfg, 1.0):
             raise ValueError("three-way guidance: the unconditional branch is needed when w != 1")

@@ -1,9 +1,10 @@
 """Face-region geometry for FaceChain's preprocessing and face fusion (Liu et al., arXiv 2308.14256, §3.2-3.3).
 
 Both steps cut a square, upright region around a face at a working resolution and (for fusion) paste an
-edited version back. The region is built on the face's 5-point ArcFace alignment (``align.arcface_affine``,
-the Faces socket's ``affine_arcface``): that similarity transform already turns a tilted or sideways face
-upright (FaceDetectCrop's upright correction finds those) and fixes the face's scale, so
+edited version back (``align.paste_back`` with the masks below). The region is built on the face's 5-point
+ArcFace alignment (``align.arcface_affine``, the Faces socket's ``affine_arcface``): that similarity transform
+already turns a tilted or sideways face upright (FaceDetectCrop's upright correction finds those) and fixes the
+face's scale, so
 
     M = Z o A,   Z: 112-px ArcFace crop -> working crop, zoomed out by ``context`` around the crop centre
 
@@ -67,26 +68,6 @@ def ellipse_mask(context: float, size: int, feather: float, scale: float = 1.0) 
 def cut(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
     """The working crop through M (outside the image: black, as every crop of the pack)."""
     return warp_crop(image, m, size)
-
-
-def paste(image: np.ndarray, crop: np.ndarray, m: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Blend an edited crop back through the inverse of M with a crop-space mask; returns (image, alpha).
-
-    Pixels where the warped mask is 0 are returned bit-identical (not merely close): the blend is only
-    evaluated where alpha > 0. Does not modify ``image``.
-    """
-    h, w = image.shape[:2]
-    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    m64 = np.asarray(m, np.float64)
-    back = cv2.warpAffine(np.ascontiguousarray(crop, np.float32), m64, (w, h), flags=flags).reshape(h, w, -1)
-    alpha = cv2.warpAffine(np.ascontiguousarray(mask, np.float32), m64, (w, h), flags=flags,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    alpha = np.clip(alpha, 0.0, 1.0)
-    out = image.copy()
-    sel = alpha > 0
-    a = alpha[sel][:, None]
-    out[sel] = image[sel] * (1.0 - a) + back[sel] * a
-    return out, alpha
 
 
 def roll_degrees(affine_arcface: np.ndarray) -> float:

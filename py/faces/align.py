@@ -142,18 +142,25 @@ def square_mask(size: int, feather: float) -> np.ndarray:
     return mask
 
 
-def paste_back(image: np.ndarray, crop: np.ndarray, m: np.ndarray, feather: float = 0.1) -> np.ndarray:
-    """Paste an (edited) crop back into its source image through the inverse of M.
+def paste_back(image: np.ndarray, crop: np.ndarray, m: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blend an (edited) crop back into its source image through the inverse of M (the crop's ``warp_crop``
+    matrix) with a crop-space alpha ``mask`` (e.g. ``square_mask``); returns (image, alpha in image space).
 
-    feather: width of the soft edge as a fraction of the crop side (0: hard edge). Returns a new image.
+    Pixels where the warped mask is 0 are returned bit-identical (not merely close): the blend is only
+    evaluated where alpha > 0. Does not modify ``image``.
     """
     h, w = image.shape[:2]
-    size = crop.shape[0]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    back = cv2.warpAffine(np.ascontiguousarray(crop, np.float32), np.asarray(m, np.float64), (w, h), flags=flags)
-    alpha = cv2.warpAffine(square_mask(size, feather), np.asarray(m, np.float64), (w, h), flags=flags)
-    back = back.reshape(h, w, -1)
-    return image * (1.0 - alpha[..., None]) + back * alpha[..., None]
+    m64 = np.asarray(m, np.float64)
+    back = cv2.warpAffine(np.ascontiguousarray(crop, np.float32), m64, (w, h), flags=flags).reshape(h, w, -1)
+    alpha = cv2.warpAffine(np.ascontiguousarray(mask, np.float32), m64, (w, h), flags=flags,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    alpha = np.clip(alpha, 0.0, 1.0)
+    out = image.copy()
+    sel = alpha > 0
+    a = alpha[sel][:, None]
+    out[sel] = image[sel] * (1.0 - a) + back[sel] * a
+    return out, alpha
 
 
 def rot90_points(pts: np.ndarray, k: int, h: int, w: int) -> np.ndarray:

@@ -68,7 +68,7 @@ class Faces:
     scores: (N,) float32 detector confidence; 0.0 marks a ``passthrough`` entry (no face found: the
         whole image, centre square, stands in for the face).
     affine_facenet, affine_arcface: (N, 2, 3) float32 image->crop matrices: ``crop = warpAffine(img, M)``;
-        paste a crop back with ``py.align.paste_back`` (inverse warp).
+        paste a crop back with ``py/faces/align.paste_back`` (inverse warp).
     source_index: for each face, the index of its image in the input batch.
     image_size: (H, W) of the source images. num_images: batch size of the source IMAGE.
     detector: which detector found them, e.g. ``"mtcnn"`` or ``"scrfd:antelopev2/scrfd_10g_bnkps.onnx"``.

@@ -1,20 +1,21 @@
-"""IP-Adapter (Ye et al. 2023, "IP-Adapter: Text Compatible Image Prompt Adapter for Text-to-Image Diffusion
-Models", arXiv 2308.06721) in plain torch: the image-projection modules of the public SD1.5 files, the
-decoupled cross-attention, and the attention patch that adds it to each cross-attention of a UNet.
+"""IP-Adapter (Ye et al. 2023, "IP-Adapter: Text Compatible Image Prompt Adapter for Text-to-Image Diffusion Models",
+arXiv 2308.06721) in plain torch: the image-projection modules of the public SD1.5 files, the decoupled
+cross-attention, and the attention patch that adds it to each cross-attention of a UNet.
 
-Decoupled cross-attention (paper eq. 5), per cross-attention layer, with the text keys/values K, V and the
-image tokens c_i (the projected reference embedding) giving K' = c_i W'_k, V' = c_i W'_v:
+Decoupled cross-attention (paper eq. 5), per cross-attention layer, with the text keys/values K, V and the image
+tokens c_i (the projected reference embedding) giving K' = c_i W'_k, V' = c_i W'_v:
 
     Z = Attention(Q, K, V) + λ · Attention(Q, K', V')
 
-The multi-reference variant (Kazistova, Stepanov, Filatov; METHODS.md §4) aggregates N reference
-embeddings into one (py/ipadapter/aggregate.py) before the unchanged projection and attention here.
+The multi-reference variant (Kazistova, Stepanov, Filatov, "Создание персонализированных генераций изображений"
+[Creating personalized image generations], MIPT / Skoltech, undated, after 2023; no arXiv id) aggregates N reference
+embeddings into one (``aggregate.py``) before the unchanged projection and attention here.
 
 File layout (``.safetensors`` flat ``image_proj.*`` / ``ip_adapter.*``, or the nested ``.bin`` dicts):
-``ip_adapter.{2n+1}.to_k_ip.weight`` / ``to_v_ip.weight`` belong to the n-th cross-attention of the UNet,
-counting input blocks, then output blocks, then the middle block (diffusers' processor order). The
-projection variant is read from the ``image_proj`` keys and shapes (``detect_variant``).
-Nothing here imports ComfyUI; the attention function is injected (ComfyUI's ``optimized_attention``).
+``ip_adapter.{2n+1}.to_k_ip.weight`` / ``to_v_ip.weight`` belong to the n-th cross-attention of the UNet, counting
+input blocks, then output blocks, then the middle block (diffusers' processor order). The projection variant is read
+from the ``image_proj`` keys and shapes (``detect_variant``). Nothing here imports ComfyUI; the attention function
+is injected (ComfyUI's ``optimized_attention``). Random weights in this layout: ``facecond_dev.random_weights``.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def load(path: str | Path) -> IPAdapter:
     return from_state_dict(read_file(path), Path(path).name)
 
 
-# --- decoupled attention -----------------------------------------------------------------------------------
+# --- attention -------------------------------------------------------------------------------------------
 AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, heads, **kw) -> (B, T, heads*d), ComfyUI's layout
 
 
@@ -181,15 +182,6 @@ def sdpa(q, k, v, heads, **_):
     b, _, c = q.shape
     q, k, v = (t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
-
-
-def decoupled_attention(q, k, v, k_ip, v_ip, heads: int, weight: float, attention: AttentionFn = sdpa, mask=None):
-    """Z = Attention(Q,K,V) + λ·Attention(Q,K',V') (Ye et al. 2023, eq. 5); mask (B or 1, T, 1) gates the 2nd term."""
-    out = attention(q, k, v, heads)
-    if weight == 0:
-        return out
-    extra = attention(q, k_ip, v_ip, heads)
-    return out + (extra if mask is None else extra * mask) * weight
 
 
 # --- the UNet patch ----------------------------------------------------------------------------------------
@@ -249,9 +241,10 @@ _SIGMA: list = [None, 0.0]  # the sigmas tensor of the current model call and it
 
 
 class IPAttentionPatch:
-    """An ``attn2`` replace patch (ComfyUI's ``set_model_attn2_replace``): base attention — or the patch that was
-    there before (stacking) — plus λ·Attention(Q, K', V') for each active term. Immutable: stacking builds a
-    new patch; deep copies (ComfyUI clones model_options) share it."""
+    """An ``attn2`` replace patch (ComfyUI's ``set_model_attn2_replace``): the decoupled cross-attention
+    Z = Attention(Q, K, V) + λ·Attention(Q, K', V') (Ye et al. 2023, eq. 5), with the base attention — or the patch
+    that was there before (stacking) — plus the image term of each active term, gated by its mask. Immutable:
+    stacking builds a new patch; deep copies (ComfyUI clones model_options) share it."""
 
     def __init__(self, terms: tuple[IPTerm, ...], previous: Callable | None = None, attention: AttentionFn = sdpa):
         self.terms, self.previous, self.attention = tuple(terms), previous, attention
@@ -300,33 +293,3 @@ def layer_terms(adapter: IPAdapter, tokens: torch.Tensor, negative: torch.Tensor
     c_neg = negative.reshape(1, -1, negative.shape[-1]).expand(tokens.shape[0], -1, -1).reshape(1, -1, c.shape[-1])
     return [IPTerm(c @ wk.T, c @ wv.T, c_neg.float() @ wk.T, c_neg.float() @ wv.T, float(weight), float(sigma_start),
                    float(sigma_end), mask) for wk, wv in adapter.kv]
-
-
-def random_state_dict(kind: str, input_dim: int, layer_dims: list[int], cross_dim: int = 768, tokens: int = 4,
-                      seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:
-    """A random IP-Adapter in the real flat key layout (tests, benchmarks): ``layer_dims`` = inner width of each
-    cross-attention (SD1.5: 320, 320, 640, 640, 1280, 1280, 1280 x3, 640 x3, 320 x3, 1280)."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "plus":  # a 1-layer, 2-head Resampler
-        dim = cross_dim
-        shapes = {"latents": (1, tokens, dim), "proj_in.weight": (dim, input_dim), "proj_in.bias": (dim,),
-                  "proj_out.weight": (cross_dim, dim), "proj_out.bias": (cross_dim,), "norm_out.weight": (cross_dim,),
-                  "norm_out.bias": (cross_dim,), "layers.0.0.norm1.weight": (dim,), "layers.0.0.norm1.bias": (dim,),
-                  "layers.0.0.norm2.weight": (dim,), "layers.0.0.norm2.bias": (dim,),
-                  "layers.0.0.to_q.weight": (128, dim), "layers.0.0.to_kv.weight": (256, dim),
-                  "layers.0.0.to_out.weight": (dim, 128), "layers.0.1.0.weight": (dim,),
-                  "layers.0.1.0.bias": (dim,), "layers.0.1.1.weight": (dim * 4, dim),
-                  "layers.0.1.3.weight": (dim, dim * 4)}
-    elif kind == "faceid":
-        shapes = {"proj.0.weight": (input_dim * 2, input_dim), "proj.0.bias": (input_dim * 2,),
-                  "proj.2.weight": (cross_dim * tokens, input_dim * 2), "proj.2.bias": (cross_dim * tokens,)}
-    else:
-        shapes = {"proj.weight": (cross_dim * tokens, input_dim), "proj.bias": (cross_dim * tokens,)}
-    if kind != "plus":
-        shapes |= {"norm.weight": (cross_dim,), "norm.bias": (cross_dim,)}
-    sd = {f"image_proj.{k}": torch.randn(s, generator=g) * scale + (1.0 if "norm" in k and k.endswith("weight") else 0)
-          for k, s in shapes.items()}
-    for n, d in enumerate(layer_dims):
-        for w in ("to_k_ip", "to_v_ip"):
-            sd[f"ip_adapter.{2 * n + 1}.{w}.weight"] = torch.randn((d, cross_dim), generator=g) / math.sqrt(cross_dim)
-    return sd

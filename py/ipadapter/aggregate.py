@@ -1,6 +1,8 @@
 """Several reference embeddings of one person -> one, for IP-Adapter with several reference images
-(Kazistova, Stepanov, Filatov; METHODS.md §4). The aggregation G sits before the unchanged IP-Adapter
-projection and decoupled cross-attention (Ye et al. 2023; py/ipadapter/adapter.py).
+(K. M. Kazistova, I. D. Stepanov, A. V. Filatov, "Создание персонализированных генераций изображений" [Creating
+personalized image generations], MIPT / Skoltech; undated (it cites IP-Adapter, 2023), no arXiv id). The
+aggregation G sits before the unchanged IP-Adapter projection and decoupled cross-attention (Ye et al. 2023,
+arXiv 2308.06721; ``adapter.py``).
 
 Methods, over the N rows of an (N, D) or (N, T, D) tensor (for (N, T, D) each of the T positions separately):
 - ``mean``: average pooling; ``max``: element-wise max pooling (the paper's two baselines).

@@ -1,7 +1,8 @@
 """The pack's shared training core: denoising loss, seeded sampling, an optimiser loop, resumable state.
 
-Pure torch (no ComfyUI imports). Used by the Celeb Basis MLP trainer and the face textual-inversion trainer
-(issue 5), and meant for the Face0 and IP-Adapter aggregator trainers. API (stable):
+Pure torch (no ComfyUI imports). Used by the Celeb Basis MLP and face textual-inversion trainers
+(``py/celebbasis/train.py``), the Face0 trainer (``face0_train``: loss, sampling, optimiser state) and the
+IP-Adapter aggregator trainer. API (stable):
 
 ``TrainConfig(steps, lr, betas, eps, weight_decay, grad_clip, seed)``
     Adam settings and the run length. ``seed`` fixes every random draw (see ``step_generator``).
@@ -32,6 +33,7 @@ Pure torch (no ComfyUI imports). Used by the Celeb Basis MLP trainer and the fac
     ``save(path, extra_meta)`` / ``load(path)``: one .safetensors file holding the parameters
     (``param.<name>``) and Adam's tensors (``optim.<i>.<key>``); its header metadata holds JSON with the
     step, losses, config, param-group settings and the caller's metadata. No pickle anywhere.
+    ``optimizer_state`` / ``load_optimizer_state``: the optimiser's part of that file, shared with other trainers.
 """
 
 from __future__ import annotations
@@ -156,15 +158,10 @@ class Trainer:
     # --- save / resume -------------------------------------------------------------------------------------
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"param.{n}": p.detach().cpu().contiguous().clone() for n, p in self.params.items()}
-        sd = self.optimizer.state_dict()
-        for i, st in sd["state"].items():
-            for key, val in st.items():
-                t = val if torch.is_tensor(val) else torch.tensor(val)
-                tensors[f"optim.{i}.{key}"] = t.detach().cpu().contiguous().clone()
-        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+        optim, groups = optimizer_state(self.optimizer)
         meta = {"format": STATE_FORMAT, "step": self.step, "losses": self.losses, "config": asdict(self.config),
                 "param_names": list(self.params), "param_groups": groups}
-        return tensors, meta
+        return tensors | optim, meta
 
     def save(self, path: str, extra_meta: dict | None = None) -> None:
         tensors, meta = self.state_tensors()
@@ -182,16 +179,35 @@ class Trainer:
                 raise ValueError(f"{path}: parameter {n!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
             with torch.no_grad():
                 p.copy_(t.to(p.device, p.dtype))
-        state: dict[int, dict] = {}
-        for key, t in tensors.items():
-            if key.startswith("optim."):
-                _, i, name = key.split(".", 2)
-                state.setdefault(int(i), {})[name] = t
-        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        load_optimizer_state(self.optimizer, tensors, meta["param_groups"])
         self.step = int(meta["step"])
         self.losses = [float(x) for x in meta["losses"]]
         return meta.get("extra", {})
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """(tensors ``optim.<i>.<key>`` on the CPU, JSON-ready param groups) of a torch optimiser: what a state file
+    stores of it (every trainer of the pack: ``Trainer`` here, ``face0_train``)."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for i, st in sd["state"].items():
+        for key, val in st.items():
+            t = val if torch.is_tensor(val) else torch.tensor(val)
+            tensors[f"optim.{i}.{key}"] = t.detach().cpu().contiguous().clone()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         groups: list[dict]) -> None:
+    """Restore what ``optimizer_state`` returned (other keys of ``tensors`` are ignored)."""
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = t
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def read_state(path: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -4,12 +4,12 @@ Pure torch; the ComfyUI model comes in duck-typed (``base.apply_model(x, sigma, 
 denoised latent for ε and v models alike, ``base.model_sampling.sigmas``, ``base.diffusion_model``). The CLI
 (scripts/face0_train.py) loads the checkpoint and runs the loop with Hugging Face accelerate.
 
-- Loss: the shared ``train_core.denoising_loss`` (ε-MSE, x_t = x0 + σ·ε over the model's σ table); a
+- Loss: the shared ``core.denoising_loss`` (ε-MSE, x_t = x0 + σ·ε over the model's σ table); a
   v-prediction checkpoint predicts through its own parameterisation (ComfyUI's model_sampling), the loss
   stays the paper's ε-MSE.
 - Face dropout: 10% of rows get zero tokens through ``projection.face_tokens(..., drop=mask)``, the exact
   "no face" input the sampler (ProjectToContext) uses. The text is never dropped (paper).
-- Randomness: one generator per (seed, micro-step, rank) from ``train_core.step_generator``, so a resumed run
+- Randomness: one generator per (seed, micro-step, rank) from ``core.step_generator``, so a resumed run
   draws what the uninterrupted run drew; data order is a function of (seed, epoch, rank) too.
 - State: one safetensors file (trainable params, EMA, AdamW tensors, JSON metadata); no pickle.
 """
@@ -27,7 +27,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..face0.projection import Face0Projection, face_tokens, override_tokens
-from .core import denoising_loss, sample_noise, sample_sigmas, step_generator
+from .core import (
+    denoising_loss,
+    load_optimizer_state,
+    optimizer_state,
+    sample_noise,
+    sample_sigmas,
+    step_generator,
+)
 from .face0_data import decode_sample, iter_shard, shard_keys
 from .lora import LoRASet
 
@@ -105,7 +112,7 @@ def micro_generator(seed: int, micro_step: int, rank: int, world: int) -> torch.
 
 
 def face0_loss(model, x0, context, embeds, sigmas, gen: torch.Generator, face_drop: float) -> torch.Tensor:
-    """One micro-batch: σ uniform over the table, ε ~ N(0, I), face dropout mask, ε-MSE (train_core)."""
+    """One micro-batch: σ uniform over the table, ε ~ N(0, I), face dropout mask, ε-MSE (core)."""
     b = x0.shape[0]
     sigma, _ = sample_sigmas(sigmas, b, gen)
     noise = sample_noise(x0, gen)
@@ -140,13 +147,10 @@ def save_state(path: str, params: dict[str, torch.Tensor], ema: EMA, optimizer: 
                step: int, cfg: Face0TrainConfig, extra: dict) -> None:
     tensors = {f"param.{n}": p.detach().float().cpu().contiguous() for n, p in params.items()}
     tensors.update({f"ema.{n}": t.cpu().contiguous() for n, t in ema.shadow.items()})
-    sd = optimizer.state_dict()
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    optim, groups = optimizer_state(optimizer)
+    tensors.update(optim)
     meta = {"format": STATE_FORMAT, "step": step, "config": asdict(cfg), "param_names": list(params),
-            "param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-                             for g in sd["param_groups"]], "extra": extra}
+            "param_groups": groups, "extra": extra}
     save_file(tensors, path, metadata={"facecond_face0_state": json.dumps(meta)})
 
 
@@ -165,13 +169,7 @@ def load_state(path: str, params: dict[str, torch.Tensor], ema: EMA, optimizer: 
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
             ema.shadow[n] = tensors[f"ema.{n}"].to(ema.shadow[n].device)
-    state: dict[int, dict] = {}
-    for k, t in tensors.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = t
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    load_optimizer_state(optimizer, tensors, meta["param_groups"])
     return meta
 
 

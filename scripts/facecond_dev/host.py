@@ -139,7 +139,7 @@ def import_comfy(base: Path | None, comfy_root: str | os.PathLike | None = None,
     """Import ComfyUI into this process with ``base`` as its base directory (None: ComfyUI's own folders),
     on the CPU unless ``cpu=False`` (then on the device ComfyUI picks).
 
-    Order matters (HOST.md): cli args before ``comfy.model_management``; ``utils.extra_config`` before
+    Order matters: cli args before ``comfy.model_management``; ``utils.extra_config`` before
     ``nodes`` (nodes.py puts comfy/ on sys.path, whose utils.py would shadow the top-level package).
     """
     root = str(comfy_dir(comfy_root))

@@ -1,4 +1,4 @@
-"""A tiny but real SD1.5-layout checkpoint that ComfyUI loads as SD1.5 (see shared/HOST.md).
+"""A tiny but real SD1.5-layout checkpoint that ComfyUI loads as SD1.5.
 
 U-Net: ComfyUI's own ``UNetModel`` with ``model_channels=320``, ``context_dim=768``, one level, one res
 block, one transformer, no middle block (13.6M params). CLIP: full CLIP-L text-encoder shape (ComfyUI's

@@ -180,6 +180,34 @@ def test_training_loss_falls_on_fixed_batch(tiny_model, train_inputs, basis):
     assert end < start
 
 
+def test_trainer_loss_is_the_denoising_loss_of_its_draws(tiny_model, train_inputs, basis):
+    """The node's first recorded loss, recomputed by hand from step 0's generator: image i, template t, σ, ε
+    in that order, person ids[i]'s mean embedding through the seeded MLP, the word at the template's {}."""
+    from facecond.nodes.training import encode_images, model_denoiser
+    from facecond.py.celebbasis.coeffs import new_mlp
+    from facecond.py.train.core import read_state
+
+    model, clip, vae = tiny_model
+    images, fe = train_inputs
+    seed, templates, ids = 11, ["a photo of {}", "{} smiling"], [0, 0, 1]
+    TrainCelebBasis().train(model, clip, vae, images, fe, "a,a,b", "\n".join(templates), 1, 0.01, P, seed, False,
+                            "nodes_test/loss", False)
+    root = folder_paths.get_folder_paths("facecond_celebbasis")[0]
+    recorded = read_state(os.path.join(root, "nodes_test", "loss.state.safetensors"))[0]["losses"]
+    denoise, sigmas, _ = model_denoiser(model, "t")
+    g = step_generator(seed, 0)
+    i, t = int(torch.randint(0, 3, (1,), generator=g)), int(torch.randint(0, 2, (1,), generator=g))
+    x0 = encode_images(vae, model, images)[i:i + 1]
+    sigma, _ = sample_sigmas(sigmas, 1, g)
+    noise = sample_noise(x0, g)
+    people = torch.nn.functional.normalize(torch.stack([fe.embeds[:2].mean(0), fe.embeds[2]]), dim=-1)
+    with torch.inference_mode(False), torch.no_grad():
+        vectors = basis.embeddings(new_mlp(D, basis, seed)(people[ids[i]:ids[i] + 1])[0])
+        tokens = template_tokens(clip, templates, "t")[t]
+        loss = denoising_loss(denoise, x0, encode_with(clip, tokens, vectors), sigma, noise)
+    assert len(recorded) == 1 and recorded[0] == pytest.approx(float(loss), rel=1e-6)
+
+
 def test_trainer_bad_inputs(tiny_model, train_inputs):
     model, clip, vae = tiny_model
     images, fe = train_inputs

@@ -13,7 +13,7 @@ from comfy_extras.nodes_model_advanced import RescaleCFG
 
 import nodes
 from facecond.nodes.embeddings import EmbeddingInterpolate, LoadFaceEmbeds, RandomIdentity, SaveFaceEmbeds
-from facecond.nodes.face0 import ThreeWayCFGSampler, ThreeWayGuider
+from facecond.nodes.face0 import Guider_Face0ThreeWay, ThreeWayCFGSampler, ThreeWayGuider
 from facecond.nodes.face0_projection import LoadFace0Projection, ProjectToContext
 from facecond.py.face0.projection import ProjectionInfo, random_projection, save_projection
 from facecond.py.faces.types import FaceEmbeds
@@ -236,6 +236,32 @@ def test_guider_node_with_sampler_custom_advanced_equals_all_in_one(tiny_model, 
     with pytest.raises(ValueError, match="connect ProjectToContext's face_only"):
         ThreeWayGuider().get_guider(model, conds["positive"], conds["negative"], 7.5, 0.4, 0.5,
                                     text_only=conds["text_only"])
+
+
+@pytest.mark.parametrize("c, a", [(1.0, 0.0), (0.4, 0.5)])
+def test_guider_set_cfg_and_set_conds_in_either_order(tiny_model, conds, c, a):
+    model = tiny_model[0]
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS).cpu()
+    extra = {"text_only": conds["text_only"], "face_only": conds["face_only"]}
+    cfg_first, conds_first = Guider_Face0ThreeWay(model), Guider_Face0ThreeWay(model)
+    cfg_first.set_cfg(7.5, c, a)
+    cfg_first.set_conds(conds["positive"], conds["negative"], **extra)
+    conds_first.set_conds(conds["positive"], conds["negative"], **extra)
+    conds_first.set_cfg(7.5, c, a)
+    assert list(cfg_first.original_conds) == list(conds_first.original_conds)
+    with torch.inference_mode():
+        out = [SamplerCustomAdvanced.execute(Noise_RandomNoise(3), g, comfy.samplers.sampler_object("euler"), sigmas,
+                                             _latent()).args[0]["samples"] for g in (cfg_first, conds_first)]
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], _three_way(model, conds, c, a, seed=3))
+    # a branch the weights need but that is not connected: the same error whichever call comes second
+    g = Guider_Face0ThreeWay(model)
+    g.set_cfg(7.5, 0.4, 0.5)
+    with pytest.raises(ValueError, match="connect ProjectToContext's face_only"):
+        g.set_conds(conds["positive"], conds["negative"], text_only=conds["text_only"])
+    g = Guider_Face0ThreeWay(model)
+    g.set_conds(conds["positive"], conds["negative"], text_only=conds["text_only"])
+    with pytest.raises(ValueError, match="connect ProjectToContext's face_only"):
+        g.set_cfg(7.5, 0.4, 0.5)
 
 
 def test_batch_of_faces_samples_a_batch(tiny_model, projection, conds):

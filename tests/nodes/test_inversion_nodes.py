@@ -96,6 +96,31 @@ def test_loss_falls_on_fixed_batch(tiny_model, photos):
     assert after < before
 
 
+def test_trainer_loss_is_the_denoising_loss_of_its_draws(tiny_model, photos):
+    """The node's first loss (in the embedding's metadata), recomputed by hand from step 0's generator: image i,
+    template t, σ, ε in that order, the 'human face' init through the log-norm parameterisation."""
+    model, clip, vae = tiny_model
+    seed, templates = 3, ["a photo of {}", "{} smiling"]
+    TrainFaceTI().train(model, clip, vae, photos, "face", 2, "log_norm_2", "\n".join(templates), 1, 0.005, seed,
+                        False, "nodes_test_ti_loss")
+    path = os.path.join(folder_paths.get_folder_paths("embeddings")[0], "nodes_test_ti_loss.safetensors")
+    with safe_open(path, framework="pt") as f:
+        recorded = [float(x) for x in f.metadata()["losses"].strip("[]").split(",")]
+    denoise, sigmas, _ = model_denoiser(model, "t")
+    g = step_generator(seed, 0)
+    i, t = int(torch.randint(0, 3, (1,), generator=g)), int(torch.randint(0, 2, (1,), generator=g))
+    x0 = encode_images(vae, model, photos)[i:i + 1]
+    sigma, _ = sample_sigmas(sigmas, 1, g)
+    noise = sample_noise(x0, g)
+    enc = text_encoder(clip, "t")
+    start, _ = inv.init_vectors("face", enc.table(), enc.tokenize, 2)
+    with torch.inference_mode(False), torch.no_grad():
+        vectors = inv.TIVectors(start, "log_norm_2").vectors()
+        tokens = template_tokens(clip, templates, "t", k=2)[t]
+        loss = denoising_loss(denoise, x0, encode_with(clip, tokens, vectors, "t"), sigma, noise)
+    assert len(recorded) == 1 and recorded[0] == pytest.approx(float(loss), rel=1e-6)
+
+
 def test_bad_inputs(tiny_model, photos):
     model, clip, vae = tiny_model
     node = TrainFaceTI()

@@ -23,8 +23,8 @@ from facecond.nodes.ipadapter import (
 )
 from facecond.nodes.ipadapter_aggregate import AggregateEmbeds
 from facecond.py.faces.types import FaceEmbeds
-from facecond.py.ipadapter import adapter as ipa
 from facecond.py.ipadapter import aggregate as agg
+from facecond_dev.random_weights import random_state_dict
 
 STEPS = 3
 D = 128
@@ -32,7 +32,7 @@ D = 128
 
 def _write_adapter(model, kind, width, name):
     layers = cross_attention_layers(model)
-    sd = ipa.random_state_dict(kind, width, [inner for _, inner, _ in layers], cross_dim=layers[0][2], seed=1,
+    sd = random_state_dict(kind, width, [inner for _, inner, _ in layers], cross_dim=layers[0][2], seed=1,
                                scale=0.5)
     folder = folder_paths.get_folder_paths("ipadapter")[0]
     os.makedirs(folder, exist_ok=True)

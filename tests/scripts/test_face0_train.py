@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from facecond.py.faces import detect, embed
 from facecond.py.faces.types import FaceEmbeds
 from facecond.py.train import face0_data as fd
+from facecond.py.train import face0_sources as fs
 from facecond.py.train.face0_train import check_family
 from facecond.py.weights import manifest as weights
 from facecond_dev import host
@@ -42,7 +43,7 @@ def shards(shared_data, tiny_model, tmp_path_factory) -> Path:
     rec = embed.load_onnx_recogniser(shared_data / "models/insightface_testpack/mobilefacenet_128.onnx")
     fm = fd.FaceModel(mtcnn, lambda faces: embed.l2_normalize(rec.embed(faces.crops_arcface)), rec.model_id, True)
     vae = tiny_model[2]
-    rep = fd.prepare_shard(fd.folder_items(src), 0, out / fd.shard_name(0), fm, fd.PrepConfig(64, detect_max_side=512),
+    rep = fd.prepare_shard(fs.folder_items(src), 0, out / fd.shard_name(0), fm, fd.PrepConfig(64, detect_max_side=512),
                            lambda imgs: vae.encode(imgs).float())
     assert rep.written == 2
     return out

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from facecond.nodes.ipadapter import cross_attention_layers
-from facecond.py.ipadapter import adapter as ipa
 from facecond_dev import host
+from facecond_dev.random_weights import random_state_dict
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "example_workflows" / "ipadapter_multi_reference.json"
 
@@ -32,7 +32,7 @@ def ipa_server(server, shared_data, tiny_model):
     Image.fromarray(np.full((200, 160, 3), 128, np.uint8)).save(base / "input" / "ipa_reference_2.jpg", "JPEG")
     host.install_stand_in_models(base)
     layers = cross_attention_layers(tiny_model[0])
-    flat = ipa.random_state_dict("faceid", 128, [inner for _, inner, _ in layers], cross_dim=layers[0][2], seed=3,
+    flat = random_state_dict("faceid", 128, [inner for _, inner, _ in layers], cross_dim=layers[0][2], seed=3,
                                  scale=0.5)
     nested = {part: {k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")}
               for part in ("image_proj", "ip_adapter")}

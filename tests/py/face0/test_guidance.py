@@ -71,3 +71,18 @@ def test_inputs_unchanged():
     three_way_cfg(branch_weights(7.5, 0.4, 0.5), preds[0], preds[1], preds[2], preds[3])
     for p, q in zip(preds, copies):
         assert torch.equal(p, q)
+
+
+def test_cfg_function_gets_the_combined_conditional_and_the_uncond():
+    """The guider hands its host's CFG step in: it gets ε̃ and ε(∅); unpatched, it is the default formula."""
+    df, d, f, u = _preds(4)
+    bw = branch_weights(6.0, 0.4, 0.3)
+    seen = []
+
+    def cfg_function(cond, uncond):  # ComfyUI's cfg_function arithmetic without patches
+        seen.append((cond, uncond))
+        return uncond + (cond - uncond) * bw.cfg
+
+    out = three_way_cfg(bw, df, d, f, u, cfg_function=cfg_function)
+    torch.testing.assert_close(seen[0][0], 0.4 * df + 0.6 * (0.3 * f + 0.7 * d), rtol=1e-12, atol=1e-12)
+    assert seen[0][1] is u and torch.equal(out, three_way_cfg(bw, df, d, f, u))

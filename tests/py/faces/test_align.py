@@ -13,6 +13,7 @@ from facecond.py.faces.align import (
     face0_affine,
     paste_back,
     rot90_points,
+    square_mask,
     transform_points,
     umeyama,
     warp_crop,
@@ -103,10 +104,12 @@ def test_warp_crop_shrinks_without_aliasing_and_paste_back_restores():
     m = face0_affine((80.0, 80.0), (120.0, 100.0))  # a 2x upscale crop
     crop = warp_crop(img, m, 160)
     edited = np.clip(crop + 0.25, 0, 1)
-    out = paste_back(img, edited, m, feather=0.0)
+    out, alpha = paste_back(img, edited, m, square_mask(160, 0.0))
     inside = transform_points(np.array(cv2_invert(m)), np.array([[80.0, 80.0]]))[0].round().astype(int)
     assert out[inside[1], inside[0]].mean() > img[inside[1], inside[0]].mean() + 0.1
-    np.testing.assert_allclose(out[0, 0], img[0, 0])  # far outside the crop: untouched
+    assert alpha[inside[1], inside[0]] == 1.0 and alpha[0, 0] == 0.0
+    assert np.array_equal(out[alpha == 0], img[alpha == 0])  # outside the crop: bit-identical
+    assert not np.shares_memory(out, img)
 
 
 def cv2_invert(m):

@@ -1,4 +1,4 @@
-"""IP-Adapter maths (py/ipadapter/adapter.py): decoupled attention against a hand-computed attention, the attn2 patch
+"""IP-Adapter maths (py/ipadapter/adapter.py): the attn2 patch (decoupled attention) against a hand-computed attention
 (λ, window, cond/uncond, mask, stacking), variant detection and file loading in the real key layouts."""
 
 import math
@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from facecond.py.ipadapter import adapter as ipa
 from facecond.py.weights.manifest import WeightsError
+from facecond_dev.random_weights import random_state_dict
 
 HEADS = 2
 
@@ -30,18 +31,6 @@ def qkv(b=2, t=6, s=5, c=8, seed=0):
     return [torch.randn(b, n, c, generator=g) for n in (t, s, s)]
 
 
-def test_decoupled_attention_is_base_at_zero_and_adds_exactly_the_image_term():
-    q, k, v = qkv()
-    _, k_ip, v_ip = qkv(t=1, s=3, seed=1)
-    base = ipa.decoupled_attention(q, k, v, k_ip, v_ip, HEADS, 0.0)
-    torch.testing.assert_close(base.double(), hand_attention(q, k, v), atol=1e-6, rtol=1e-6)
-    assert torch.equal(base, ipa.sdpa(q, k, v, HEADS))
-    for lam in (0.5, 1.0, -0.7):
-        z = ipa.decoupled_attention(q, k, v, k_ip, v_ip, HEADS, lam)
-        expect = hand_attention(q, k, v) + lam * hand_attention(q, k_ip, v_ip)
-        torch.testing.assert_close(z.double(), expect, atol=1e-6, rtol=1e-6)
-
-
 def make_term(c=8, tokens=3, weight=1.0, start=10.0, end=1.0, mask=None, seed=2):
     g = torch.Generator().manual_seed(seed)
     k, v, kn, vn = (torch.randn(1, tokens, c, generator=g) for _ in range(4))
@@ -51,6 +40,19 @@ def make_term(c=8, tokens=3, weight=1.0, start=10.0, end=1.0, mask=None, seed=2)
 def opts(sigma, cond_or_uncond=(0, 1), shape=(2, 3)):
     return {"n_heads": HEADS, "sigmas": torch.tensor([sigma]), "cond_or_uncond": list(cond_or_uncond),
             "activations_shape": [1, 8, *shape], "original_shape": [1, 4, *shape]}
+
+
+def test_patch_is_decoupled_attention_base_at_zero_plus_exactly_the_image_term():
+    """Z = Attention(Q, K, V) + λ·Attention(Q, K', V') (Ye et al. 2023, eq. 5) for a batch of cond rows."""
+    q, k, v = qkv()
+    base = ipa.IPAttentionPatch((make_term(weight=0.0),))(q, k, v, opts(5.0, (0,)))
+    torch.testing.assert_close(base.double(), hand_attention(q, k, v), atol=1e-6, rtol=1e-6)
+    assert torch.equal(base, ipa.sdpa(q, k, v, HEADS))
+    for lam in (0.5, 1.0, -0.7):
+        term = make_term(weight=lam)
+        z = ipa.IPAttentionPatch((term,))(q, k, v, opts(5.0, (0,)))
+        expect = hand_attention(q, k, v) + lam * hand_attention(q, term.k.expand(2, -1, -1), term.v.expand(2, -1, -1))
+        torch.testing.assert_close(z.double(), expect, atol=1e-6, rtol=1e-6)
 
 
 def test_patch_uses_cond_and_uncond_image_keys_per_chunk():
@@ -95,7 +97,7 @@ SD15_LAYERS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 
 @pytest.mark.parametrize(("kind", "width", "shape"), [("plain", 1024, (2, 1024)), ("plus", 1280, (2, 257, 1280)),
                                                       ("faceid", 512, (2, 512))])
 def test_variant_detection_and_projection_shapes(kind, width, shape):
-    sd = ipa.random_state_dict(kind, width, SD15_LAYERS, tokens=16 if kind == "plus" else 4)
+    sd = random_state_dict(kind, width, SD15_LAYERS, tokens=16 if kind == "plus" else 4)
     adapter = ipa.from_state_dict(sd, "t")
     assert adapter.variant == ipa.Variant(kind, width, 16 if kind == "plus" else 4, 768)
     assert len(adapter.kv) == 16 and adapter.kv[4][0].shape == (1280, 768)
@@ -104,7 +106,7 @@ def test_variant_detection_and_projection_shapes(kind, width, shape):
 
 
 def test_plain_projection_is_linear_then_layernorm():
-    sd = ipa.random_state_dict("plain", 16, [8], cross_dim=8, tokens=2)
+    sd = random_state_dict("plain", 16, [8], cross_dim=8, tokens=2)
     x = torch.randn(3, 16)
     y = (x @ sd["image_proj.proj.weight"].T + sd["image_proj.proj.bias"]).reshape(3, 2, 8)
     y = torch.nn.functional.layer_norm(y, (8,), sd["image_proj.norm.weight"], sd["image_proj.norm.bias"])
@@ -112,7 +114,7 @@ def test_plain_projection_is_linear_then_layernorm():
 
 
 def test_unknown_layouts_are_refused():
-    sd = ipa.random_state_dict("faceid", 16, [8], cross_dim=8)
+    sd = random_state_dict("faceid", 16, [8], cross_dim=8)
     sd["image_proj.proj.3.weight"] = torch.ones(8)  # full-face layout
     with pytest.raises(ValueError, match="unsupported IP-Adapter image projection"):
         ipa.from_state_dict(sd)
@@ -121,7 +123,7 @@ def test_unknown_layouts_are_refused():
 
 
 def test_files_load_from_safetensors_and_nested_bin(tmp_path):
-    sd = ipa.random_state_dict("plus", 32, [8, 16], cross_dim=16, tokens=4)
+    sd = random_state_dict("plus", 32, [8, 16], cross_dim=16, tokens=4)
     save_file(sd, tmp_path / "a.safetensors")
     nested = {"image_proj": {k[11:]: v for k, v in sd.items() if k.startswith("image_proj.")},
               "ip_adapter": {k[11:]: v for k, v in sd.items() if k.startswith("ip_adapter.")}}

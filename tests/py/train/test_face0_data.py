@@ -1,4 +1,5 @@
-"""Face0 data preparation (py/train/face0_data.py, scripts/face0_prepare.py): shards, sources, bad inputs, resume."""
+"""Face0 data preparation (py/train/face0_sources.py, face0_data.py, scripts/face0_prepare.py): shards, sources,
+bad inputs, resume."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from facecond.py.train import face0_data as fd
+from facecond.py.train import face0_sources as fs
 
 ROOT = Path(__file__).resolve().parents[3]
 RECOGNISER = "models/insightface_testpack/mobilefacenet_128.onnx"
@@ -54,19 +56,19 @@ def test_shard_roundtrip_and_plan(tmp_path):
     with pytest.raises(ValueError, match="shard-index"):
         fd.my_shards(5, 2, 2)
     # a WebDataset tar is itself a source
-    assert [i.member for i in fd.tar_items(tmp_path / "s.tar")] == ["000000007.jpg"]
+    assert [i.member for i in fs.tar_items(tmp_path / "s.tar")] == ["000000007.jpg"]
 
 
 def test_csv_and_parquet_sources(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"")
     (tmp_path / "list.csv").write_text("path,caption\na.jpg,hello\nb.jpg,\n")
-    items = fd.csv_items(tmp_path / "list.csv")
+    items = fs.csv_items(tmp_path / "list.csv")
     assert [(Path(i.image).name, i.caption) for i in items] == [("a.jpg", "hello"), ("b.jpg", None)]
     try:
         import pyarrow  # noqa: F401
     except ImportError:
         with pytest.raises(RuntimeError, match="pip install pyarrow"):
-            fd.parquet_items(tmp_path / "x.parquet")
+            fs.parquet_items(tmp_path / "x.parquet")
 
 
 def test_prepare_cli_counts_bad_files_and_resumes(shared_data, tmp_path):
