@@ -2,21 +2,41 @@
 
 Widget values are checked by position against each node's widget inputs, the way the front end stores
 them, so a reordered or retyped widget in a shipped node breaks this test, not a user's saved workflow.
+Examples that wire core nodes whose interface changed come in one file per ComfyUI range (``X.json`` for
+current ComfyUI, ``X_comfyui-0.3.json`` for 0.3.x; ``host.example_workflows``): each file is checked on the
+host it is for, so the suite run on both hosts checks every file.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
+from facecond_dev import host
 from facecond_dev.client import _SEED_CONTROL_VALUES, _widget_inputs
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+TESTED_HOSTS = {"0.3.75": (0, 3, 75), "0.28": (0, 28, 0)}  # what make test / CI run (host.HOSTS)
+EXAMPLES = sorted(host.example_workflows().values())  # the variants for the ComfyUI under test
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".png", ".jpg", ".jpeg", ".webp")
 
 
 def test_there_are_examples():
     assert len(EXAMPLES) >= 2, [p.name for p in EXAMPLES]
+
+
+def test_every_example_file_is_for_a_tested_host():
+    """No variant is dead: each file is the pick for one of the hosts the suite runs on, and every variant's
+    feature also has the plain file for current ComfyUI."""
+    picked = {p for v in TESTED_HOSTS.values() for p in host.example_workflows(v).values()}
+    files = set(host.EXAMPLES_DIR.glob("*.json"))
+    assert files == picked, f"example files no tested host picks: {sorted(p.name for p in files - picked)}"
+    assert set(host.example_workflows(TESTED_HOSTS["0.3.75"])) == set(host.example_workflows(TESTED_HOSTS["0.28"]))
+    assert host.example_workflow("facechain_train_face_lora", (0, 3, 75)).name == \
+        "facechain_train_face_lora_comfyui-0.3.json"
+    assert host.example_workflow("facechain_train_face_lora", (0, 28, 0)).name == "facechain_train_face_lora.json"
+    assert host.example_workflow("facechain_train_face_lora.json", (0, 2, 9)).name == \
+        "facechain_train_face_lora_comfyui-0.3.json"
+    assert host.example_workflow("face0_single_photo", (0, 3, 75)) == host.example_workflow("face0_single_photo",
+                                                                                           (0, 28, 0))
 
 
 def _check_widget(node_label: str, name: str, kind: str, opts: dict, choices, value) -> None:
