@@ -14,14 +14,15 @@
 #
 # Idempotent: every step is skipped when its stamp file says it is done with the same inputs,
 # so a second run takes about a second. This never touches any other Python environment.
-# FACECOND_HOST overrides the location of the first host (default: <repo>/.host); the second goes in
-# <first>/comfyui-0.28. FACECOND_SHARED overrides the shared test-data folder (default: <repo>/../shared).
+# FACECOND_HOST_ROOT overrides where they go (default: <repo>/.host; the second host in <root>/comfyui-0.28).
+# (FACECOND_HOST, which names the one host a run uses, is not read here.) FACECOND_SHARED overrides the shared
+# test-data folder (default: <repo>/../shared).
 #
 # Usage: scripts/setup_host.sh [0.3.75|0.28 ...]   (default: every host whose source is available)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-HOST="${FACECOND_HOST:-$ROOT/.host}"
+HOST="${FACECOND_HOST_ROOT:-$ROOT/.host}"
 SHARED="${FACECOND_SHARED:-$ROOT/../shared}"
 PY="${PYTHON:-python3}"
 HORDE_VERSION="2.22.2"          # bundles ComfyUI 0.3.75

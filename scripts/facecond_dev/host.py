@@ -30,7 +30,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-HOSTS = {"0.3.75": REPO / ".host", "0.28": REPO / ".host" / "comfyui-0.28"}  # as scripts/setup_host.sh lays them out
+_HOST_ROOT = Path(os.environ.get("FACECOND_HOST_ROOT", REPO / ".host"))  # where scripts/setup_host.sh installs
+HOSTS = {"0.3.75": _HOST_ROOT, "0.28": _HOST_ROOT / "comfyui-0.28"}
 
 
 def _host_dir() -> Path:
