@@ -105,9 +105,12 @@ def test_rank_and_fuse_on_real_photos(facechain_server):
     names = ["facechain_gen_biden.png", "facechain_gen_obama2.png", "facechain_gen_john.png", "facechain_gen_blank.png"]
     for k, name in enumerate(names):
         prompt[f"9{k}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
-    prompt["95"] = {"class_type": "ImageBatch", "inputs": {"image1": ["90", 0], "image2": ["91", 0]}}
-    prompt["96"] = {"class_type": "ImageBatch", "inputs": {"image1": ["95", 0], "image2": ["92", 0]}}
-    prompt["97"] = {"class_type": "ImageBatch", "inputs": {"image1": ["96", 0], "image2": ["93", 0]}}
+    if "BatchImagesNode" in server.object_info():  # current ComfyUI (ImageBatch is deprecated there)
+        prompt["97"] = {"class_type": "BatchImagesNode", "inputs": {f"images.image{k}": [f"9{k}", 0] for k in range(4)}}
+    else:  # ComfyUI 0.3.x
+        prompt["95"] = {"class_type": "ImageBatch", "inputs": {"image1": ["90", 0], "image2": ["91", 0]}}
+        prompt["96"] = {"class_type": "ImageBatch", "inputs": {"image1": ["95", 0], "image2": ["92", 0]}}
+        prompt["97"] = {"class_type": "ImageBatch", "inputs": {"image1": ["96", 0], "image2": ["93", 0]}}
     for node in prompt.values():
         for key, value in node["inputs"].items():
             if value == ["7", 0]:  # the VAEDecode of the generations
