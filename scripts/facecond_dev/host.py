@@ -35,12 +35,15 @@ HOSTS = {"0.3.75": _HOST_ROOT, "0.28": _HOST_ROOT / "comfyui-0.28"}
 
 
 def _host_dir() -> Path:
-    if os.environ.get("FACECOND_HOST"):
-        return Path(os.environ["FACECOND_HOST"]).resolve()
     venv_owner = Path(sys.prefix).resolve().parent  # <host>/venv -> <host>
-    if (venv_owner / "ComfyUI" / "main.py").is_file():
-        return venv_owner
-    return HOSTS["0.3.75"]
+    is_host_venv = (venv_owner / "ComfyUI" / "main.py").is_file()
+    if os.environ.get("FACECOND_HOST"):
+        chosen = Path(os.environ["FACECOND_HOST"]).resolve()
+        if is_host_venv and chosen != venv_owner:
+            log.warning("FACECOND_HOST is %s but this Python is the venv of the host %s: ComfyUI's requirements "
+                        "may not match. Run %s instead.", chosen, venv_owner, chosen / "venv" / "bin" / "python")
+        return chosen
+    return venv_owner if is_host_venv else HOSTS["0.3.75"]
 
 
 HOST_DIR = _host_dir()
