@@ -42,7 +42,7 @@ def main() -> None:
     from facecond.py.train import face0_train as ft
     from facecond.py.weights import manifest as weights
 
-    ckpt = str(host._tiny_checkpoint())
+    ckpt = str(host.tiny_checkpoint_path())
     b = 2
     x0, ctx, emb = torch.randn(b, 4, 8, 8), torch.randn(b, 77, 768), torch.randn(b, 128)
     for mode in ("lora", "full"):

@@ -171,7 +171,7 @@ def _facenet_on_device(fn: embed.FaceNet) -> torch.device:
             fn.net, load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device())
     patcher = _PATCHERS[key]
-    comfy.model_management.load_model_gpu(patcher)
+    comfy.model_management.load_models_gpu([patcher])
     return patcher.load_device
 
 

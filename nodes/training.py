@@ -89,7 +89,7 @@ def encode_with(clip, tokens, vectors: torch.Tensor, node: str = "TrainCelebBasi
     is then run with out-of-place residuals, because ComfyUI's ``CLIPLayer`` adds them in place (``x += ...``),
     which autograd cannot differentiate. Same weights, same ops: the result equals ComfyUI's encode (tested)."""
     from comfy.ldm.modules.attention import optimized_attention_for_device
-    from comfy.ops import cast_to
+    from comfy.model_management import cast_to  # comfy.ops.cast_to is an alias marked for removal
 
     enc = text_encoder(clip, node)
     sd = enc.module

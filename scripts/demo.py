@@ -51,6 +51,17 @@ def _extra_model_paths(comfyui: Path, base: Path) -> Path:
     return path
 
 
+def _variant_for_host(workflow: Path, comfyui: str | None) -> Path:
+    """An example of ours in the variant for the ComfyUI that will run it (README, "Supported ComfyUI versions")."""
+    if workflow.resolve().parent != host.EXAMPLES_DIR.resolve():
+        return workflow
+    version = host.comfy_version(comfyui)
+    picked = host.example_workflow(workflow.name, version)
+    if picked.name != workflow.name:
+        log.info("ComfyUI %s: using %s (the variant for this version)", ".".join(map(str, version)), picked.name)
+    return picked
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="demo_output", help="folder to copy the generated images to")
     args = ap.parse_args(argv)
 
-    workflow = Path(args.workflow)
+    workflow = _variant_for_host(Path(args.workflow), args.comfyui)
     base = Path(tempfile.mkdtemp(prefix="facecond-demo-"))
     try:
         return _run(args, workflow, base)

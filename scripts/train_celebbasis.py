@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_COMFY = REPO / ".host" / "ComfyUI"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 log = logging.getLogger("facecond")
@@ -28,7 +27,8 @@ log = logging.getLogger("facecond")
 def common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--checkpoint", required=True, help="SD1.x/SD2.x checkpoint file (.safetensors/.ckpt)")
     ap.add_argument("--photos", help="folder of photos of the person (one face each)")
-    ap.add_argument("--comfyui", default=str(DEFAULT_COMFY), help="ComfyUI folder (default: the pinned host)")
+    ap.add_argument("--comfyui", default=None,
+                    help="ComfyUI folder (default: the pinned host that FACECOND_HOST names, see host.py)")
     ap.add_argument("--base-dir", help="ComfyUI base directory for models/ (default: the ComfyUI folder's)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU")
     ap.add_argument("--detector", default="mtcnn", help="face detector, as FaceDetectCrop's 'detector'")
@@ -40,7 +40,7 @@ def common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--templates", help="text file of prompt templates, one per line with {} (default: the node's)")
 
 
-def import_comfy(comfyui: str, base_dir: str | None, cpu: bool):
+def import_comfy(comfyui: str | None, base_dir: str | None, cpu: bool):
     """Import ComfyUI (``host.import_comfy``) and the pack in-process; returns the pack."""
     sys.path.insert(0, str(REPO / "scripts"))
     from facecond_dev import host

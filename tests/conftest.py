@@ -1,4 +1,5 @@
-"""Test harness: real ComfyUI 0.3.75, in-process and as a headless server (``scripts/facecond_dev/host.py``).
+"""Test harness: real ComfyUI (0.3.75 or 0.28, see ``scripts/facecond_dev/host.py``), in-process and as a headless
+server.
 
 At import, ComfyUI is imported into the pytest process on the CPU with a throw-away base directory,
 and the pack is imported as the package ``facecond`` (its real ``__init__``), so tests write
@@ -21,11 +22,18 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from facecond_dev import host  # noqa: E402
 from facecond_dev.client import ComfyClient  # noqa: E402
 
+COMFY_VERSION = host.comfy_version()  # the ComfyUI under test (example variants are picked by it)
+
 _INPROCESS_BASE = Path(tempfile.mkdtemp(prefix="facecond-inproc-"))
 host.import_comfy(_INPROCESS_BASE)
 host.load_pack(ROOT, "facecond")
 
 SERVER_PACK_NAME = "facecond-pack.dev"  # a dash and a dot: loads under any folder name
+
+
+def pytest_report_header(config):
+    return (f"ComfyUI {'.'.join(map(str, COMFY_VERSION))} at {host.comfy_dir()} (FACECOND_HOST: {host.HOST_DIR}); "
+            f"shared data: {host.shared_data() or 'absent'}{' (required)' if host.data_required() else ''}")
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -36,7 +44,11 @@ def pytest_sessionfinish(session, exitstatus):
 def shared_data() -> Path:
     data = host.shared_data()
     if data is None:
-        pytest.skip("../shared/data (real test photos and models) is not present")
+        reason = f"{host.SHARED_DATA} (real test photos and models) is not present"
+        if host.data_required():
+            pytest.fail(f"{reason}, and FACECOND_REQUIRE_DATA=1 (CI) requires it: put the shared folder beside "
+                        "the repo or point FACECOND_SHARED at it", pytrace=False)
+        pytest.skip(reason)
     return data
 
 

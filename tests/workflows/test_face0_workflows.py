@@ -17,7 +17,6 @@ from PIL import Image
 from facecond.py.face0.projection import ProjectionInfo, random_projection, save_projection
 from facecond_dev import host
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 EXPECTED_IMAGES = {"face0_single_photo.json": 1, "face0_interpolate_two_photos.json": 5,
                    "face0_random_character.json": 4, "face0_style_vs_photo.json": 2}
 
@@ -38,7 +37,7 @@ def _prompt(server, path: Path) -> dict:
 @pytest.mark.parametrize("name", sorted(EXPECTED_IMAGES))
 def test_example_workflow_runs(face0_server, name):
     server = face0_server
-    result = server.run(_prompt(server, EXAMPLES / name))
+    result = server.run(_prompt(server, host.example_workflow(name)))
     assert result.status == "success", (result.error or {}).get("exception_message", result.error)
     images = server.output_images(result)
     assert len(images) == EXPECTED_IMAGES[name], images
@@ -50,13 +49,13 @@ def test_example_workflow_runs(face0_server, name):
 
 
 def test_every_face0_example_is_tested():
-    assert sorted(p.name for p in EXAMPLES.glob("face0_*.json")) == sorted(EXPECTED_IMAGES)
+    assert sorted(f"{f}.json" for f in host.example_workflows() if f.startswith("face0_")) == sorted(EXPECTED_IMAGES)
 
 
 def test_bad_embedding_width_is_reported_by_name(face0_server):
     """A projection for another embedder: the server reports ProjectToContext's error with the fix."""
     server = face0_server
-    prompt = _prompt(server, EXAMPLES / "face0_single_photo.json")  # FaceEmbed: the 128-d stand-in
+    prompt = _prompt(server, host.example_workflow("face0_single_photo.json"))  # FaceEmbed: the 128-d stand-in
     proj_dir = Path(server.base_dir) / "models" / "facecond" / "face0"
     save_projection(random_projection(ProjectionInfo(embedder="facenet-vggface2/bottleneck", embed_dim=512)),
                     proj_dir / "face0_sd15_facenet.safetensors")

@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 
 from facecond_dev import host
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 SAVED = {"facechain_rank_and_fuse.json": ("facechain_fused", 2),
          "facechain_face_lora_style_lora.json": ("facechain_lora", 4),
          "facechain_train_face_lora.json": ("facechain_trained", 2)}
@@ -75,7 +74,7 @@ def _prompt(server, name: str) -> dict:
     small = {"FacecondFaceFusion": {"steps": 2, "resolution": 64}, "FacecondFaceChainPreprocess": {"resolution": 64},
              "TrainLoraNode": {"steps": 2, "rank": 4, "training_dtype": "fp32", "lora_dtype": "fp32",
                                "gradient_checkpointing": False}}
-    return host.quick_prompt(EXAMPLES / name, server.object_info(), server.base_dir, small)
+    return host.quick_prompt(host.example_workflow(name), server.object_info(), server.base_dir, small)
 
 
 def _saved(server, result, prefix):
@@ -96,7 +95,7 @@ def test_example_workflow_runs(facechain_server, name):
 
 
 def test_every_facechain_example_is_tested():
-    assert sorted(p.name for p in EXAMPLES.glob("facechain_*.json")) == sorted(SAVED)
+    assert sorted(f"{f}.json" for f in host.example_workflows() if f.startswith("facechain_")) == sorted(SAVED)
 
 
 def test_rank_and_fuse_on_real_photos(facechain_server):
@@ -106,9 +105,12 @@ def test_rank_and_fuse_on_real_photos(facechain_server):
     names = ["facechain_gen_biden.png", "facechain_gen_obama2.png", "facechain_gen_john.png", "facechain_gen_blank.png"]
     for k, name in enumerate(names):
         prompt[f"9{k}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
-    prompt["95"] = {"class_type": "ImageBatch", "inputs": {"image1": ["90", 0], "image2": ["91", 0]}}
-    prompt["96"] = {"class_type": "ImageBatch", "inputs": {"image1": ["95", 0], "image2": ["92", 0]}}
-    prompt["97"] = {"class_type": "ImageBatch", "inputs": {"image1": ["96", 0], "image2": ["93", 0]}}
+    if "BatchImagesNode" in server.object_info():  # current ComfyUI (ImageBatch is deprecated there)
+        prompt["97"] = {"class_type": "BatchImagesNode", "inputs": {f"images.image{k}": [f"9{k}", 0] for k in range(4)}}
+    else:  # ComfyUI 0.3.x
+        prompt["95"] = {"class_type": "ImageBatch", "inputs": {"image1": ["90", 0], "image2": ["91", 0]}}
+        prompt["96"] = {"class_type": "ImageBatch", "inputs": {"image1": ["95", 0], "image2": ["92", 0]}}
+        prompt["97"] = {"class_type": "ImageBatch", "inputs": {"image1": ["96", 0], "image2": ["93", 0]}}
     for node in prompt.values():
         for key, value in node["inputs"].items():
             if value == ["7", 0]:  # the VAEDecode of the generations

@@ -1,14 +1,14 @@
 """The faces example workflow runs headless through a real ComfyUI server with the insightface test pack."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from facecond_dev import host
 from facecond_dev.host import copy_inputs, install_stand_in_models, quick_prompt
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "example_workflows/faces_detect_embed_similarity.json"
+WORKFLOW = host.example_workflow("faces_detect_embed_similarity.json")  # the variant for the ComfyUI under test
 
 
 @pytest.fixture(scope="module")

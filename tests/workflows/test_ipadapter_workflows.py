@@ -20,7 +20,7 @@ from facecond.nodes.ipadapter import cross_attention_layers
 from facecond_dev import host
 from facecond_dev.random_weights import random_state_dict
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "example_workflows" / "ipadapter_multi_reference.json"
+WORKFLOW = host.example_workflow("ipadapter_multi_reference.json")  # the variant for the ComfyUI under test
 
 
 @pytest.fixture(scope="module")

