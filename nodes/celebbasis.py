@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -36,6 +35,7 @@ from ..py.celebbasis.coeffs import (
 from ..py.faces.types import FaceEmbeds
 from ..py.train.augment import augment as augment_images
 from ..py.train.core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
+from .paths import check_write_name, finite_floats, load_file, write_path
 from .pseudo_words import TextEncoder, add_pseudo_word, text_encoder
 from .training import (
     encode_images,
@@ -148,7 +148,7 @@ class CelebBasisCoeffs:
                 if mlp_name == "none":
                     raise ValueError(f"{node}: nothing to make the word from. Connect coefficients (LoadCelebCoeffs), "
                                      "or face_embeds plus a coefficient MLP (mlp_name or celeb_mlp).")
-                celeb_mlp = load_celeb_mlp(mlp_name)
+                celeb_mlp = load_celeb_mlp(mlp_name, node, "mlp_name")
             if face_embeds is None:
                 raise ValueError(f"{node}: the coefficient MLP needs face_embeds; connect FaceEmbed.")
             basis, _ = basis_for(clip, list(celeb_mlp.names), celeb_mlp.facts.p, node)
@@ -161,8 +161,8 @@ class CelebBasisCoeffs:
         return (add_pseudo_word(clip, pseudo_word, vectors, node), c)
 
 
-def load_celeb_mlp(name: str) -> CelebMLP:
-    mlp, info = load_mlp(folder_paths.get_full_path_or_raise(FOLDER, name))
+def load_celeb_mlp(name: str, node: str = "CelebBasisCoeffs", input_name: str = "mlp_name") -> CelebMLP:
+    mlp, info = load_file(node, input_name, FOLDER, name, load_mlp)
     return CelebMLP(mlp, info["embedder"], tuple(info["names"]), info["facts"])
 
 
@@ -184,6 +184,7 @@ class SaveCelebCoeffs:
         }}
 
     def save(self, coefficients, filename_prefix):
+        check_write_name("SaveCelebCoeffs", "filename_prefix", filename_prefix, FOLDER)
         root = folder_paths.get_folder_paths(FOLDER)[0]
         full_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)
         os.makedirs(full_dir, exist_ok=True)
@@ -206,7 +207,7 @@ class LoadCelebCoeffs:
                                                             "models/facecond/celebbasis (SaveCelebCoeffs)."})}}
 
     def load(self, coeffs_name):
-        return (load_coeffs(folder_paths.get_full_path_or_raise(FOLDER, coeffs_name)),)
+        return (load_file("LoadCelebCoeffs", "coeffs_name", FOLDER, coeffs_name, load_coeffs),)
 
 
 def parse_identities(text: str, n: int, node: str) -> list[int]:
@@ -232,6 +233,10 @@ class TrainCelebBasis:
     RETURN_NAMES = ("celeb_mlp", "mlp_name", "report")
     OUTPUT_TOOLTIPS = ("The trained MLP (connect to CelebBasisCoeffs).",
                        "The file written to models/facecond/celebbasis.", "Losses and settings.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, learning_rate=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "TrainCelebBasis", learning_rate=learning_rate)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -263,12 +268,12 @@ class TrainCelebBasis:
     def train(self, model, clip, vae, images, face_embeds, identities, prompt_templates, steps, learning_rate, p,
               seed, augment, save_name, resume):
         node = "TrainCelebBasis"
+        path = write_path(node, "save_name", save_name, FOLDER, ".safetensors")
+        state_path = write_path(node, "save_name", save_name, FOLDER, ".state.safetensors")
         n = images.shape[0]
         if not isinstance(face_embeds, FaceEmbeds) or len(face_embeds) != n:
             raise ValueError(f"{node}: {n} images but {len(face_embeds) if face_embeds is not None else 0} face "
                              "embeddings; give one face per image (FaceDetectCrop select=largest, no_face=error).")
-        if not re.fullmatch(r"[\w\-. /]+", save_name) or ".." in save_name:
-            raise ValueError(f"{node}: save_name {save_name!r} must be a plain file name (letters, digits, _-./).")
         ids = parse_identities(identities, n, node)
         templates = [t.strip() for t in prompt_templates.splitlines() if t.strip()]
         names = cb.load_names()
@@ -304,8 +309,6 @@ class TrainCelebBasis:
 
         trainer = Trainer(dict(mlp.named_parameters()), TrainConfig(steps=steps, lr=learning_rate, seed=seed))
         root = folder_paths.get_folder_paths(FOLDER)[0]
-        path = os.path.join(root, save_name + ".safetensors")
-        state_path = os.path.join(root, save_name + ".state.safetensors")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if resume and os.path.isfile(state_path):
             trainer.load(state_path)

@@ -25,6 +25,7 @@ import torch
 
 from ..py.face0.guidance import branch_weights, combine_conditional
 from ..py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, override_tokens
+from .paths import finite_floats, load_file
 
 log = logging.getLogger("facecond")
 
@@ -48,8 +49,7 @@ class LoadFace0Projection:
     DESCRIPTION = "Loads a Face0 projection (4-layer MLP) from models/facecond/face0."
 
     def load(self, projection_name):
-        path = folder_paths.get_full_path_or_raise(PROJECTION_FOLDER, projection_name)
-        proj = load_projection(path)
+        proj = load_file("LoadFace0Projection", "projection_name", PROJECTION_FOLDER, projection_name, load_projection)
         log.info("[facecond] loaded Face0 projection %s (%s)", projection_name, proj.info)
         return (proj,)
 
@@ -250,6 +250,10 @@ _CONDS_TOOLTIPS = {
 
 class ThreeWayGuider:
     @classmethod
+    def VALIDATE_INPUTS(cls, cfg=None, c=None, a=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "ThreeWayGuider", cfg=cfg, c=c, a=a)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
@@ -279,6 +283,10 @@ class ThreeWayGuider:
 
 
 class ThreeWayCFGSampler:
+    @classmethod
+    def VALIDATE_INPUTS(cls, cfg=None, c=None, a=None, denoise=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "ThreeWayCFGSampler", cfg=cfg, c=c, a=a, denoise=denoise)
+
     @classmethod
     def INPUT_TYPES(cls):
         return {

@@ -25,6 +25,7 @@ from ..py.facechain import quality as face_quality
 from ..py.faces import align
 from ..py.faces.types import FaceEmbeds, Faces
 from .faces import image_to_numpy
+from .paths import finite_floats
 
 log = logging.getLogger("facecond")
 
@@ -111,6 +112,10 @@ class FacecondRankBySimilarity:
         "One line per image: rank, input index, cosine, score.",
         "Input indices in sorted order (a list).",
     )
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, temperature=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "RankBySimilarity", temperature=temperature)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -205,6 +210,10 @@ class FacecondFaceFusion:
     )
 
     @classmethod
+    def VALIDATE_INPUTS(cls, cfg=None, denoise=None, context=None, feather=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "FaceFusion", cfg=cfg, denoise=denoise, context=context, feather=feather)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model that carries the identity (face LoRA, IP-Adapter patch...)."}),
@@ -289,6 +298,10 @@ class FacecondFaceChainPreprocess:
         "The soft head ellipse of each crop (all ones with head_mask=none).",
         "Per photo: kept (roll corrected) or dropped.",
     )
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, context=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "FaceChainPreprocess", context=context)
 
     @classmethod
     def INPUT_TYPES(cls):

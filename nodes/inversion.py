@@ -22,6 +22,7 @@ from ..py.faces.types import FaceEmbeds
 from ..py.train.augment import augment as augment_images
 from ..py.train.core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas
 from .celebbasis import DEFAULT_TEMPLATES, FOLDER
+from .paths import finite_floats, write_path
 from .pseudo_words import text_encoder
 from .training import encode_images, encode_with, model_denoiser, normal_tensor, template_tokens, trainable_clip
 
@@ -168,7 +169,11 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
             raise ValueError(f"{node}: init='id' needs celebrity face embeddings for this checkpoint and embedder "
                              f"{face_embeds.model!r} ({os.path.basename(path)}), which are not there. "
                              + PRECOMPUTE_HINT)
-        celeb_faces, face = inv.load_celeb_faces(path), face_vector(face_embeds, node)
+        try:
+            celeb_faces = inv.load_celeb_faces(path)
+        except ValueError as e:
+            raise ValueError(f"{node}: init='id': {e} Or run PrecomputeCelebFaces again.") from None
+        face = face_vector(face_embeds, node)
     start, what = inv.init_vectors(init, enc.table(), enc.tokenize, num_vectors, names=names, seed=seed,
                                    celeb_faces=celeb_faces, face=face)
     denoise, sigmas, device = model_denoiser(model, node)
@@ -199,9 +204,8 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
     with torch.inference_mode(False), torch.no_grad():
         final = vecs.vectors().detach().cpu().float().clone()
-    out_dir = folder_paths.get_folder_paths("embeddings")[0]
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, save_name + ".safetensors")
+    path = write_path(node, "save_name", save_name, "embeddings", ".safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     inv.save_embedding(final, path, enc.key, {"init": what, "reparam": reparam, "steps": trainer.step,
                                               "seed": seed, "losses": trainer.losses[-10:],
                                               "table_hash": cb.table_hash(enc.table()),
@@ -224,6 +228,10 @@ class TrainFaceTI:
     OUTPUT_TOOLTIPS = ("The input CLIP (a clone), passed on so text nodes after it run once the embedding exists; "
                        "write embedding:<save_name> in their prompts.",
                        "The embedding's name: write embedding:<name> in a prompt.", "Losses and settings.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, learning_rate=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "TrainFaceTI", learning_rate=learning_rate)
 
     @classmethod
     def INPUT_TYPES(cls):

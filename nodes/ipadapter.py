@@ -22,6 +22,7 @@ import folder_paths
 from ..py.faces.types import FaceEmbeds
 from ..py.ipadapter import adapter as ipa
 from ..py.ipadapter import aggregate as agg
+from .paths import finite_floats, load_file, read_path
 
 log = logging.getLogger("facecond")
 
@@ -84,15 +85,13 @@ class LoadIPAdapter:
                        "ip-adapter-plus_sd15.safetensors or ip-adapter-faceid_sd15.bin."})}}
 
     def load(self, ipadapter_name):
-        path = folder_paths.get_full_path_or_raise(IPADAPTER_FOLDER, ipadapter_name)
+        path = read_path("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name)
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
         if key not in _ADAPTERS:
-            sd = ipa.read_file(path)
-            try:
-                adapter = ipa.from_state_dict(sd, ipadapter_name)
-            except ValueError as e:
-                raise ValueError(f"LoadIPAdapter: ipadapter_name {ipadapter_name!r}: {e}") from None
+            sd = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name, ipa.read_file)
+            adapter = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name,
+                                lambda _path: ipa.from_state_dict(sd, ipadapter_name))
             if any("lora" in k for k in sd):
                 log.warning("[facecond] LoadIPAdapter: %s holds LoRA weights; they are not applied here. Load the "
                             "matching FaceID LoRA with LoraLoaderModelOnly (strength about 0.6).", ipadapter_name)
@@ -214,7 +213,7 @@ class AggregateEmbeds:
             if aggregator_name == "none":
                 raise ValueError(f"{node}: method self-attention needs aggregator_name (a file in "
                                  "models/facecond/aggregators from scripts/train_aggregator.py), or pick mean.")
-            aggregator = agg.load_aggregator(folder_paths.get_full_path_or_raise(AGGREGATOR_FOLDER, aggregator_name))
+            aggregator = load_file(node, "aggregator_name", AGGREGATOR_FOLDER, aggregator_name, agg.load_aggregator)
         try:
             x, note = agg.aggregate(embeds.embeds, method, aggregator, seed)
         except ValueError as e:
@@ -234,6 +233,10 @@ class ApplyIPAdapter:
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The patched clone (the input model is unchanged).",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, weight=None, start_at=None, end_at=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "ApplyIPAdapter", weight=weight, start_at=start_at, end_at=end_at)
 
     @classmethod
     def INPUT_TYPES(cls):
