@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 
 import comfy.model_management
 import comfy.model_sampling
@@ -27,6 +26,7 @@ from ..py.celebbasis.train import WordTrainConfig, parse_identities, train_celeb
 from ..py.faces.types import FaceEmbeds
 from .celebbasis_files import FOLDER, CelebMLP, load_celeb_mlp, mlp_files, names_with_hash
 from .common import CELEB_COEFFS, CELEB_MLP, FACE_EMBEDS, Progress, require_embeds, seed_input, steps_input
+from .paths import finite_floats, write_path
 from .pseudo_words import TextEncoder, add_pseudo_word, text_encoder
 from .training import normal_tensor, word_model
 
@@ -91,7 +91,7 @@ class CelebBasisCoeffs:
                 if mlp_name == "none":
                     raise ValueError(f"{node}: nothing to make the word from. Connect coefficients (LoadCelebCoeffs), "
                                      "or face_embeds plus a coefficient MLP (mlp_name or celeb_mlp).")
-                celeb_mlp = load_celeb_mlp(mlp_name)
+                celeb_mlp = load_celeb_mlp(mlp_name, node, "mlp_name")
             if face_embeds is None:
                 raise ValueError(f"{node}: the coefficient MLP needs face_embeds; connect FaceEmbed.")
             basis, _ = basis_for(clip, list(celeb_mlp.names), celeb_mlp.facts.p, node)
@@ -110,13 +110,13 @@ def train_celeb_mlp(model, clip, vae, images, face_embeds: FaceEmbeds, *, identi
     """Check the inputs, build the trainer's callables from the ComfyUI objects, run ``train_celeb_basis`` and
     write models/facecond/celebbasis/<save_name>.safetensors (+ .state.safetensors). Returns (CELEB_MLP, file
     name relative to that folder, report). TrainCelebBasis and scripts/train_celebbasis.py run this."""
+    path = write_path(node, "save_name", save_name, FOLDER, ".safetensors")
+    state_path = write_path(node, "save_name", save_name, FOLDER, ".state.safetensors")
     n = images.shape[0]
     require_embeds(node, "face_embeds", face_embeds)
     if len(face_embeds) != n:
         raise ValueError(f"{node}: {n} images but {len(face_embeds)} face embeddings; give one face per image "
                          "(FaceDetectCrop select=largest, no_face=error).")
-    if not re.fullmatch(r"[\w\-. /]+", save_name) or ".." in save_name:
-        raise ValueError(f"{node}: save_name {save_name!r} must be a plain file name (letters, digits, _-./).")
     ids = parse_identities(identities, n, node)
     templates = [t.strip() for t in prompt_templates.splitlines() if t.strip()]
     names = cb.load_names()
@@ -125,11 +125,10 @@ def train_celeb_mlp(model, clip, vae, images, face_embeds: FaceEmbeds, *, identi
     basis = dataclasses.replace(basis, mean=normal_tensor(basis.mean), basis=normal_tensor(basis.basis))
     wm = word_model(model, clip, vae, templates, node)
     root = folder_paths.get_folder_paths(FOLDER)[0]
-    path = os.path.join(root, save_name + ".safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     mlp, trainer = train_celeb_basis(
         wm, basis, images, face_embeds.embeds, ids, config, normalized=face_embeds.normalized,
-        state_path=os.path.join(root, save_name + ".state.safetensors"), resume=resume, state_meta={"node": node},
+        state_path=state_path, resume=resume, state_meta={"node": node},
         on_step=on_step, check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
     save_mlp(mlp, path, basis, embedder=face_embeds.model, names=names, steps=trainer.step)
     facts = BasisFacts(basis.p, basis.table_hash, basis.names_hash)
@@ -151,6 +150,10 @@ class TrainCelebBasis:
     RETURN_NAMES = ("celeb_mlp", "mlp_name", "report")
     OUTPUT_TOOLTIPS = ("The trained MLP (connect to CelebBasisCoeffs).",
                        "The file written to models/facecond/celebbasis.", "Losses and settings.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, learning_rate=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "TrainCelebBasis", learning_rate=learning_rate)
 
     @classmethod
     def INPUT_TYPES(cls):

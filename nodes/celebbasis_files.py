@@ -13,6 +13,7 @@ import folder_paths
 from ..py.celebbasis import basis as cb
 from ..py.celebbasis.coeffs import BasisFacts, CoeffMLP, load_coeffs, load_mlp, save_coeffs
 from .common import CELEB_COEFFS
+from .paths import check_write_name, load_file
 
 CATEGORY = "facecond/celebbasis"
 FOLDER = "facecond_celebbasis"  # models/facecond/celebbasis: coefficient MLPs, names lists, saved identities
@@ -52,8 +53,8 @@ def mlp_files() -> list[str]:
             and not f.endswith(".state.safetensors")]
 
 
-def load_celeb_mlp(name: str) -> CelebMLP:
-    mlp, info = load_mlp(folder_paths.get_full_path_or_raise(FOLDER, name))
+def load_celeb_mlp(name: str, node: str = "CelebBasisCoeffs", input_name: str = "mlp_name") -> CelebMLP:
+    mlp, info = load_file(node, input_name, FOLDER, name, load_mlp)
     return CelebMLP(mlp, info["embedder"], tuple(info["names"]), info["facts"])
 
 
@@ -75,6 +76,7 @@ class SaveCelebCoeffs:
         }}
 
     def save(self, coefficients, filename_prefix):
+        check_write_name("SaveCelebCoeffs", "filename_prefix", filename_prefix, FOLDER)
         root = folder_paths.get_folder_paths(FOLDER)[0]
         full_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)
         os.makedirs(full_dir, exist_ok=True)
@@ -97,7 +99,7 @@ class LoadCelebCoeffs:
                                                             "models/facecond/celebbasis (SaveCelebCoeffs)."})}}
 
     def load(self, coeffs_name):
-        return (load_coeffs(folder_paths.get_full_path_or_raise(FOLDER, coeffs_name)),)
+        return (load_file("LoadCelebCoeffs", "coeffs_name", FOLDER, coeffs_name, load_coeffs),)
 
 
 NODE_CLASS_MAPPINGS = {

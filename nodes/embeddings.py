@@ -17,6 +17,7 @@ from ..py.face0.embeds_io import load_embeds, save_embeds
 from ..py.face0.interpolate import add_noise, direction_edit, fit_prior, lerp, slerp, weighted_mean
 from ..py.faces.types import FaceEmbeds
 from .common import FACE_EMBEDS, require_embeds, seed_input
+from .paths import check_write_name, finite_floats, load_file
 
 log = logging.getLogger("facecond")
 
@@ -60,6 +61,11 @@ def _parse_weights(node: str, text: str, n: int) -> list[float] | None:
 
 
 class EmbeddingInterpolate:
+    @classmethod
+    def VALIDATE_INPUTS(cls, t_start=None, t_end=None, strength=None, noise_sigma=None):  # NaN/inf, min/max
+        return finite_floats(cls, "EmbeddingInterpolate", t_start=t_start, t_end=t_end, strength=strength,
+                             noise_sigma=noise_sigma)
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -128,6 +134,10 @@ class EmbeddingInterpolate:
 
 class RandomIdentity:
     @classmethod
+    def VALIDATE_INPUTS(cls, spread=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "RandomIdentity", spread=spread)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
@@ -195,6 +205,8 @@ class SaveFaceEmbeds:
             except (KeyError, IndexError):
                 raise ValueError(f"{node}: model folder {EMBEDS_FOLDER!r} is not registered; use destination "
                                  "'output' or update the pack.") from None
+        check_write_name(node, "filename_prefix", filename_prefix,
+                         "output" if destination == "output" else EMBEDS_FOLDER)
         full_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)
         os.makedirs(full_dir, exist_ok=True)
         file = f"{name}_{counter:05}_.safetensors"
@@ -222,7 +234,7 @@ class LoadFaceEmbeds:
         return os.path.getmtime(path) if path else ""
 
     def load(self, embeds_name):
-        embeds, _meta = load_embeds(folder_paths.get_full_path_or_raise(EMBEDS_FOLDER, embeds_name))
+        embeds, _meta = load_file("LoadFaceEmbeds", "embeds_name", EMBEDS_FOLDER, embeds_name, load_embeds)
         return (embeds,)
 
 

@@ -20,6 +20,7 @@ import node_helpers
 
 from ..py.face0.guidance import branch_weights, three_way_cfg
 from .common import denoise_input, sampler_inputs, seed_input, steps_input
+from .paths import finite_floats
 
 log = logging.getLogger("facecond")
 
@@ -119,6 +120,10 @@ _CONDS_TOOLTIPS = {
 
 class ThreeWayGuider:
     @classmethod
+    def VALIDATE_INPUTS(cls, cfg=None, c=None, a=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "ThreeWayGuider", cfg=cfg, c=c, a=a)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
@@ -148,6 +153,10 @@ class ThreeWayGuider:
 
 
 class ThreeWayCFGSampler:
+    @classmethod
+    def VALIDATE_INPUTS(cls, cfg=None, c=None, a=None, denoise=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "ThreeWayCFGSampler", cfg=cfg, c=c, a=a, denoise=denoise)
+
     @classmethod
     def INPUT_TYPES(cls):
         return {

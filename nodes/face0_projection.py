@@ -15,6 +15,7 @@ import torch
 
 from ..py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, override_tokens
 from .common import FACE0_PROJECTION, FACE_EMBEDS, require_embeds
+from .paths import load_file
 
 log = logging.getLogger("facecond")
 
@@ -38,8 +39,7 @@ class LoadFace0Projection:
     DESCRIPTION = "Loads a Face0 projection (4-layer MLP) from models/facecond/face0."
 
     def load(self, projection_name):
-        path = folder_paths.get_full_path_or_raise(PROJECTION_FOLDER, projection_name)
-        proj = load_projection(path)
+        proj = load_file("LoadFace0Projection", "projection_name", PROJECTION_FOLDER, projection_name, load_projection)
         log.info("[facecond] loaded Face0 projection %s (%s)", projection_name, proj.info)
         return (proj,)
 

@@ -21,6 +21,7 @@ from ..py.facechain import fusion, ranking
 from ..py.facechain import quality as face_quality
 from ..py.faces.types import Faces
 from .common import FACE_EMBEDS, FACES, image_to_numpy, numpy_to_image, require_embeds, require_faces
+from .paths import finite_floats
 
 log = logging.getLogger("facecond")
 
@@ -108,6 +109,10 @@ class FacecondRankBySimilarity:
     )
 
     @classmethod
+    def VALIDATE_INPUTS(cls, temperature=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "RankBySimilarity", temperature=temperature)
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "images": ("IMAGE", {"tooltip": "The generated batch to rank."}),
@@ -176,6 +181,10 @@ class FacecondFaceChainPreprocess:
         "The soft head ellipse of each crop (all ones with head_mask=none).",
         "Per photo: kept (roll corrected) or dropped.",
     )
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, context=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "FaceChainPreprocess", context=context)
 
     @classmethod
     def INPUT_TYPES(cls):

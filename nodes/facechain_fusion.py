@@ -27,6 +27,7 @@ from .common import (
     steps_input,
 )
 from .facechain import CATEGORY, check_faces, real_face
+from .paths import finite_floats
 
 log = logging.getLogger("facecond")
 
@@ -59,6 +60,10 @@ class FacecondFaceFusion:
         "The paste-back alpha per image (0: pixel untouched).",
         "Which faces were fused and which images passed through.",
     )
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, cfg=None, denoise=None, context=None, feather=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "FaceFusion", cfg=cfg, denoise=denoise, context=context, feather=feather)
 
     @classmethod
     def INPUT_TYPES(cls):

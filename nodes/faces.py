@@ -21,6 +21,7 @@ from ..py.faces.types import FaceEmbeds, Faces
 from ..py.weights import manifest as weights
 from .common import FACE_EMBEDS, FACES, Progress, image_to_numpy, numpy_to_image, require_embeds, require_faces
 from .model_paths import resolve_weight, verify_user_file
+from .paths import finite_floats
 
 log = logging.getLogger("facecond")
 
@@ -110,6 +111,10 @@ class FacecondFaceDetectCrop:
         "The 112x112 five-point aligned crops (what insightface recognisers see), one per face.",
         "Faces found per image, and which images had none.",
     )
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, margin_scale=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "FaceDetectCrop", margin_scale=margin_scale)
 
     @classmethod
     def INPUT_TYPES(cls):

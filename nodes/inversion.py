@@ -22,6 +22,7 @@ from ..py.celebbasis.train import train_face_ti as train_vectors
 from ..py.faces.types import FaceEmbeds
 from .celebbasis import DEFAULT_TEMPLATES, FOLDER
 from .common import FACE_EMBEDS, Progress, seed_input, steps_input
+from .paths import finite_floats, write_path
 from .pseudo_words import text_encoder
 from .training import normal_tensor, word_model
 
@@ -170,15 +171,18 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
             raise ValueError(f"{node}: init='id' needs celebrity face embeddings for this checkpoint and embedder "
                              f"{face_embeds.model!r} ({os.path.basename(path)}), which are not there. "
                              + PRECOMPUTE_HINT)
-        celeb_faces, face = inv.load_celeb_faces(path), face_vector(face_embeds, node)
+        try:
+            celeb_faces = inv.load_celeb_faces(path)
+        except ValueError as e:
+            raise ValueError(f"{node}: init='id': {e} Or run PrecomputeCelebFaces again.") from None
+        face = face_vector(face_embeds, node)
     start, what = inv.init_vectors(init, enc.table(), enc.tokenize, num_vectors, names=names, seed=seed,
                                    celeb_faces=celeb_faces, face=face)
     wm = word_model(model, clip, vae, templates, node, k=num_vectors)
     final, losses = train_vectors(wm, normal_tensor(start), images, config, reparam=reparam, on_step=progress,
                                   check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-    out_dir = folder_paths.get_folder_paths("embeddings")[0]
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, save_name + ".safetensors")
+    path = write_path(node, "save_name", save_name, "embeddings", ".safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     inv.save_embedding(final, path, enc.key, {"init": what, "reparam": reparam, "steps": len(losses),
                                               "seed": seed, "losses": losses[-10:],
                                               "table_hash": cb.table_hash(enc.table()),
@@ -201,6 +205,10 @@ class TrainFaceTI:
     OUTPUT_TOOLTIPS = ("The input CLIP (a clone), passed on so text nodes after it run once the embedding exists; "
                        "write embedding:<save_name> in their prompts.",
                        "The embedding's name: write embedding:<name> in a prompt.", "Losses and settings.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, learning_rate=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "TrainFaceTI", learning_rate=learning_rate)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -22,6 +22,7 @@ import folder_paths
 from ..py.ipadapter import adapter as ipa
 from ..py.ipadapter import aggregate as agg
 from .common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds
+from .paths import finite_floats, load_file, read_path
 
 log = logging.getLogger("facecond")
 
@@ -82,15 +83,13 @@ class LoadIPAdapter:
                        "ip-adapter-plus_sd15.safetensors or ip-adapter-faceid_sd15.bin."})}}
 
     def load(self, ipadapter_name):
-        path = folder_paths.get_full_path_or_raise(IPADAPTER_FOLDER, ipadapter_name)
+        path = read_path("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name)
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
         if key not in _ADAPTERS:
-            sd = ipa.read_file(path)
-            try:
-                adapter = ipa.from_state_dict(sd, ipadapter_name)
-            except ValueError as e:
-                raise ValueError(f"LoadIPAdapter: ipadapter_name {ipadapter_name!r}: {e}") from None
+            sd = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name, ipa.read_file)
+            adapter = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name,
+                                lambda _path: ipa.from_state_dict(sd, ipadapter_name))
             if any("lora" in k for k in sd):
                 log.warning("[facecond] LoadIPAdapter: %s holds LoRA weights; they are not applied here. Load the "
                             "matching FaceID LoRA with LoraLoaderModelOnly (strength about 0.6).", ipadapter_name)
@@ -187,6 +186,10 @@ class ApplyIPAdapter:
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The patched clone (the input model is unchanged).",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, weight=None, start_at=None, end_at=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "ApplyIPAdapter", weight=weight, start_at=start_at, end_at=end_at)
 
     @classmethod
     def INPUT_TYPES(cls):

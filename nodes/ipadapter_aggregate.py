@@ -14,6 +14,7 @@ import folder_paths
 from ..py.ipadapter import aggregate as agg
 from .common import REF_EMBEDS, seed_input
 from .ipadapter import CATEGORY, drop_unusable
+from .paths import load_file
 
 log = logging.getLogger("facecond")
 
@@ -60,7 +61,7 @@ class AggregateEmbeds:
             if aggregator_name == "none":
                 raise ValueError(f"{node}: method self-attention needs aggregator_name (a file in "
                                  "models/facecond/aggregators from scripts/train_aggregator.py), or pick mean.")
-            aggregator = agg.load_aggregator(folder_paths.get_full_path_or_raise(AGGREGATOR_FOLDER, aggregator_name))
+            aggregator = load_file(node, "aggregator_name", AGGREGATOR_FOLDER, aggregator_name, agg.load_aggregator)
         try:
             x, note = agg.aggregate(embeds.embeds, method, aggregator, seed)
         except ValueError as e:

@@ -20,10 +20,9 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..weights.files import require_kind
+from ..weights import packfile
 from .basis import CelebBasis
 
 MLP_KIND = "celeb_mlp"
@@ -87,25 +86,26 @@ def save_mlp(mlp: CoeffMLP, path: str | os.PathLike, basis: CelebBasis, *, embed
                "bias": mlp.fc.bias.detach().cpu().float().contiguous()}, str(path), metadata=meta)
 
 
-def _read(path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = require_kind(f.metadata(), kind, os.path.basename(str(path)), f"facecond {kind}")
-        return meta, {k: f.get_tensor(k) for k in f.keys()}
-
-
 def load_mlp(path: str | os.PathLike) -> tuple[CoeffMLP, dict]:
-    """(MLP, info): info has embedder, embed_dim, names (list), facts (BasisFacts), steps."""
-    meta, t = _read(path, MLP_KIND)
-    p, d = int(meta["p"]), int(meta["embed_dim"])
-    if tuple(t["weight"].shape) != (2 * p, d) or tuple(t["bias"].shape) != (2 * p,):
-        raise ValueError(f"{os.path.basename(str(path))}: weight {tuple(t['weight'].shape)} / bias "
-                         f"{tuple(t['bias'].shape)} do not match p={p}, embed_dim={d}")
-    mlp = CoeffMLP(d, p, torch.tensor(json.loads(meta["scale"])))
+    """(MLP, info): info has embedder, embed_dim, names (list), facts (BasisFacts), steps.
+    A wrong or unreadable file raises ``packfile.PackFileError`` (a ValueError) with the path and the fix."""
+    meta, t = packfile.read(path, kind=MLP_KIND)
+    try:
+        p, d = int(meta["p"]), int(meta["embed_dim"])
+        scale, names = json.loads(meta["scale"]), json.loads(meta["names"])
+        facts = BasisFacts(p, meta["table_hash"], meta["names_hash"])
+        info = {"embedder": meta["embedder"], "embed_dim": d, "names": names, "facts": facts,
+                "steps": int(meta.get("steps", 0))}
+    except (KeyError, ValueError) as e:
+        raise packfile.metadata_error(path, repr(e), kind=MLP_KIND) from None
+    expected = {"weight": (2 * p, d), "bias": (2 * p,)}
+    found = {k: tuple(v.shape) for k, v in t.items()}
+    if found != expected or len(scale) != 2:
+        raise packfile.shape_error(path, f"{expected} for p={p}, embed_dim={d}", found, kind=MLP_KIND)
+    mlp = CoeffMLP(d, p, torch.tensor(scale))
     with torch.no_grad():
         mlp.fc.weight.copy_(t["weight"].float())
         mlp.fc.bias.copy_(t["bias"].float())
-    info = {"embedder": meta["embedder"], "embed_dim": d, "names": json.loads(meta["names"]),
-            "facts": BasisFacts(p, meta["table_hash"], meta["names_hash"]), "steps": int(meta.get("steps", 0))}
     return mlp.eval(), info
 
 
@@ -125,13 +125,17 @@ def save_coeffs(c: CelebCoeffs, path: str | os.PathLike, word: str = "") -> None
 
 
 def load_coeffs(path: str | os.PathLike) -> CelebCoeffs:
-    meta, t = _read(path, COEFFS_KIND)
-    x, p = t.get("coeffs"), int(meta["p"])
+    meta, t = packfile.read(path, kind=COEFFS_KIND)
+    try:
+        p = int(meta["p"])
+        facts = BasisFacts(p, meta["table_hash"], meta["names_hash"], {"word": meta.get("word")})
+    except (KeyError, ValueError) as e:
+        raise packfile.metadata_error(path, repr(e), kind=COEFFS_KIND) from None
+    x = t.get("coeffs")
     if x is None or tuple(x.shape) != (2, p):
-        raise ValueError(f"{os.path.basename(str(path))}: 'coeffs' must be (2, {p}), got "
-                         f"{None if x is None else tuple(x.shape)}")
-    return CelebCoeffs(x.float(), BasisFacts(p, meta["table_hash"], meta["names_hash"], {"word": meta.get("word")}),
-                       meta.get("source", ""))
+        raise packfile.shape_error(path, f"'coeffs' (2, {p})", {k: tuple(v.shape) for k, v in t.items()},
+                                   kind=COEFFS_KIND)
+    return CelebCoeffs(x.float(), facts, meta.get("source", ""))
 
 
 def fp16_exact(x: torch.Tensor) -> torch.Tensor:

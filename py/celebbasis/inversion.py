@@ -30,10 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..weights.files import require_kind
+from ..weights import packfile
 from .basis import name_token_pairs, names_hash
 
 INIT_MODES = ("face", "rand2", "id")
@@ -151,15 +150,20 @@ def save_celeb_faces(c: CelebFaces, path: str | os.PathLike) -> None:
 
 
 def load_celeb_faces(path: str | os.PathLike) -> CelebFaces:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = require_kind(f.metadata(), FACES_KIND, os.path.basename(str(path)), "facecond celebrity-face cache")
-        embeds, found = f.get_tensor("embeds"), f.get_tensor("found").bool()
-    names = tuple(json.loads(meta["names"]))
-    if embeds.shape[0] != len(names) or found.shape != (len(names),):
-        raise ValueError(f"{os.path.basename(str(path))}: {embeds.shape[0]} embeddings for {len(names)} names")
+    meta, t = packfile.read(path, kind=FACES_KIND)
+    try:
+        names = tuple(json.loads(meta["names"]))
+        model_hash, embedder = meta["model_hash"], meta["embedder"]
+    except (KeyError, ValueError) as e:
+        raise packfile.metadata_error(path, repr(e), kind=FACES_KIND) from None
+    embeds, found = t.get("embeds"), t.get("found")
+    if embeds is None or found is None or embeds.ndim != 2 or embeds.shape[0] != len(names) \
+            or tuple(found.shape) != (len(names),):
+        raise packfile.shape_error(path, f"'embeds' ({len(names)}, D) and 'found' ({len(names)},) for its "
+                                   f"{len(names)} names", {k: tuple(v.shape) for k, v in t.items()}, kind=FACES_KIND)
     extra = {k: v for k, v in meta.items() if k not in ("facecond.kind", "model_hash", "embedder", "names",
                                                        "names_hash")}
-    return CelebFaces(embeds.float(), found, names, meta["model_hash"], meta["embedder"], extra)
+    return CelebFaces(embeds.float(), found.bool(), names, model_hash, embedder, extra)
 
 
 def save_embedding(vectors: torch.Tensor, path: str | os.PathLike, key: str, meta: dict) -> None:

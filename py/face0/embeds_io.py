@@ -12,11 +12,10 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..faces.types import FaceEmbeds
-from ..weights.files import require_kind
+from ..weights import packfile
 
 KIND = "face_embeds"
 FORMAT_VERSION = "1"
@@ -32,17 +31,16 @@ def save_embeds(embeds: FaceEmbeds, path: str | os.PathLike, source: str = "") -
 
 
 def load_embeds(path: str | os.PathLike) -> tuple[FaceEmbeds, dict[str, str]]:
-    """The FaceEmbeds stored in ``path`` and the file's metadata (for ``source``)."""
-    where = f"face embeddings file {os.path.basename(str(path))}"
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = require_kind(f.metadata(), KIND, where, "facecond face-embeddings")
-        if "embeds" not in f.keys():
-            raise ValueError(f"{where}: no 'embeds' tensor")
-        x = f.get_tensor("embeds").float()
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"{where}: 'embeds' must be a non-empty (N, D) tensor, got {tuple(x.shape)}")
-    if "dim" in meta and int(meta["dim"]) != x.shape[1]:
-        raise ValueError(f"{where}: metadata says D={meta['dim']} but the tensor is {tuple(x.shape)}")
+    """The FaceEmbeds stored in ``path`` and the file's metadata (for ``source``). An unreadable or wrong file
+    raises ``packfile.PackFileError`` (a ValueError) naming the path, the problem and the fix."""
+    meta, tensors = packfile.read(path, kind=KIND)
+    x = tensors.get("embeds")
+    if x is None or x.ndim != 2 or x.shape[0] == 0:
+        raise packfile.shape_error(path, "'embeds': a non-empty (N, D) tensor",
+                                   {k: tuple(v.shape) for k, v in tensors.items()}, kind=KIND)
+    x = x.float()
+    if "dim" in meta and meta["dim"] != str(x.shape[1]):
+        raise packfile.shape_error(path, f"D={meta['dim']} (its metadata)", f"'embeds' {tuple(x.shape)}", kind=KIND)
     try:
         src = tuple(int(i) for i in json.loads(meta.get("source_index", "[]")))
     except (ValueError, TypeError):

@@ -23,11 +23,10 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..weights.files import require_kind
+from ..weights import packfile
 
 KIND = "face0_projection"
 FORMAT_VERSION = "1"
@@ -61,7 +60,7 @@ class ProjectionInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], where: str) -> ProjectionInfo:
-        require_kind(meta, KIND, where, "Face0 projection")
+        packfile.require_kind(where, meta, KIND)
         try:
             norm = meta.get("embed_normalized")
             return cls(embedder=meta["embedder"], embed_dim=int(meta["embed_dim"]), tokens=int(meta["tokens"]),
@@ -123,17 +122,20 @@ def save_projection(proj: Face0Projection, path: str | os.PathLike) -> None:
 
 
 def load_projection(path: str | os.PathLike) -> Face0Projection:
-    """Load a projection file; D, K, W and the hidden width come from the metadata and must match the tensors."""
-    where = f"Face0 projection {os.path.basename(str(path))}"
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        info = ProjectionInfo.from_metadata(f.metadata() or {}, where)
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    """Load a projection file; D, K, W and the hidden width come from the metadata and must match the tensors.
+    Any unreadable file raises ``packfile.PackFileError`` (a ValueError) with the path, the problem and the fix."""
+    meta, state = packfile.read(path, kind=KIND)
+    try:
+        info = ProjectionInfo.from_metadata(meta, f"Face0 projection {os.path.basename(str(path))}")
+    except ValueError as e:
+        raise packfile.metadata_error(path, str(e).split(": ", 1)[-1], kind=KIND) from None
     proj = Face0Projection(info)
     expected = {k: tuple(v.shape) for k, v in proj.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
-        raise ValueError(f"{where}: tensors do not match its metadata (D={info.embed_dim}, K={info.tokens}, "
-                         f"W={info.context_dim}, hidden={info.hidden}): expected {expected}, found {found}")
+        raise packfile.shape_error(path, expected, found, kind=KIND,
+                                   what=f"the tensors do not match its metadata (D={info.embed_dim}, "
+                                   f"K={info.tokens}, W={info.context_dim}, hidden={info.hidden})")
     proj.load_state_dict({k: v.float() for k, v in state.items()})
     for p in proj.parameters():
         p.requires_grad_(False)

@@ -151,7 +151,7 @@ class IPAdapter:
 
 def read_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Flat ``image_proj.*`` / ``ip_adapter.*`` tensors of a .safetensors or a .bin (nested dicts, weights_only)."""
-    return load_state_dict(path)
+    return load_state_dict(path, "IP-Adapter file", "its publisher (h94/IP-Adapter on Hugging Face)")
 
 
 def from_state_dict(sd: dict[str, torch.Tensor], name: str = "") -> IPAdapter:

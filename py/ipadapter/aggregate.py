@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..weights.manifest import load_state_dict
+from ..weights.packfile import PackFileError, shape_error
 
 METHODS = ("mean", "max", "norm-mean", "self-attention")
 
@@ -111,12 +112,19 @@ def save_aggregator(agg: SelfAttentionAggregator, path: str | Path, metadata: di
 
 
 def load_aggregator(path: str | Path) -> SelfAttentionAggregator:
-    sd = load_state_dict(path)
+    label, writer = "self-attention aggregator", "scripts/train_aggregator.py"
+    sd = load_state_dict(path, label, writer)
     need = {"q.weight", "k.weight", "v.weight", "out.weight", "out.bias", "n_refs", "heads"}
     if not need <= sd.keys():
-        raise ValueError(f"{Path(path).name}: not a self-attention aggregator (missing {sorted(need - sd.keys())})")
-    agg = SelfAttentionAggregator(sd["q.weight"].shape[1], int(sd["n_refs"]), int(sd["heads"]))
-    agg.load_state_dict(sd)
+        raise PackFileError(path, "wrong_kind", f"not a {label}", expected=f"tensors {sorted(need)}",
+                            found=f"no {sorted(need - sd.keys())}", label=label, writer=writer)
+    try:
+        agg = SelfAttentionAggregator(sd["q.weight"].shape[1], int(sd["n_refs"]), int(sd["heads"]))
+        agg.load_state_dict(sd)
+    except (RuntimeError, ValueError, IndexError) as e:  # inconsistent widths, heads or extra tensors
+        raise shape_error(path, "square (D, D) q/k/v/out weights, out.bias (D,), n_refs and heads",
+                          {k: tuple(v.shape) for k, v in sd.items()}, label=label, writer=writer,
+                          what=f"its tensors do not make one aggregator ({str(e).splitlines()[0]})") from None
     return agg.float().eval().requires_grad_(False)
 
 

@@ -47,6 +47,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..weights import packfile
+
 log = logging.getLogger("facecond")
 
 STATE_FORMAT = "facecond.train_state.v1"
@@ -212,6 +214,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 
 def read_state(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata JSON, tensors) of a trainer state file; ValueError if it is not one."""
+    packfile.check_safetensors(path, "trainer state", "the trainer (run it again without resume)")
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("facecond_train_state")
         if raw is None:

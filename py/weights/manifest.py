@@ -249,19 +249,22 @@ def find_existing(entry: WeightEntry, folders: Sequence[str | os.PathLike]) -> P
     return None
 
 
-def load_state_dict(path: str | os.PathLike) -> dict:
+def load_state_dict(path: str | os.PathLike, label: str = "weights file", writer: str = "its publisher") -> dict:
     """A flat ``{name: tensor}`` dict from .safetensors or a torch file, never unpickling arbitrary objects.
 
     Nested dicts of tensors (IP-Adapter's ``.bin``: ``{"image_proj": {...}, "ip_adapter": {...}}``) are
-    flattened to dotted keys; a ``{"state_dict": {...}}`` wrapper is unwrapped.
+    flattened to dotted keys; a ``{"state_dict": {...}}`` wrapper is unwrapped. A missing, empty, truncated or
+    non-weights file raises ``packfile.PackFileError`` (``label``/``writer`` name it in the fix); a torch file
+    holding anything but tensors raises ``WeightsError``.
     """
     import torch
 
+    from . import packfile
+
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return packfile.read(path, label=label, writer=writer)[1]
+    packfile.check_torch_file(path, label, writer)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for any non-allow-listed global

@@ -109,5 +109,5 @@ def test_mlp_and_coeff_files(tmp_path, table, tokenize):
         c.facts.check(cb.build_basis(table, cb.load_names()[:40], tokenize, p=8), "coeffs")
     with pytest.raises(ValueError, match="another model"):
         c.facts.check(cb.build_basis(table * 2, cb.load_names()[:40], tokenize, p=16), "coeffs")
-    with pytest.raises(ValueError, match="not a facecond celeb_coeffs"):
+    with pytest.raises(ValueError, match="not a Celeb Basis coefficients file"):
         load_coeffs(tmp_path / "m.safetensors")
