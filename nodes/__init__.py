@@ -11,7 +11,8 @@ from .model_paths import register_model_folders
 
 log = logging.getLogger("facecond")
 
-_NODE_MODULES = ("weights_nodes", "faces", "face0", "embeddings", "celebbasis", "inversion", "ipadapter", "facechain")
+_NODE_MODULES = ("weights_nodes", "faces", "face0", "embeddings", "celebbasis", "inversion", "ipadapter", "facechain",
+                "evaluate")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
