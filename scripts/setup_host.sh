@@ -22,6 +22,8 @@ PACK_DEPS="safetensors einops numpy onnxruntime opencv-python-headless"
 TEST_DEPS="pytest ruff"
 # Training extras (pyproject [project.optional-dependencies] train): the Face0 trainer runs on accelerate.
 TRAIN_DEPS="accelerate tensorboard"
+# Evaluation extras (pyproject [project.optional-dependencies] eval): report plots, FID/IS.
+EVAL_DEPS="matplotlib torch-fidelity"
 
 log() { echo "[setup_host] $*" >&2; }
 mkdir -p "$HOST"
@@ -64,7 +66,7 @@ if ! stamp_ok reqs "$REQ_KEY"; then
   "$VPY" -m pip freeze --isolated | grep -Ei '^(torch|torchvision|torchaudio)==' > "$constraints" || true
   # shellcheck disable=SC2086
   "$VPY" -m pip install --isolated --quiet -c "$constraints" \
-      -r "$HOST/ComfyUI/requirements.txt" requests $PACK_DEPS $TEST_DEPS $TRAIN_DEPS
+      -r "$HOST/ComfyUI/requirements.txt" requests $PACK_DEPS $TEST_DEPS $TRAIN_DEPS $EVAL_DEPS
   "$VPY" -m pip install --isolated --quiet --no-deps "facenet-pytorch==2.5.3"
   stamp_set reqs "$REQ_KEY"
 fi
