@@ -92,10 +92,9 @@ def recogniser_id(recogniser) -> str:
     return recogniser.model_id
 
 
-def score_images(images01: np.ndarray, ref_images01: list[np.ndarray], detector, recogniser, *,
-                 no_face: str = "flag", mode: str = "mean", min_size: int = 20) -> IdentityScores:
-    """End to end outside ComfyUI: detect + embed the references (each photo's largest face; photos without a
-    face are dropped) and the generated images, then score. Raises if no reference photo has a face."""
+def reference_embeds(ref_images01: list[np.ndarray], detector, recogniser, *, min_size: int = 20) -> torch.Tensor:
+    """(M, D) embeddings of the reference photos' largest faces (photos without a face are dropped); raises if no
+    photo has a face."""
     refs = []
     for photo in ref_images01:
         f = detect_and_crop(detector, photo[None], min_size=min_size)
@@ -104,6 +103,15 @@ def score_images(images01: np.ndarray, ref_images01: list[np.ndarray], detector,
     if not refs:
         raise ValueError(f"identity score: none of the {len(ref_images01)} reference photo(s) has a face that "
                          f"{detector.name} finds (min_size={min_size}); use closer, frontal photos.")
+    return torch.cat(refs)
+
+
+def score_images(images01: np.ndarray, refs: list[np.ndarray] | torch.Tensor, detector, recogniser, *,
+                 no_face: str = "flag", mode: str = "mean", min_size: int = 20) -> IdentityScores:
+    """End to end outside ComfyUI: the generated images' faces scored against ``refs``, reference photos (each
+    photo's largest face; see ``reference_embeds``) or their embeddings (M, D)."""
+    if not isinstance(refs, torch.Tensor):
+        refs = reference_embeds(refs, detector, recogniser, min_size=min_size)
     faces = detect_and_crop(detector, images01, min_size=min_size)
-    return scores_from_faces(faces, embed_faces(recogniser, faces), torch.cat(refs), no_face=no_face, mode=mode,
+    return scores_from_faces(faces, embed_faces(recogniser, faces), refs, no_face=no_face, mode=mode,
                              model=recogniser_id(recogniser))

@@ -59,8 +59,10 @@ def write_tables(out: Path, rows: list[dict], summary: dict, meta: dict) -> None
 
 def plot(out: Path, rows: list[dict], summary: dict, aggregate: str) -> Path:
     """plots.png: identity vs CLIP per image (one colour per method) and mean / best-of-N aggregate bars."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise RuntimeError("the report's plots need matplotlib: pip install matplotlib (or 'facecond[eval]')") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -50,7 +50,7 @@ def score_rows(args, out: Path, idents: dict, prompts: list[str], py) -> tuple[l
     det, rec = face_models(py, args.detector, args.recogniser)
     clip = clip_score.load_clip_scorer(args.clip_model, args.device) if args.clip_model else None
     agg = args.aggregate
-    refs: dict[str, list[np.ndarray]] = {i: [load_rgb(p) for p in ps] for i, ps in idents.items()}
+    refs = {i: identity.reference_embeds([load_rgb(p) for p in ps], det, rec) for i, ps in idents.items()}
     rows, timing = [], {"identity": 0.0, "clip": 0.0}
     for e in entries:
         if e["identity"] not in refs:
