@@ -40,6 +40,8 @@ FACENET="facenet-pytorch==2.5.3"
 TEST_DEPS="pytest ruff"
 # Training extras (pyproject [project.optional-dependencies] train): the Face0 trainer runs on accelerate.
 TRAIN_DEPS="accelerate tensorboard"
+# Evaluation extras (pyproject [project.optional-dependencies] eval): report plots, FID/IS.
+EVAL_DEPS="matplotlib torch-fidelity"
 
 log() { echo "[setup_host] $*" >&2; }
 
@@ -64,7 +66,7 @@ install_venv() {
     stamp_set "$dir" torch "$TORCH_PINS"
   fi
   local key
-  key="$( (cat "$dir/ComfyUI/requirements.txt"; echo "$extra_pins $PACK_DEPS $TEST_DEPS $TRAIN_DEPS $FACENET") \
+  key="$( (cat "$dir/ComfyUI/requirements.txt"; echo "$extra_pins $PACK_DEPS $TEST_DEPS $TRAIN_DEPS $EVAL_DEPS $FACENET") \
          | sha256sum | cut -c1-16)"
   if ! stamp_ok "$dir" reqs "$key"; then
     log "installing ComfyUI requirements, pack dependencies and test tools into $dir/venv"
@@ -73,7 +75,7 @@ install_venv() {
     for pin in $extra_pins; do echo "$pin" >> "$constraints"; done
     # shellcheck disable=SC2086
     "$vpy" -m pip install --isolated --quiet -c "$constraints" \
-        -r "$dir/ComfyUI/requirements.txt" requests $PACK_DEPS $TEST_DEPS $TRAIN_DEPS
+        -r "$dir/ComfyUI/requirements.txt" requests $PACK_DEPS $TEST_DEPS $TRAIN_DEPS $EVAL_DEPS
     "$vpy" -m pip install --isolated --quiet --no-deps "$FACENET"
     stamp_set "$dir" reqs "$key"
   fi

@@ -1,0 +1,147 @@
+"""scripts/evaluate.py end to end through a real headless ComfyUI on the tiny checkpoint: 2 identities x 2 prompts x
+2 seeds x 2 workflows (Face0's UI-format example and an API-format plain txt2img baseline bound by node title),
+killed mid-run and resumed without regenerating finished images, and a report whose numbers equal those
+recomputed from the saved images (real insightface test recogniser, tiny random-weight CLIPModel)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facecond.py.evaluate import clip_score, identity
+from facecond.py.faces import detect, embed
+from facecond.py.weights import manifest
+from facecond_dev import host
+from facecond_dev.tiny_clip import write_tiny_clip
+
+ROOT = Path(__file__).resolve().parents[2]
+REC = "models/insightface_testpack/mobilefacenet_128.onnx"
+
+BASELINE = {  # API format; the prompt node is found by its title
+    "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": host.EXAMPLE_CKPT}},
+    "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "{prompt}, high quality", "clip": ["1", 1]},
+          "_meta": {"title": "positive_prompt"}},
+    "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+    "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+    "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                               "latent_image": ["4", 0], "seed": 7, "steps": 20, "cfg": 7.0,
+                                               "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+    "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+    "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "baseline"}},
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, shared_data, comfy_base):
+    d = tmp_path_factory.mktemp("evaluate")
+    johns = shared_data / "faces" / "johns"
+    for name in ("John_Salley", "John_Savage"):
+        (d / "ids" / name).mkdir(parents=True)
+        for p in sorted((johns / name).glob("*.jpg"))[:2]:
+            shutil.copyfile(p, d / "ids" / name / p.name)
+    (d / "prompts.txt").write_text("# two prompts\na photo of {}\n{} as an astronaut\n")
+    (d / "baseline.json").write_text(json.dumps(BASELINE))
+    write_tiny_clip(d / "clip" / "tiny")
+    return d
+
+
+def _cmd(d: Path, data: Path) -> list[str]:
+    return [sys.executable, "-P", str(ROOT / "scripts" / "evaluate.py"), "--out", str(d / "out"),
+            "--identities", str(d / "ids"), "--prompts", str(d / "prompts.txt"), "--seeds", "0-1",
+            "--method", "face0=" + str(ROOT / "example_workflows" / "face0_single_photo.json"),
+            "--method", f"plain={d / 'baseline.json'} prompt=positive_prompt.text", "--stand-ins", "--quick",
+            "--recogniser", str(data / REC), "--clip-model", str(d / "clip" / "tiny"), "--no-face", "passthrough",
+            "--aggregate", "face0"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_evaluate_runs_resumes_and_reports_recomputable_numbers(setup, shared_data):
+    d, out = setup, setup / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log1 = open(d / "run1.log", "w")
+    proc = subprocess.Popen(_cmd(d, shared_data), stdout=log1, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    ledger = out / "runs.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ledger.exists() and len(ledger.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, (d / "run1.log").read_text()[-3000:]
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: its ComfyUI is left running
+    proc.wait()
+    log1.close()
+    server_pid = int((out / "comfyui.pid").read_text().split()[0])
+    first = [json.loads(x) for x in ledger.read_text().splitlines()]
+    done = {e["key"]: {f: (out / f).stat().st_mtime_ns for f in e["files"]} for e in first}
+    assert 3 <= len(done) < 16
+
+    try:
+        run2 = subprocess.run(_cmd(d, shared_data), check=False, capture_output=True, text=True,
+                              timeout=400, env=env)
+    finally:
+        if _alive(server_pid):
+            os.killpg(server_pid, signal.SIGKILL)
+    assert run2.returncode == 0, run2.stderr[-4000:]
+    assert f"16 image job(s): {len(done)} done, {16 - len(done)} to go" in run2.stderr
+    assert "stopping the ComfyUI" in run2.stderr and not _alive(server_pid)
+    entries = [json.loads(x) for x in ledger.read_text().splitlines()]
+    assert len(entries) == 16 and len({e["key"] for e in entries}) == 16  # nothing generated twice
+    for key, files in done.items():
+        for f, mtime in files.items():
+            assert (out / f).stat().st_mtime_ns == mtime, f"{key}: {f} was regenerated"
+    assert all(e["seconds_sampling"] and 0 < e["seconds_sampling"] <= e["seconds_total"] for e in entries)
+
+    # every number of the report recomputed from the saved images
+    rows = list(csv.DictReader(open(out / "images.csv")))
+    assert len(rows) == 16 and {r["method"] for r in rows} == {"face0", "plain"}
+    assert {r["prompt"] for r in rows} == {"a photo of a person", "a person as an astronaut"}
+    assert all(Image.open(out / r["file"]).size == (64, 64) for r in rows)
+    det = detect.MTCNN(*(manifest.package_file(manifest.get_entry(f"mtcnn_{n}")) for n in ("pnet", "rnet", "onet")))
+    rec = embed.load_onnx_recogniser(shared_data / REC)
+    scorer = clip_score.ClipScorer(d / "clip" / "tiny")
+    load = lambda p: np.asarray(Image.open(p).convert("RGB"), np.float32) / 255.0  # noqa: E731
+    refs = {n: [load(p) for p in sorted((d / "ids" / n).iterdir())] for n in ("John_Salley", "John_Savage")}
+    recomputed = {}
+    for r in rows:
+        img = load(out / r["file"])
+        ids = identity.score_images(img[None], refs[r["identity"]], det, rec, no_face="passthrough")
+        cos = float(scorer.cosines(torch.from_numpy(img[None]), [r["prompt"]])[0])
+        assert float(r["id"]) == pytest.approx(ids.scores[0], abs=1e-6)
+        assert float(r["clip"]) == pytest.approx(cos, abs=1e-6)
+        assert float(r["aggregate"]) == pytest.approx(cos + ids.scores[0], abs=1e-6)
+        assert r["has_face"] == str(ids.has_face[0])
+        recomputed.setdefault(r["method"], []).append((r["identity"], r["prompt_index"], cos + ids.scores[0]))
+    summary = json.loads((out / "summary.json").read_text())["methods"]
+    for method, vals in recomputed.items():
+        best = {}
+        for ident, pi, v in vals:
+            best[(ident, pi)] = max(best.get((ident, pi), -math.inf), v)
+        s = summary[method]
+        assert s["images"] == 8 and s["seeds_per_prompt"] == 2
+        assert s["aggregate_mean"] == pytest.approx(sum(v for *_, v in vals) / 8, abs=1e-6)
+        assert s["aggregate_best"] == pytest.approx(sum(best.values()) / 4, abs=1e-6)
+    report = (out / "report.html").read_text()
+    assert "face0" in report and "plain" in report and "John_Savage" in report
+    assert (out / "plots.png").stat().st_size > 5000
+    assert report.count("<img class=t") == 16
