@@ -30,6 +30,7 @@ CELEB_MLP = "CELEB_MLP"  # nodes/celebbasis_files.CelebMLP: coefficient MLP + wh
 CELEB_COEFFS = "CELEB_COEFFS"  # py/celebbasis/coeffs.CelebCoeffs: one identity's 2 x p coefficients
 IPADAPTER = "FACECOND_IPADAPTER"  # py/ipadapter/adapter.IPAdapter
 REF_EMBEDS = "REF_EMBEDS"  # py/ipadapter/aggregate.RefEmbeds: reference embeddings for an IP-Adapter
+EVAL_SCORES = "EVAL_SCORES"  # py/evaluate/scores.ImageScores: per-image ID or CLIP scores
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF  # as KSampler
 

@@ -19,14 +19,9 @@ import torch
 from ..py.evaluate import clip_score, identity, metrics
 from ..py.evaluate.scores import ImageScores, combine, summary_lines
 from ..py.faces.types import FaceEmbeds
-from .faces import (
-    FACENET_MANIFEST,
-    FacecondFaceDetectCrop,
-    FacecondFaceEmbed,
-    _facenet_files,
-    _insightface_choices,
-    image_to_numpy,
-)
+from ..py.weights.safe_paths import name_problem
+from .common import EVAL_SCORES, FACE_EMBEDS, image_to_numpy
+from .faces import FACENET_MANIFEST, FacecondFaceDetectCrop, FacecondFaceEmbed, facenet_files, insightface_choices
 
 log = logging.getLogger("facecond")
 
@@ -36,22 +31,15 @@ _GROUP_TIP = ("Images per group: consecutive blocks of this many images are the 
               "the best of each block, averaged). 0: the whole batch is one group.")
 
 
-def _register_clip_folder() -> None:
-    default = os.path.join(folder_paths.models_dir, "facecond", "clip_score")
-    if CLIP_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[CLIP_FOLDER] = ([default], set())
-    else:
-        folder_paths.add_model_folder_path(CLIP_FOLDER, default)
-
-
-_register_clip_folder()
-
-
 def _clip_choices() -> list[str]:
     return clip_score.list_clip_folders(folder_paths.get_folder_paths(CLIP_FOLDER)) or ["(none found)"]
 
 
 def _clip_path(name: str, node: str) -> str:
+    problem = name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{node}: input 'clip_model' {name!r} {problem}; pick a folder name from the list "
+                         "(models/facecond/clip_score/<name>/).")
     for root in folder_paths.get_folder_paths(CLIP_FOLDER):
         path = os.path.join(root, name)
         if clip_score.is_clip_folder(path):
@@ -77,7 +65,7 @@ class FacecondIdentityScore:
                    "the best-of-N and the mean.")
     CATEGORY = CATEGORY
     FUNCTION = "score"
-    RETURN_TYPES = ("EVAL_SCORES", "FLOAT", "FLOAT", "STRING")
+    RETURN_TYPES = (EVAL_SCORES, "FLOAT", "FLOAT", "STRING")
     RETURN_NAMES = ("scores", "best", "mean", "report")
     OUTPUT_TOOLTIPS = (
         "Per-image identity cosines (NaN without a face unless no_face says otherwise), for EvalAggregate.",
@@ -88,11 +76,11 @@ class FacecondIdentityScore:
 
     @classmethod
     def INPUT_TYPES(cls):
-        detectors = ["mtcnn", *_insightface_choices("detection")]
-        models = [FACENET_MANIFEST, *_facenet_files(), *_insightface_choices("recognition")]
+        detectors = ["mtcnn", *insightface_choices("detection")]
+        models = [FACENET_MANIFEST, *facenet_files(), *insightface_choices("recognition")]
         return {"required": {
             "images": ("IMAGE", {"tooltip": "The generated images to score."}),
-            "reference": ("FACE_EMBEDS", {"tooltip": "FaceEmbed of the person's reference photo(s), made with the "
+            "reference": (FACE_EMBEDS, {"tooltip": "FaceEmbed of the person's reference photo(s), made with the "
                           "same model as chosen here."}),
             "detector": (detectors, {"default": "mtcnn", "tooltip": "Face detector for the generated images "
                          "(as FaceDetectCrop; the largest face of each image is scored)."}),
@@ -139,7 +127,7 @@ class FacecondCLIPScore:
                    "(transformers CLIPModel layout, e.g. ViT-L/14). Nothing is downloaded.")
     CATEGORY = CATEGORY
     FUNCTION = "score"
-    RETURN_TYPES = ("EVAL_SCORES", "FLOAT", "FLOAT", "STRING")
+    RETURN_TYPES = (EVAL_SCORES, "FLOAT", "FLOAT", "STRING")
     RETURN_NAMES = ("scores", "best", "mean", "report")
     OUTPUT_TOOLTIPS = (
         "Per-image image-text cosines, for EvalAggregate.",
@@ -178,7 +166,7 @@ class FacecondEvalAggregate:
                    "prompt and the mean, as the papers' tables report them.")
     CATEGORY = CATEGORY
     FUNCTION = "combine"
-    RETURN_TYPES = ("EVAL_SCORES", "FLOAT", "FLOAT", "STRING")
+    RETURN_TYPES = (EVAL_SCORES, "FLOAT", "FLOAT", "STRING")
     RETURN_NAMES = ("scores", "best", "mean", "report")
     OUTPUT_TOOLTIPS = (
         "Per-image aggregate (NaN where the identity score is missing).",
@@ -190,8 +178,8 @@ class FacecondEvalAggregate:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "identity_scores": ("EVAL_SCORES", {"tooltip": "IdentityScore's scores."}),
-            "clip_scores": ("EVAL_SCORES", {"tooltip": "CLIPScore's scores of the same images."}),
+            "identity_scores": (EVAL_SCORES, {"tooltip": "IdentityScore's scores."}),
+            "clip_scores": (EVAL_SCORES, {"tooltip": "CLIPScore's scores of the same images."}),
             "aggregate": (list(metrics.AGGREGATES), {"default": "livshits", "tooltip":
                           "livshits: (1 + clip)·(1 + id). face0: clip + id (Face0's overall score)."}),
             "images_per_group": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": _GROUP_TIP}),

@@ -34,7 +34,7 @@ def _insightface_roots() -> list[str]:
     return list(folder_paths.get_folder_paths("insightface"))
 
 
-def _facenet_files() -> list[str]:
+def facenet_files() -> list[str]:
     files = folder_paths.get_filename_list("facenet")
     return [f"facenet/{f}" for f in files if os.path.basename(f) not in _MTCNN_FILES
             and not os.path.basename(f).startswith("20180402-114759-vggface2")]
@@ -48,7 +48,7 @@ PUBLISHED_PACK_FILES = {
 }
 
 
-def _insightface_choices(kind: str) -> list[str]:
+def insightface_choices(kind: str) -> list[str]:
     found = ifp.list_models(_insightface_roots(), kind)
     return found + [f for f in PUBLISHED_PACK_FILES[kind] if f not in found]
 
@@ -118,7 +118,7 @@ class FacecondFaceDetectCrop:
 
     @classmethod
     def INPUT_TYPES(cls):
-        detectors = ["mtcnn", *_insightface_choices("detection")]
+        detectors = ["mtcnn", *insightface_choices("detection")]
         return {"required": {
             "image": ("IMAGE", {"tooltip": "Photos to find faces in (any size; RGBA and greyscale are accepted)."}),
             "detector": (detectors, {"default": "mtcnn", "tooltip":
@@ -192,7 +192,7 @@ class FacecondFaceEmbed:
 
     @classmethod
     def INPUT_TYPES(cls):
-        models = [FACENET_MANIFEST, *_facenet_files(), *_insightface_choices("recognition")]
+        models = [FACENET_MANIFEST, *facenet_files(), *insightface_choices("recognition")]
         return {"required": {
             "faces": (FACES, {"tooltip": "Faces from FaceDetectCrop."}),
             "model": (models, {"default": FACENET_MANIFEST, "tooltip":

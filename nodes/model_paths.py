@@ -26,6 +26,7 @@ MODEL_FOLDERS: dict[str, tuple[str, set[str]]] = {
     "facecond_celebbasis": ("facecond/celebbasis", _PT),
     "facecond_aggregators": ("facecond/aggregators", _PT),
     "facecond_embeds": ("facecond/embeds", {".safetensors"}),  # saved identities
+    "facecond_clip_score": ("facecond/clip_score", set()),  # CLIP models (transformers folders) for CLIPScore
 }
 
 
