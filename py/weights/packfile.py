@@ -70,9 +70,18 @@ def describe_kind(kind: str | None) -> str:
     return f"facecond.kind={kind!r}" + (f" (a {name})" if name else "")
 
 
-def _looks_like_pickle(head: bytes) -> str | None:
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """An 8-byte little-endian header length that fits the file, then the JSON header's '{'."""
+    n = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    return 0 < n <= MAX_HEADER and 8 + n <= size and head[8:9] == b"{"
+
+
+def _looks_like_pickle(head: bytes, size: int) -> str | None:
     if head[:4] == b"PK\x03\x04":
         return "a zip archive (torch.save writes these)"
+    # A safetensors header length of e.g. 0x0380 bytes also starts with the bytes 80 03: that is no pickle.
+    if _looks_like_safetensors(head, size):
+        return None
     if len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS:
         return f"a Python pickle (protocol {head[1]})"
     return None
@@ -94,7 +103,7 @@ def check_safetensors(path: str | os.PathLike, label: str = "facecond file", wri
         raise fail("empty", "the file is empty (0 bytes)")
     with open(path, "rb") as f:
         head = f.read(9)
-        kind = _looks_like_pickle(head)
+        kind = _looks_like_pickle(head, size)
         if kind:
             raise fail("pickle", f"not a safetensors file but {kind}", expected="safetensors")
         if size < 8:

@@ -28,10 +28,10 @@ from facecond.py.celebbasis.coeffs import BasisFacts, CelebCoeffs, save_coeffs
 from facecond.py.face0.embeds_io import save_embeds
 from facecond.py.face0.projection import ProjectionInfo, random_projection, save_projection
 from facecond.py.faces.types import FaceEmbeds
-from facecond.py.ipadapter import adapter as ipa
 from facecond.py.ipadapter.aggregate import SelfAttentionAggregator, save_aggregator
 from facecond.py.weights.manifest import sha256_file
 from facecond_dev import host
+from facecond_dev.random_weights import random_state_dict
 
 CASES = json.loads((Path(__file__).with_name("bad_input_cases.json")).read_text())["cases"]
 SCRFD = f"{host.TEST_PACK}/det_2.5g.onnx"
@@ -75,7 +75,7 @@ def _files(base: Path, outside: Path, embedder: str, tiny_model) -> None:
     save_file(mlp, str(tmp / "mlp.safetensors"), metadata=mlp_meta)
     save_aggregator(SelfAttentionAggregator(128, 3), tmp / "agg.safetensors")
     layers = cross_attention_layers(tiny_model[0])
-    faceid = ipa.random_state_dict("faceid", 128, [inner for _, inner, _ in layers], cross_dim=layers[0][2], seed=3)
+    faceid = random_state_dict("faceid", 128, [inner for _, inner, _ in layers], cross_dim=layers[0][2], seed=3)
     torch.save({part: {k[len(part) + 1:]: v for k, v in faceid.items() if k.startswith(part + ".")}
                 for part in ("image_proj", "ip_adapter")}, dirs["ipa"] / "bi_faceid.bin")
     save_file(faceid, str(tmp / "ipa.safetensors"))

@@ -151,3 +151,19 @@ def test_torch_files_are_checked_before_torch_load(tmp_path):
             load_state_dict(tmp_path / f"{name}.bin")
         assert info.value.problem == problem and str(tmp_path / f"{name}.bin") in str(info.value)
     assert zipfile.is_zipfile(tmp_path / "ok.bin") and os.path.getsize(tmp_path / "ok.bin") > 0
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path):
+    """A header of 0x0380 = 896 bytes makes the file start with 80 03, a pickle's protocol-3 opening: the reader
+    must take the safetensors reading (the length fits the file and the header starts with '{')."""
+    path = tmp_path / "p.safetensors"
+    save_file({"x": torch.arange(6, dtype=torch.float32)}, str(path), metadata={"facecond.kind": "face_embeds"})
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, data = raw[8:8 + n].rstrip(b" "), raw[8 + n:]
+    padded = header + b" " * (0x380 - len(header))  # safetensors allows trailing spaces in the header
+    path.write_bytes(struct.pack("<Q", 0x380) + padded + data)
+    assert path.read_bytes()[:2] == b"\x80\x03"
+    meta, tensors = packfile.read(path, kind="face_embeds")
+    assert meta["facecond.kind"] == "face_embeds"
+    assert torch.equal(tensors["x"], torch.arange(6, dtype=torch.float32))
