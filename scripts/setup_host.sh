@@ -37,7 +37,11 @@ C28_EXTRA_PINS="torchaudio==2.11.1"
 # would pin torch<2.3.
 PACK_DEPS="safetensors einops numpy onnxruntime opencv-python-headless"
 FACENET="facenet-pytorch==2.5.3"
-TEST_DEPS="pytest ruff"
+# Test-only: `onnx` builds stand-in ONNX graphs at test time; insightface is the reference the parity tests compare
+# against. It is installed with --no-deps (beside its runtime deps listed here) because it asks for opencv-python,
+# which would clash with the opencv-python-headless already here (both provide cv2).
+TEST_DEPS="pytest ruff onnx scikit-image scipy tqdm"
+INSIGHTFACE_REF="insightface==2.1"
 # Training extras (pyproject [project.optional-dependencies] train): the Face0 trainer runs on accelerate.
 TRAIN_DEPS="accelerate tensorboard"
 # Evaluation extras (pyproject [project.optional-dependencies] eval): report plots, FID/IS.
@@ -66,7 +70,7 @@ install_venv() {
     stamp_set "$dir" torch "$TORCH_PINS"
   fi
   local key
-  key="$( (cat "$dir/ComfyUI/requirements.txt"; echo "$extra_pins $PACK_DEPS $TEST_DEPS $TRAIN_DEPS $EVAL_DEPS $FACENET") \
+  key="$( (cat "$dir/ComfyUI/requirements.txt"; echo "$extra_pins $PACK_DEPS $TEST_DEPS $TRAIN_DEPS $EVAL_DEPS $FACENET $INSIGHTFACE_REF") \
          | sha256sum | cut -c1-16)"
   if ! stamp_ok "$dir" reqs "$key"; then
     log "installing ComfyUI requirements, pack dependencies and test tools into $dir/venv"
@@ -76,7 +80,7 @@ install_venv() {
     # shellcheck disable=SC2086
     "$vpy" -m pip install --isolated --quiet -c "$constraints" \
         -r "$dir/ComfyUI/requirements.txt" requests $PACK_DEPS $TEST_DEPS $TRAIN_DEPS $EVAL_DEPS
-    "$vpy" -m pip install --isolated --quiet --no-deps "$FACENET"
+    "$vpy" -m pip install --isolated --quiet --no-deps "$FACENET" "$INSIGHTFACE_REF"
     stamp_set "$dir" reqs "$key"
   fi
   log "ready: ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$dir/ComfyUI/comfyui_version.py") at $dir/ComfyUI, python at $vpy"
