@@ -8,7 +8,8 @@ node (AggregateEmbeds) is in ``ipadapter_aggregate.py``. CLIP vision comes from 
 The patch is ComfyUI's ``set_model_attn2_replace`` on a clone, one per UNet cross-attention, keyed
 (block, number, transformer index): input blocks, then output blocks, then the middle block, which is the
 order of the file's ``ip_adapter.{1,3,5,...}`` weights. Applying the node again (another person, another
-region mask) stacks: the new patch holds both terms; a foreign attn2 replace that was there stays the base.
+region mask) stacks: the new patch holds both terms; a foreign attn2 replace that was there stays the base. A FaceID
+file's LoRA goes on the same clone as weight patches (``ipadapter_lora.py``), once per model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import folder_paths
 
 from ..py.ipadapter import adapter as ipa
 from ..py.ipadapter import aggregate as agg
+from ..py.ipadapter import lora as ipa_lora
 from .common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds
+from .ipadapter_lora import apply_lora
 from .paths import finite_floats, load_file, read_path
 
 log = logging.getLogger("facecond")
@@ -68,7 +71,8 @@ def cross_attention_layers(model) -> list[tuple[tuple, int, int]]:
 class LoadIPAdapter:
     DESCRIPTION = ("Loads an SD1.5 IP-Adapter from models/ipadapter (.safetensors, or .bin read as plain tensors "
                    "only). The variant is read from the file's keys and shapes: plain (CLIP image embedding), plus "
-                   "(CLIP hidden states, Resampler) or FaceID (a face-recognition embedding).")
+                   "(CLIP hidden states, Resampler) or FaceID (a face-recognition embedding). A FaceID file's LoRA "
+                   "is kept and applied by ApplyIPAdapter (lora_strength).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (IPADAPTER, "STRING")
@@ -90,15 +94,15 @@ class LoadIPAdapter:
             sd = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name, ipa.read_file)
             adapter = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name,
                                 lambda _path: ipa.from_state_dict(sd, ipadapter_name))
-            if any("lora" in k for k in sd):
-                log.warning("[facecond] LoadIPAdapter: %s holds LoRA weights; they are not applied here. Load the "
-                            "matching FaceID LoRA with LoraLoaderModelOnly (strength about 0.6).", ipadapter_name)
             _ADAPTERS.clear()  # one cached at a time
             _ADAPTERS[key] = adapter
         adapter = _ADAPTERS[key]
         v = adapter.variant
         info = (f"{ipadapter_name}: {v.name} IP-Adapter, takes {v.input_kind} ({v.input_dim}-d), {v.tokens} image "
                 f"tokens of width {v.cross_dim}, {len(adapter.kv)} cross-attention layers")
+        if adapter.lora:
+            info += (f", LoRA on {len(ipa_lora.processors(adapter.lora))} attention layers (rank "
+                     f"{ipa_lora.rank(adapter.lora)}; ApplyIPAdapter's lora_strength)")
         log.info("[facecond] %s", info)
         return (adapter, info)
 
@@ -181,15 +185,17 @@ class ApplyIPAdapter:
     DESCRIPTION = ("Adds the image prompt to every cross-attention of a clone of the model: Z = Attention(Q,K,V) + "
                    "weight·Attention(Q,K',V') (IP-Adapter, Ye et al. 2023), between start_at and end_at, inside "
                    "attn_mask. Apply it again for a second person in another region; it stacks with other patches. "
-                   "Several reference rows are used side by side; AggregateEmbeds makes them one.")
+                   "Several reference rows are used side by side; AggregateEmbeds makes them one. A FaceID file's "
+                   "LoRA goes on the clone's attention weights with lora_strength.")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The patched clone (the input model is unchanged).",)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, weight=None, start_at=None, end_at=None):  # NaN/inf, min/max of float widgets
-        return finite_floats(cls, "ApplyIPAdapter", weight=weight, start_at=start_at, end_at=end_at)
+    def VALIDATE_INPUTS(cls, weight=None, start_at=None, end_at=None, lora_strength=None):  # NaN/inf, min/max
+        return finite_floats(cls, "ApplyIPAdapter", weight=weight, start_at=start_at, end_at=end_at,
+                             lora_strength=lora_strength)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -206,9 +212,13 @@ class ApplyIPAdapter:
         }, "optional": {
             "attn_mask": ("MASK", {"tooltip": "Where the image term applies (1) and not (0), image-sized; for two "
                           "people in two regions, apply the node twice with complementary masks."}),
+            "lora_strength": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 2.0, "step": 0.05, "tooltip":
+                              "FaceID files only: strength of the LoRA the file holds for the U-Net's attention "
+                              "(1: as trained, 0: off). Put on the whole model once, even when the node is applied "
+                              "again for another region; files without LoRA ignore it."}),
         }}
 
-    def apply(self, model, ipadapter, embeds, weight, start_at, end_at, attn_mask=None):
+    def apply(self, model, ipadapter, embeds, weight, start_at, end_at, attn_mask=None, lora_strength=1.0):
         node = "ApplyIPAdapter"
         adapter = _check_adapter(node, ipadapter)
         v = adapter.variant
@@ -238,6 +248,7 @@ class ApplyIPAdapter:
         s_start, s_end = ms.percent_to_sigma(start_at), ms.percent_to_sigma(end_at)
         terms = ipa.layer_terms(adapter, tokens, negative, weight, s_start, s_end, mask)
         m = model.clone()
+        apply_lora(node, m, adapter, lora_strength)
         existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         for (key, _, _), term in zip(layers, terms):
             old = existing.get(key)

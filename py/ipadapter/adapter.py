@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..weights.manifest import load_state_dict
+from .lora import lora_weights
 
 # What each variant consumes: a CLIP image embedding (projected, e.g. 1024 for ViT-H), the CLIP penultimate
 # hidden states (257 x 1280 for ViT-H), or a face-recognition embedding (512 for insightface buffalo_l).
@@ -137,6 +138,7 @@ class IPAdapter:
     proj: nn.Module
     kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     name: str = ""
+    lora: dict = field(default_factory=dict, compare=False)  # FaceID: ``<n>.to_q_lora.down.weight``... (lora.py)
 
     @torch.no_grad()
     def image_tokens(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -166,7 +168,7 @@ def from_state_dict(sd: dict[str, torch.Tensor], name: str = "") -> IPAdapter:
         raise ValueError(f"{name}: ip_adapter layers {ids[:6]}... are not numbered 1, 3, 5, ... (diffusers order)")
     kv = tuple((sd[f"ip_adapter.{i}.to_k_ip.weight"].float(), sd[f"ip_adapter.{i}.to_v_ip.weight"].float())
                for i in ids)
-    return IPAdapter(v, module.float().eval().requires_grad_(False), kv, name)
+    return IPAdapter(v, module.float().eval().requires_grad_(False), kv, name, lora_weights(sd))
 
 
 def load(path: str | Path) -> IPAdapter:

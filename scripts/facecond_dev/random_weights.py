@@ -9,9 +9,11 @@ import torch
 
 
 def random_state_dict(kind: str, input_dim: int, layer_dims: list[int], cross_dim: int = 768, tokens: int = 4,
-                      seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:
+                      seed: int = 0, scale: float = 0.05, lora_rank: int = 0) -> dict[str, torch.Tensor]:
     """A random IP-Adapter in the real flat key layout (tests, benchmarks): ``layer_dims`` = inner width of each
-    cross-attention (SD1.5: 320, 320, 640, 640, 1280, 1280, 1280 x3, 640 x3, 320 x3, 1280)."""
+    cross-attention (SD1.5: 320, 320, 640, 640, 1280, 1280, 1280 x3, 640 x3, 320 x3, 1280). ``lora_rank`` > 0 adds
+    a FaceID LoRA (``ip_adapter.<n>.to_q_lora.down.weight``...) on both attentions of each transformer block:
+    processor 2n (self-attention, in = out = inner) and 2n+1 (cross-attention, k and v take ``cross_dim``)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "plus":  # a 1-layer, 2-head Resampler
         dim = cross_dim
@@ -35,4 +37,11 @@ def random_state_dict(kind: str, input_dim: int, layer_dims: list[int], cross_di
     for n, d in enumerate(layer_dims):
         for w in ("to_k_ip", "to_v_ip"):
             sd[f"ip_adapter.{2 * n + 1}.{w}.weight"] = torch.randn((d, cross_dim), generator=g) / math.sqrt(cross_dim)
+    for n, d in enumerate(layer_dims if lora_rank else []):
+        for p in (2 * n, 2 * n + 1):
+            for proj in ("to_q", "to_k", "to_v", "to_out"):
+                d_in = cross_dim if p % 2 and proj in ("to_k", "to_v") else d
+                key = f"ip_adapter.{p}.{proj}_lora"
+                sd[f"{key}.down.weight"] = torch.randn((lora_rank, d_in), generator=g) / math.sqrt(d_in)
+                sd[f"{key}.up.weight"] = torch.randn((d, lora_rank), generator=g) / math.sqrt(lora_rank)
     return sd
