@@ -226,7 +226,7 @@ def g_aggregate(a):
 def g_apply_ipadapter(a):
     return _ckpt() | _adapter_embeds() | {"app": {"class_type": "FacecondApplyIPAdapter", "inputs": {
         "model": ["ckpt", 0], "ipadapter": ["ipa", 0], "embeds": ["enc", 0], "weight": a.get("weight", 1.0),
-        "start_at": 0.0, "end_at": 1.0}}} | _preview(["app", 0])
+        "start_at": 0.0, "end_at": 1.0, "lora_strength": a.get("lora_strength", 1.0)}}} | _preview(["app", 0])
 
 
 def g_train_celeb(a):
