@@ -204,7 +204,8 @@ class ApplyIPAdapter:
             "ipadapter": (IPADAPTER, {"tooltip": "From LoadIPAdapter."}),
             "embeds": (REF_EMBEDS, {"tooltip": "From IPAdapterEncode or AggregateEmbeds."}),
             "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip":
-                       "λ: strength of the image term (0: no effect, 1: as trained)."}),
+                       "λ: strength of the image term (0: no image term, 1: as trained). A FaceID file's LoRA "
+                       "has its own lora_strength."}),
             "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                          "Fraction of the schedule where the image term starts (0: first step)."}),
             "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
@@ -214,8 +215,9 @@ class ApplyIPAdapter:
                           "people in two regions, apply the node twice with complementary masks."}),
             "lora_strength": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 2.0, "step": 0.05, "tooltip":
                               "FaceID files only: strength of the LoRA the file holds for the U-Net's attention "
-                              "(1: as trained, 0: off). Put on the whole model once, even when the node is applied "
-                              "again for another region; files without LoRA ignore it."}),
+                              "(1: as trained, 0: off), on every step (start_at/end_at time the image term only). "
+                              "Put on the whole model once, even when the node is applied again for another "
+                              "region; files without LoRA ignore it."}),
         }}
 
     def apply(self, model, ipadapter, embeds, weight, start_at, end_at, attn_mask=None, lora_strength=1.0):
