@@ -16,7 +16,7 @@ checkpoint for CheckpointLoaderSimple). Details and multi-node commands: docs/TR
 Presets (--preset; any flag given explicitly overrides its value): ``small`` (default) 10k steps, batch 4, lr 2e-5,
 EMA 0.9999, the 3.35M-parameter projection (width 768); ``paper`` (Face0 §2.3) 500k steps, a global batch of 256
 by gradient accumulation (accum = 256 / (batch x processes)), lr 2e-5, EMA 0.9999, the ~10M-parameter projection
-(width 1536). The paper's schedule is 128M samples: 64 TPU-v4 in the paper; see docs/TRAINING.md for the cost.
+(width 1536). The paper's schedule is 128M samples (64 TPU-v4 in the paper); cost: docs/TRAINING.md §2.
 """
 
 from __future__ import annotations
