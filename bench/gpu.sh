@@ -48,7 +48,9 @@ own_host() {
   mkdir -p "$gh"
   if [ ! -x "$vpy" ]; then
     log "creating $gh/venv (sees the packages of $py, so its torch is used as installed)"
-    "$py" -m venv "$gh/venv"
+    # a Python without ensurepip (Debian's without python3-venv) gets a venv without pip: the .pth below lends it
+    # the pip of $py, which installs into the venv that runs it
+    "$py" -m venv "$gh/venv" 2>/dev/null || { rm -rf "$gh/venv"; "$py" -m venv --without-pip "$gh/venv"; }
     # $py may itself be a venv (--system-site-packages would skip its packages): a .pth file adds its site dirs
     parent_site="$("$py" -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))')"
     echo "$parent_site" > "$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_gpu_host_parent.pth"
