@@ -12,6 +12,11 @@ checkpoint for CheckpointLoaderSimple). Details and multi-node commands: docs/TR
 
     accelerate launch scripts/face0_train.py --checkpoint sd15.safetensors --shards 'data/shard-*.tar' \\
         --out runs/face0 --mode lora --batch 8 --steps 20000 --mixed-precision bf16
+
+Presets (--preset; any flag given explicitly overrides its value): ``small`` (default) 10k steps, batch 4, lr 2e-5,
+EMA 0.9999, the 3.35M-parameter projection (width 768); ``paper`` (Face0 §2.3) 500k steps, a global batch of 256
+by gradient accumulation (accum = 256 / (batch x processes)), lr 2e-5, EMA 0.9999, the ~10M-parameter projection
+(width 1536). The paper's schedule is 128M samples (64 TPU-v4 in the paper); cost: docs/TRAINING.md §2.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -68,15 +72,21 @@ def parse_args(argv):
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-blocks", default="input_blocks,middle_block,output_blocks",
                     help="comma list of U-Net blocks that get LoRA")
-    ap.add_argument("--steps", type=int, default=10000, help="optimiser steps in total (paper: 500000)")
-    ap.add_argument("--batch", type=int, default=4, help="per process and micro-step")
-    ap.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps")
-    ap.add_argument("--lr", type=float, default=2e-5, help="paper: 2e-5 at batch 256")
+    ap.add_argument("--preset", choices=("small", "paper"), default="small",
+                    help="defaults for the flags below: small (10k steps, batch 4, accum 1, width-768 projection) or "
+                    "paper (500k steps, global batch 256 by accumulation, EMA 0.9999, lr 2e-5, width-1536 projection)")
+    ap.add_argument("--steps", type=int, help="optimiser steps in total (small: 10000; paper: 500000)")
+    ap.add_argument("--batch", type=int, help="per process and micro-step (both presets: 4)")
+    ap.add_argument("--accum", type=int, help="gradient accumulation micro-steps (small: 1; paper: 256 / (batch x "
+                    "processes))")
+    ap.add_argument("--lr", type=float, help="both presets: 2e-5 (paper, at batch 256)")
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--ema-decay", type=float, default=0.9999)
-    ap.add_argument("--face-drop", type=float, default=0.1)
+    ap.add_argument("--ema-decay", type=float, help="both presets: 0.9999 (paper)")
+    ap.add_argument("--face-drop", type=float, help="both presets: 0.1 (paper)")
+    ap.add_argument("--proj-hidden", type=int, help="a fresh projection's width (small: 768; paper: 1536)")
+    ap.add_argument("--proj-depth", type=int, help="a fresh projection's Linear layers (both presets: 4)")
     ap.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate's")
     ap.add_argument("--save-every", type=int, default=1000, help="trainer state every N steps (and at the end)")
     ap.add_argument("--log-every", type=int, default=10)
@@ -86,6 +96,22 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--comfyui", help="ComfyUI folder (default: the pinned host)")
     return ap.parse_args(argv)
+
+
+def config_from_args(args, processes: int):
+    """(Face0TrainConfig, the expanded preset) for parsed ``args``: the preset's values where no flag was given."""
+    from facecond.py.train import face0_train as ft
+
+    run = ft.expand_preset(args.preset, processes, steps=args.steps, batch=args.batch, accum=args.accum, lr=args.lr,
+                           ema_decay=args.ema_decay, face_drop=args.face_drop, proj_hidden=args.proj_hidden,
+                           proj_depth=args.proj_depth)
+    cfg = ft.Face0TrainConfig(steps=run["steps"], batch=run["batch"], accum=run["accum"], lr=run["lr"],
+                              warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                              ema_decay=run["ema_decay"], face_drop=run["face_drop"], mode=args.mode,
+                              lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                              lora_blocks=tuple(args.lora_blocks.split(",")), seed=args.seed,
+                              proj_hidden=run["proj_hidden"], proj_depth=run["proj_depth"])
+    return cfg, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,11 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     from facecond.py.face0.projection import ProjectionInfo, load_projection, random_projection
     from facecond.py.train import face0_train as ft
 
-    cfg = ft.Face0TrainConfig(steps=args.steps, batch=args.batch, accum=args.accum, lr=args.lr, warmup=args.warmup,
-                              weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
-                              face_drop=args.face_drop, mode=args.mode, lora_rank=args.lora_rank,
-                              lora_alpha=args.lora_alpha, lora_blocks=tuple(args.lora_blocks.split(",")),
-                              seed=args.seed)
+    try:
+        cfg, run = config_from_args(args, acc.num_processes)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     shards = sorted({p for s in args.shards for p in (glob.glob(s) or [s]) if os.path.isfile(p)})
     if not shards:
         raise SystemExit(f"face0_train: no shard files match {args.shards}")
@@ -122,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{proj.info.context_dim}; the data has {first['embedder']} and the model width {width}")
     else:
         info = ProjectionInfo(embedder=first["embedder"], embed_dim=first["embeds"].shape[1], context_dim=width,
-                              base_model=family, extra={"trained_with": "scripts/face0_train.py"})
+                              hidden=cfg.proj_hidden, depth=cfg.proj_depth, base_model=family,
+                              extra={"trained_with": "scripts/face0_train.py", "preset": args.preset})
         proj = random_projection(info, seed=cfg.seed)
     model = ft.Face0Model(proj, base, cfg)
     params = model.trainable()
@@ -166,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                                            0.0)) for i in range(draws)) / draws
 
     summary = {"start_step": step, "fixed_loss_start": fixed_loss(first), "family": family, "mode": cfg.mode,
-               "trainable_parameters": sum(p.numel() for p in params.values()), "processes": world}
+               "trainable_parameters": sum(p.numel() for p in params.values()), "processes": world,
+               "preset": args.preset, "global_batch": run["global_batch"], "accum": cfg.accum,
+               "ema_decay": cfg.ema_decay, "projection": {"hidden": proj.info.hidden, "depth": proj.info.depth,
+                                                          "parameters": proj.info.parameters}}
     if acc.is_main_process:
         acc.init_trackers("face0", config={k: str(v) for k, v in vars(args).items()})
     losses, t0, seen = [], time.perf_counter(), 0
@@ -174,16 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for g in opt.param_groups:
             g["lr"] = lr
-        total = 0.0
-        for micro in range(cfg.accum):
+
+        def micro_loss(micro: int, step: int = step) -> torch.Tensor:
             batch = ft.collate([next(stream) for _ in range(cfg.batch)])
             gen = ft.micro_generator(cfg.seed, step * cfg.accum + micro, rank, world)
-            ctx_sync = acc.no_sync(dmodel) if micro < cfg.accum - 1 else nullcontext()
-            with ctx_sync, acc.autocast():
-                loss = ft.face0_loss(dmodel, latents_of(batch), encode_text(batch["captions"]),
+            with acc.autocast():
+                return ft.face0_loss(dmodel, latents_of(batch), encode_text(batch["captions"]),
                                      batch["embeds"].to(acc.device), sigmas, gen, cfg.face_drop)
-                acc.backward(loss / cfg.accum)
-            total += float(loss.detach()) / cfg.accum
+
+        total = ft.accumulate(micro_loss, cfg.accum, acc.backward, lambda: acc.no_sync(dmodel))
         if cfg.grad_clip > 0:
             acc.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         opt.step()

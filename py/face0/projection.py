@@ -12,8 +12,15 @@ is all zeros means "no face" and yields all-zero tokens, exactly the training-ti
 File format (safetensors): tensors ``mlp.{0,2,4,6}.{weight,bias}``; metadata (all strings):
 ``facecond.kind = "face0_projection"``, ``format_version``, ``embedder`` (id of the face model whose
 embeddings it takes, compared with ``FaceEmbeds.model``), ``embed_dim`` (D), ``tokens`` (K),
-``context_dim`` (W: 768 SD1.x, 1024 SD2.x, 2048 SDXL), ``hidden``, ``base_model`` (``sd1``/``sd2``/``sdxl``/...),
-and optionally ``embed_normalized`` (whether it was trained on L2-normalised embeddings).
+``context_dim`` (W: 768 SD1.x, 1024 SD2.x, 2048 SDXL), ``hidden`` (width h), ``depth`` (L, the number of
+Linear layers; files written before it existed have none and are read as 4), ``base_model``
+(``sd1``/``sd2``/``sdxl``/...), and optionally ``embed_normalized`` (whether it was trained on L2-normalised
+embeddings). Tensors: ``mlp.{0,2,...,2(L-1)}.{weight,bias}``.
+
+Size: ``parameter_count`` = (D+1)·h + (L-2)·(h+1)·h + (h+1)·K·W. The paper gives both "width 768, 4 layers" and
+"~10M parameters", which cannot both hold: at h = 768, L = 4, W = 768, K = 3 it is 3,346,944 for D = 512 and
+4,329,984 for D = 1792 (Inception-ResNet-V1 with its last layer dropped). ``PRESETS["paper"]`` keeps the four
+layers and the ReLUs and doubles the width (h = 1536): 9,050,880 for D = 512, 11,016,960 for D = 1792.
 """
 
 from __future__ import annotations
@@ -33,6 +40,17 @@ FORMAT_VERSION = "1"
 # Context width of the cross-attention text context for each base-model family (Face0 targets SD1.x).
 CONTEXT_DIMS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 TOKENS_PER_CHUNK = 77  # CLIP context length; ComfyUI concatenates one 77-token chunk per 75 prompt tokens
+# Projection shapes (hidden width h, Linear layers L). "small": the paper's stated width 768 (3.35M parameters at
+# D = 512); "paper": its stated size, ~10M (see the module docstring for why the width differs).
+PRESETS = {"small": {"hidden": 768, "depth": 4}, "paper": {"hidden": 1536, "depth": 4}}
+
+
+def parameter_count(embed_dim: int, hidden: int = 768, depth: int = 4, tokens: int = 3, context_dim: int = 768) -> int:
+    """Weights + biases of a ``depth``-layer projection D -> h -> ... -> h -> K·W (depth 1: D -> K·W)."""
+    out = tokens * context_dim
+    if depth == 1:
+        return (embed_dim + 1) * out
+    return (embed_dim + 1) * hidden + (depth - 2) * (hidden + 1) * hidden + (hidden + 1) * out
 
 
 @dataclass(frozen=True)
@@ -47,11 +65,22 @@ class ProjectionInfo:
     base_model: str = "sd1"
     embed_normalized: bool | None = None  # None: not recorded
     extra: dict = field(default_factory=dict)  # other metadata, kept on save
+    depth: int = 4       # Face0: a 4-layer feed-forward network (Linear layers; ReLU after all but the last)
+
+    def __post_init__(self):
+        if min(self.embed_dim, self.tokens, self.context_dim, self.hidden, self.depth) < 1:
+            raise ValueError(f"ProjectionInfo: embed_dim, tokens, context_dim, hidden and depth must be >= 1; got "
+                             f"D={self.embed_dim}, K={self.tokens}, W={self.context_dim}, hidden={self.hidden}, "
+                             f"depth={self.depth}")
+
+    @property
+    def parameters(self) -> int:
+        return parameter_count(self.embed_dim, self.hidden, self.depth, self.tokens, self.context_dim)
 
     def to_metadata(self) -> dict[str, str]:
         meta = {"facecond.kind": KIND, "format_version": FORMAT_VERSION, "embedder": self.embedder,
                 "embed_dim": str(self.embed_dim), "tokens": str(self.tokens), "context_dim": str(self.context_dim),
-                "hidden": str(self.hidden), "base_model": self.base_model}
+                "hidden": str(self.hidden), "depth": str(self.depth), "base_model": self.base_model}
         if self.embed_normalized is not None:
             meta["embed_normalized"] = "true" if self.embed_normalized else "false"
         if self.extra:
@@ -65,6 +94,7 @@ class ProjectionInfo:
             norm = meta.get("embed_normalized")
             return cls(embedder=meta["embedder"], embed_dim=int(meta["embed_dim"]), tokens=int(meta["tokens"]),
                        context_dim=int(meta["context_dim"]), hidden=int(meta.get("hidden", 768)),
+                       depth=int(meta.get("depth", 4)),
                        base_model=meta.get("base_model", "unknown"),
                        embed_normalized=None if norm is None else norm == "true",
                        extra=json.loads(meta.get("extra", "{}")))
@@ -73,18 +103,19 @@ class ProjectionInfo:
 
 
 class Face0Projection(nn.Module):
-    """(N, D) face embeddings → (N, K, W) context tokens. Four Linear layers, ReLU after the three hidden ones."""
+    """(N, D) face embeddings → (N, K, W) context tokens. ``depth`` Linear layers (Face0: 4), a ReLU after every
+    hidden one: D -> h -> ... -> h -> K·W."""
 
     def __init__(self, info: ProjectionInfo):
         super().__init__()
         self.info = info
-        h = info.hidden
-        self.mlp = nn.Sequential(
-            nn.Linear(info.embed_dim, h), nn.ReLU(),
-            nn.Linear(h, h), nn.ReLU(),
-            nn.Linear(h, h), nn.ReLU(),
-            nn.Linear(h, info.tokens * info.context_dim),
-        )
+        widths = [info.embed_dim] + [info.hidden] * (info.depth - 1) + [info.tokens * info.context_dim]
+        layers: list[nn.Module] = []
+        for i in range(info.depth):
+            layers.append(nn.Linear(widths[i], widths[i + 1]))
+            if i < info.depth - 1:
+                layers.append(nn.ReLU())
+        self.mlp = nn.Sequential(*layers)
 
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
         out = self.mlp(embeds)  # (N, K·W)
@@ -135,7 +166,7 @@ def load_projection(path: str | os.PathLike) -> Face0Projection:
     if expected != found:
         raise packfile.shape_error(path, expected, found, kind=KIND,
                                    what=f"the tensors do not match its metadata (D={info.embed_dim}, "
-                                   f"K={info.tokens}, W={info.context_dim}, hidden={info.hidden})")
+                                   f"K={info.tokens}, W={info.context_dim}, hidden={info.hidden}, depth={info.depth})")
     proj.load_state_dict({k: v.float() for k, v in state.items()})
     for p in proj.parameters():
         p.requires_grad_(False)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..face0.projection import PRESETS as PROJECTION_PRESETS
 from ..face0.projection import Face0Projection, face_tokens, override_tokens
 from .core import (
     denoising_loss,
@@ -72,12 +74,49 @@ class Face0TrainConfig:
     lora_alpha: float = 16.0
     lora_blocks: tuple[str, ...] = ("input_blocks", "middle_block", "output_blocks")
     seed: int = 0
+    proj_hidden: int = 768  # a fresh projection's width h and Linear layers L (py/face0/projection.py PRESETS)
+    proj_depth: int = 4
 
     def __post_init__(self):
         if self.mode not in ("full", "lora"):
             raise ValueError(f"mode must be 'full' or 'lora', got {self.mode!r}")
         if self.batch < 1 or self.accum < 1 or self.lr <= 0 or not 0 <= self.face_drop < 1:
             raise ValueError(f"Face0TrainConfig: need batch, accum >= 1, lr > 0, 0 <= face_drop < 1; got {self}")
+
+
+# Run presets of scripts/face0_train.py (--preset). "paper": Face0 §2.3 (Valevski et al. 2023): lr 2e-5, batch 256,
+# 500K steps, EMA 0.9999, 10% face dropout, the ~10M-parameter projection; the global batch of 256 is reached by
+# gradient accumulation: accum = 256 / (micro-batch · processes). "small": a short single-GPU run (the default).
+PRESETS: dict[str, dict] = {
+    "small": {"steps": 10_000, "batch": 4, "accum": 1, "global_batch": None, "lr": 2e-5, "ema_decay": 0.9999,
+              "face_drop": 0.1, "proj": "small"},
+    "paper": {"steps": 500_000, "batch": 4, "accum": None, "global_batch": 256, "lr": 2e-5, "ema_decay": 0.9999,
+              "face_drop": 0.1, "proj": "paper"},
+}
+
+
+def expand_preset(name: str, processes: int = 1, **given) -> dict:
+    """The run settings of preset ``name`` with every value in ``given`` that is not None taking precedence.
+
+    Returns steps, batch (per process and micro-step), accum, global_batch (= batch·accum·processes), lr,
+    ema_decay, face_drop, proj_hidden, proj_depth. A preset with a global batch derives accum from it
+    (unless accum is given); ValueError when batch·processes does not divide it.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"face0_train: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    out = {k: p[k] for k in ("steps", "batch", "accum", "lr", "ema_decay", "face_drop")}
+    out |= {f"proj_{k}": v for k, v in PROJECTION_PRESETS[p["proj"]].items()}
+    out |= {k: v for k, v in given.items() if v is not None}
+    if out.get("accum") is None:
+        per_step = out["batch"] * processes
+        if p["global_batch"] % per_step:
+            raise ValueError(f"face0_train: preset {name!r} needs a global batch of {p['global_batch']}, which "
+                             f"batch {out['batch']} x {processes} process(es) does not divide; pick --batch so that "
+                             f"batch x processes divides {p['global_batch']}, or give --accum")
+        out["accum"] = p["global_batch"] // per_step
+    out["global_batch"] = out["batch"] * out["accum"] * processes
+    return out
 
 
 class Face0Model(nn.Module):
@@ -111,21 +150,48 @@ def micro_generator(seed: int, micro_step: int, rank: int, world: int) -> torch.
     return step_generator(seed, micro_step * world + rank)
 
 
-def face0_loss(model, x0, context, embeds, sigmas, gen: torch.Generator, face_drop: float) -> torch.Tensor:
-    """One micro-batch: σ uniform over the table, ε ~ N(0, I), face dropout mask, ε-MSE (core)."""
+def draw(x0: torch.Tensor, sigmas: torch.Tensor, gen: torch.Generator, face_drop: float):
+    """A micro-batch's random draws, in this order: σ (B,) uniform over the table, ε ~ N(0, I), dropout mask (B,)."""
     b = x0.shape[0]
     sigma, _ = sample_sigmas(sigmas, b, gen)
     noise = sample_noise(x0, gen)
     drop = torch.rand(b, generator=gen) < face_drop  # (B,)
+    return sigma, noise, drop
 
+
+def drawn_loss(model, x0, context, embeds, sigma, noise, drop) -> torch.Tensor:
+    """The ε-MSE (core) of one micro-batch for given draws (mean over the batch)."""
     def denoise(x, s, ctx):
         return model(x, s, ctx, embeds, drop.to(x.device))
 
     return denoising_loss(denoise, x0, context, sigma.to(x0.device), noise, prediction="x0")
 
 
+def face0_loss(model, x0, context, embeds, sigmas, gen: torch.Generator, face_drop: float) -> torch.Tensor:
+    """One micro-batch: σ uniform over the table, ε ~ N(0, I), face dropout mask, ε-MSE (core)."""
+    return drawn_loss(model, x0, context, embeds, *draw(x0, sigmas, gen, face_drop))
+
+
+def accumulate(micro_loss: Callable[[int], torch.Tensor], accum: int,
+               backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+               no_sync: Callable[[], AbstractContextManager] | None = None) -> float:
+    """Gradients of one optimiser step from ``accum`` micro-batches: each micro-batch loss (a mean over its rows)
+    is back-propagated divided by ``accum``, so with equal micro-batches the summed gradient is the gradient of
+    the mean loss over all of them, the gradient one big batch would give. ``no_sync`` (DDP) wraps every
+    micro-step but the last, so processes all-reduce once per step. Returns the mean micro-batch loss."""
+    total = 0.0
+    for micro in range(accum):
+        with (no_sync() if no_sync is not None and micro < accum - 1 else nullcontext()):
+            loss = micro_loss(micro)
+            backward(loss / accum)
+        total += float(loss.detach()) / accum
+    return total
+
+
 class EMA:
-    """Exponential moving average of the trainable parameters (paper: 0.9999), with the usual warm-up."""
+    """Exponential moving average of the trainable parameters (Face0 §2.3: EMA 0.9999), after each optimiser step:
+    shadow <- d·shadow + (1-d)·param with d = min(decay, (1+t)/(10+t)) at step t, the usual warm-up (so short
+    runs move too; from step 89,990 on, d is the paper's 0.9999)."""
 
     def __init__(self, params: dict[str, torch.Tensor], decay: float):
         self.decay = decay

@@ -87,3 +87,45 @@ def test_override_positions_exact_and_input_untouched():
         override_tokens(torch.randn(1, 80, 8), torch.randn(1, 3, 8))
     with pytest.raises(ValueError, match="chunks must be"):
         override_tokens(ctx, tok, "middle")
+
+
+def test_width_and_depth_are_options_recorded_in_the_file(tmp_path):
+    info = _info(hidden=64, depth=3)
+    proj = random_projection(info, seed=2)
+    linears = [m for m in proj.mlp if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(128, 64), (64, 64), (64, 2304)]
+    assert [type(m).__name__ for m in proj.mlp] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    # (128+1)·64 + (64+1)·64 + (64+1)·2304 = 8,256 + 4,160 + 149,760
+    assert info.parameters == sum(p.numel() for p in proj.parameters()) == 162_176
+    assert info.to_metadata()["depth"] == "3" and info.to_metadata()["hidden"] == "64"
+    save_projection(proj, tmp_path / "p.safetensors")
+    loaded = load_projection(tmp_path / "p.safetensors")
+    assert loaded.info == info
+    x = torch.randn(2, 128)
+    assert torch.equal(loaded(x), proj(x))
+
+
+def test_file_without_depth_key_loads_as_four_layers(tmp_path):
+    # files written before `depth` was recorded: same tensors, metadata without the key
+    proj = random_projection(_info(), seed=4)
+    meta = {k: v for k, v in proj.info.to_metadata().items() if k != "depth"}
+    save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(tmp_path / "old.safetensors"),
+              metadata=meta)
+    loaded = load_projection(tmp_path / "old.safetensors")
+    assert loaded.info.depth == 4 and loaded.info == proj.info
+    x = torch.randn(3, 128)
+    assert torch.equal(loaded(x), proj(x))
+    # a file whose metadata claims another depth than its tensors is refused
+    save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(tmp_path / "lies.safetensors"),
+              metadata=meta | {"depth": "5"})
+    with pytest.raises(ValueError, match=r"do not match its metadata .*depth=5"):
+        load_projection(tmp_path / "lies.safetensors")
+
+
+def test_bad_shape_options_are_refused():
+    with pytest.raises(ValueError, match=r"depth=0"):
+        _info(depth=0)
+    with pytest.raises(ValueError, match=">= 1"):
+        _info(hidden=0)
+    one = random_projection(_info(depth=1))  # depth 1: a single Linear D -> K·W
+    assert [type(m).__name__ for m in one.mlp] == ["Linear"] and one.info.parameters == 129 * 2304
