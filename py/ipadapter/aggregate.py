@@ -109,6 +109,7 @@ class SelfAttentionAggregator(nn.Module):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"SelfAttentionAggregator: attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.attention = attention
+        self.trained_with = ""  # the IP-Adapter file it was trained with (file metadata ``ipadapter``), for reports
         self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.out = nn.Linear(dim, dim, bias=attention == "residual")
         if attention == "residual":
@@ -174,6 +175,7 @@ def load_aggregator(path: str | Path) -> SelfAttentionAggregator:
                           f"n_refs and heads ({mode} mode)", {k: tuple(v.shape) for k, v in sd.items()}, label=label,
                           writer=writer, what=f"its tensors do not make one aggregator ({str(e).splitlines()[0]})"
                           ) from None
+    agg.trained_with = str(meta.get("ipadapter", ""))
     return agg.float().eval().requires_grad_(False)
 
 
@@ -201,4 +203,5 @@ def aggregate(x: torch.Tensor, method: str, aggregator: SelfAttentionAggregator 
     seq = rows.reshape(rows.shape[0], -1, rows.shape[-1]).transpose(0, 1)  # (T, N, D): each position on its own
     with torch.no_grad():
         out = aggregator(seq.to(p.device, p.dtype)).float().cpu()  # (T, D)
-    return out.reshape(1, *x.shape[1:]), f"self-attention ({aggregator.attention} mode): {note}"
+    pair = f", trained with IP-Adapter {aggregator.trained_with}" if aggregator.trained_with else ""
+    return out.reshape(1, *x.shape[1:]), f"self-attention ({aggregator.attention} mode{pair}): {note}"

@@ -144,7 +144,7 @@ def test_the_mode_is_in_the_file_and_old_files_load_as_residual(tmp_path):
         assert f.metadata() == {"refs": "2", "attention": "paper"}
     b = agg.load_aggregator(tmp_path / "p.safetensors")
     x = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    assert b.attention == "paper"
+    assert b.attention == "paper" and b.trained_with == ""
     torch.testing.assert_close(agg.aggregate(x, "self-attention", b)[0], torch.tensor([[0.362784, 1.274432]]),
                                atol=1e-5, rtol=0)
     old = {k: v.clone() for k, v in algorithm_1("residual").state_dict().items()}
@@ -162,3 +162,6 @@ def test_the_mode_is_in_the_file_and_old_files_load_as_residual(tmp_path):
     save_file(full, str(tmp_path / "full.safetensors"), metadata={"attention": "paper"})
     c = agg.load_aggregator(tmp_path / "full.safetensors")
     assert c.attention == "paper" and torch.equal(c.out.weight, SWAP)
+    agg.save_aggregator(a, tmp_path / "t.safetensors", {"ipadapter": "mine.safetensors"})
+    note = agg.aggregate(x, "self-attention", agg.load_aggregator(tmp_path / "t.safetensors"))[1]
+    assert note.startswith("self-attention (paper mode, trained with IP-Adapter mine.safetensors): 2 references")
