@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from facecond.nodes.ipadapter import LoadIPAdapter, cross_attention_layers
 from facecond.py.ipadapter import finetune
-from facecond.py.ipadapter.aggregate import SelfAttentionAggregator
+from facecond.py.ipadapter.aggregate import ATTENTION_MODES, SelfAttentionAggregator
 from facecond_dev.random_weights import random_state_dict
 
 D = 128
@@ -54,7 +54,7 @@ def test_one_step_moves_exactly_the_trainable_set(setup, what):
     g_init = snapshot(dict(SelfAttentionAggregator(D, 3, 1, "paper").named_parameters()))  # what train() starts from
     g, tuned, losses, _ = ta.train(people, [], model, adapter, n_refs=3, heads=1, steps=1, lr=1e-3, seed=0,
                                    eval_rounds=0, attention="paper", train_what=what)
-    assert len(losses) == 1 and g.attention == "paper"
+    assert len(losses) == 1 and g.attention == "paper" and ta.ATTENTION_CHOICES == ATTENTION_MODES
     # G: every tensor moved (Adam moves a parameter by about lr wherever its gradient is non-zero)
     for name, p in g.named_parameters():
         assert (p - g_init[name]).abs().min() > 0, name
