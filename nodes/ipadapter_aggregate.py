@@ -25,7 +25,9 @@ class AggregateEmbeds:
     DESCRIPTION = ("Several references of one person -> one embedding (Kazistova et al.): mean, max, norm-mean, or "
                    "a trained self-attention aggregator (models/facecond/aggregators, trained with "
                    "scripts/train_aggregator.py on N references: more are cut to the first N, fewer bootstrapped "
-                   "with the seed). Unusable references are skipped with a report.")
+                   "with the seed; its mode, residual or paper (Algorithm 1), is read from the file and named in "
+                   "the report). An aggregator trained with --train adapter belongs to the IP-Adapter file of the "
+                   "same name. Unusable references are skipped with a report.")
     CATEGORY = CATEGORY
     FUNCTION = "aggregate"
     RETURN_TYPES = (REF_EMBEDS, "STRING")

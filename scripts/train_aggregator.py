@@ -8,10 +8,21 @@ image is its caption (else ``--caption``). People are split train/test 2:1 by pe
 Each step: pick a training person and one of their images at random (the target); aggregate the embeddings of
 the *other* images with the aggregator G (cut / bootstrapped to N = ``--refs``); project them with the
 IP-Adapter and denoise the noised target latent conditioned on its caption + the image tokens (decoupled
-cross-attention, λ = 1); loss: the ε-denoising loss. Trainable: G (W_out starts at 0, i.e. at mean pooling).
-The IP-Adapter stays frozen (the paper also fine-tunes its Linear/LayerNorm/K'/V'; not done here, so the file
-works with the unchanged public IP-Adapter). At the end the held-out people's leave-one-out loss is reported for
-G and for plain mean pooling (same seeds).
+cross-attention, λ = 1); loss: the ε-denoising loss. At the end the held-out people's leave-one-out loss is
+reported for the trained model and for plain mean pooling into the unchanged IP-Adapter (same seeds).
+
+``--attention``: ``residual`` (default, the pack's first version: mean(X + attention·W_out), W_out = 0 at the
+start, i.e. mean pooling) or ``paper`` (exactly Algorithm 1, mean of its N outputs Z·W_out; see
+py/ipadapter/aggregate.py). The mode is written to the file's metadata (``attention``).
+``--train``: ``aggregator`` (default): only G trains; the file works with the unchanged public IP-Adapter.
+``adapter``: as the paper ("обучаемыми являются слои Self-Attention, Linear, Layer Norm и Cross-Attention"):
+G + the IP-Adapter's image projection (Linear + LayerNorm; FaceID: its MLP + LayerNorm) + every W'_k, W'_v
+(to_k_ip / to_v_ip); the U-Net and the encoders stay frozen, the loaded IP-Adapter is copied, never changed.
+
+Output: models/facecond/aggregators/NAME.safetensors (the aggregator, what AggregateEmbeds lists) and, with
+``--train adapter``, models/ipadapter/NAME.safetensors: a complete IP-Adapter file (``image_proj.*`` +
+``ip_adapter.*``, the source file's other tensors such as a FaceID LoRA carried over) with the same aggregator
+under ``aggregator.*``; LoadIPAdapter loads it, and the two belong together. Their paths are printed on stdout.
 
 Embeddings: FaceID adapters take face embeddings (FaceDetectCrop mtcnn, no_face=skip, + FaceEmbed with
 ``--recogniser``); plain/plus adapters take CLIP-vision outputs (``--clip-vision``, ComfyUI's loader).
@@ -25,6 +36,7 @@ Usage (ComfyUI base directory with models/; the output goes to models/facecond/a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import random
@@ -39,6 +51,8 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("facecond.train_aggregator")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+ATTENTION_CHOICES = ("residual", "paper")  # py/ipadapter/aggregate.py ATTENTION_MODES
+TRAIN_CHOICES = ("aggregator", "adapter")
 
 
 @dataclass
@@ -111,7 +125,7 @@ def build_people(data: Path, names: list[str], model, clip, vae, adapter, *, siz
 
 
 def leave_one_out_loss(person: Person, aggregate, adapter, layers, denoise, sigmas, g: torch.Generator,
-                       n_refs: int, proj_params=None):
+                       n_refs: int):
     """One leave-one-out denoising loss for ``person`` (random target, G over the others)."""
     from facecond.py.ipadapter import adapter as ipa
     from facecond.py.ipadapter.aggregate import fit_count
@@ -123,7 +137,7 @@ def leave_one_out_loss(person: Person, aggregate, adapter, layers, denoise, sigm
     refs, _ = fit_count(others, n_refs, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
     seq = refs.reshape(refs.shape[0], -1, refs.shape[-1]).transpose(0, 1)  # (T, N, D)
     agg = aggregate(seq).reshape(1, *refs.shape[1:])
-    tokens = adapter.proj(agg)  # (1, tokens, C); gradients flow back into G
+    tokens = adapter.proj(agg)  # (1, tokens, C); gradients flow back into G (and the projection, W'_k, W'_v)
     negative = tokens.detach() * 0
     terms = ipa.layer_terms(adapter, tokens, negative, 1.0, float("inf"), 0.0, None)
     patches = {key: ipa.IPAttentionPatch((term,)) for (key, _, _), term in zip(layers, terms)}
@@ -140,16 +154,21 @@ def leave_one_out_loss(person: Person, aggregate, adapter, layers, denoise, sigm
 
 def train(people_train: list[Person], people_test: list[Person], model, adapter, *, n_refs: int, heads: int,
           steps: int, lr: float, seed: int, state_path: Path | None = None, resume: bool = False,
-          eval_rounds: int = 4):
-    """Train G; returns (aggregator, train losses, {"self-attention": test loss, "mean": test loss}), the test
-    losses averaged over ``eval_rounds`` seeded leave-one-out draws per held-out person (the same for both)."""
+          eval_rounds: int = 4, attention: str = "residual", train_what: str = "aggregator"):
+    """Train G (``train_what="aggregator"``) or G + a copy of the IP-Adapter's projection and W'_k, W'_v
+    (``"adapter"``). Returns (aggregator, adapter, train losses, {"self-attention": test loss, "mean": test loss}):
+    ``adapter`` is the fine-tuned copy (or the given one, untouched); the test losses are averaged over
+    ``eval_rounds`` seeded leave-one-out draws per held-out person, "mean" = mean pooling into the given adapter."""
     from facecond.nodes.common import Progress
     from facecond.nodes.ipadapter import cross_attention_layers
+    from facecond.py.ipadapter import finetune
     from facecond.py.ipadapter.aggregate import SelfAttentionAggregator
     from facecond.py.train.core import TrainConfig, Trainer, step_generator
 
     if not people_train:
         raise ValueError("train_aggregator: no training person with at least 2 usable images")
+    if train_what not in TRAIN_CHOICES:
+        raise ValueError(f"train_aggregator: train must be one of {TRAIN_CHOICES}, got {train_what!r}")
     layers = cross_attention_layers(model)
     ms = model.get_model_object("model_sampling")
     inner = model.model
@@ -159,29 +178,36 @@ def train(people_train: list[Person], people_test: list[Person], model, adapter,
 
     dim = people_train[0].embeds.shape[-1]
     torch.manual_seed(seed)
-    g_module = SelfAttentionAggregator(dim, n_refs, heads)
-    trainer = Trainer(dict(g_module.named_parameters()), TrainConfig(steps=steps, lr=lr, seed=seed))
+    g_module = SelfAttentionAggregator(dim, n_refs, heads, attention)
+    params = dict(g_module.named_parameters())  # the names of the state files from before --train
+    tuned = adapter
+    if train_what == "adapter":  # names as in the saved IP-Adapter file
+        tuned = finetune.trainable_copy(adapter)
+        params = {f"aggregator.{k}": p for k, p in params.items()} | finetune.trainable_params(tuned)
+    trainer = Trainer(params, TrainConfig(steps=steps, lr=lr, seed=seed))
     if resume and state_path is not None and state_path.is_file():
         trainer.load(str(state_path))
         log.info("resuming at step %d", trainer.step)
 
     def loss_fn(step, g):
         person = people_train[int(torch.randint(0, len(people_train), (1,), generator=g))]
-        return leave_one_out_loss(person, g_module, adapter, layers, denoise, ms.sigmas, g, n_refs)
+        return leave_one_out_loss(person, g_module, tuned, layers, denoise, ms.sigmas, g, n_refs)
 
     losses = trainer.run(loss_fn, progress=Progress(steps, label="train_aggregator"))
     if state_path is not None:
         trainer.save(str(state_path))
     g_module.eval().requires_grad_(False)
-    mean_pool = SelfAttentionAggregator(dim, n_refs, heads).eval().requires_grad_(False)  # W_out = 0: the mean
+    if tuned is not adapter:
+        tuned.proj.eval().requires_grad_(False)
+        tuned = dataclasses.replace(tuned, kv=tuple((k.detach(), v.detach()) for k, v in tuned.kv))
     test = {}
     with torch.no_grad():
-        for label, module in (("self-attention", g_module), ("mean", mean_pool)):
-            vals = [float(leave_one_out_loss(p, module, adapter, layers, denoise, ms.sigmas,
+        for label, module, ada in (("self-attention", g_module, tuned), ("mean", lambda s: s.mean(1), adapter)):
+            vals = [float(leave_one_out_loss(p, module, ada, layers, denoise, ms.sigmas,
                                              step_generator(seed + 1, k), n_refs))
                     for k in range(eval_rounds) for p in people_test]
             test[label] = sum(vals) / len(vals) if vals else float("nan")
-    return g_module, losses, test
+    return g_module, tuned, losses, test
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,13 +220,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clip-vision", default=None, help="CLIP-vision file in models/clip_vision (plain/plus)")
     ap.add_argument("--refs", type=int, default=9, help="N, the references G is trained on (paper: 9)")
     ap.add_argument("--heads", type=int, default=1)
+    ap.add_argument("--attention", choices=ATTENTION_CHOICES, default="residual",
+                    help="paper: exactly Algorithm 1 (mean of Z·W_out); residual: mean(X + attention·W_out), "
+                         "starts at mean pooling")
+    ap.add_argument("--train", choices=TRAIN_CHOICES, default="aggregator", dest="train_what",
+                    help="aggregator: G only (works with the unchanged IP-Adapter); adapter: G + the IP-Adapter's "
+                         "projection and W'_k/W'_v, as the paper (also writes models/ipadapter/NAME.safetensors)")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=512, help="training image side (pixels)")
     ap.add_argument("--max-images", type=int, default=10, help="images per person (paper: 10)")
     ap.add_argument("--caption", default="a photo of a person", help="caption of images without a .txt")
-    ap.add_argument("--name", default="aggregator", help="output file name (models/facecond/aggregators)")
+    ap.add_argument("--name", default="aggregator", help="output file name (models/facecond/aggregators; "
+                    "--train adapter: also models/ipadapter)")
     ap.add_argument("--resume", action="store_true", help="continue from NAME.state.safetensors")
     ap.add_argument("--eval-rounds", type=int, default=4, help="leave-one-out draws per held-out person")
     args = ap.parse_args(argv)
@@ -215,9 +248,16 @@ def main(argv: list[str] | None = None) -> None:
     import folder_paths
 
     import nodes
-    from facecond.nodes.ipadapter import LoadIPAdapter
-    from facecond.py.ipadapter.aggregate import save_aggregator
+    from facecond.nodes.ipadapter import IPADAPTER_FOLDER, LoadIPAdapter
+    from facecond.py.ipadapter import adapter as ipa
+    from facecond.py.ipadapter import finetune
+    from facecond.py.ipadapter.aggregate import FILE_PREFIX as PREFIX
+    from facecond.py.ipadapter.aggregate import aggregator_tensors, save_aggregator
 
+    source = folder_paths.get_full_path_or_raise(IPADAPTER_FOLDER, args.ipadapter)
+    adapter_path = Path(folder_paths.get_folder_paths(IPADAPTER_FOLDER)[0]) / f"{args.name}.safetensors"
+    if args.train_what == "adapter" and os.path.realpath(adapter_path) == os.path.realpath(source):
+        raise SystemExit(f"--name {args.name} would overwrite the source IP-Adapter {source}: pick another name")
     model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(args.ckpt)[:3]
     adapter = LoadIPAdapter().load(args.ipadapter)[0]
     cv = None
@@ -234,20 +274,31 @@ def main(argv: list[str] | None = None) -> None:
     people_test = build_people(args.data, test_names, model, clip, vae, adapter, **kw)
     out_dir = Path(folder_paths.get_folder_paths("facecond_aggregators")[0])
     out_dir.mkdir(parents=True, exist_ok=True)
-    g_module, losses, test = train(people_train, people_test, model, adapter, n_refs=args.refs, heads=args.heads,
-                                   steps=args.steps, lr=args.lr, seed=args.seed,
-                                   state_path=out_dir / f"{args.name}.state.safetensors", resume=args.resume,
-                                   eval_rounds=args.eval_rounds)
-    meta = {"kind": adapter.variant.input_kind, "ipadapter": args.ipadapter, "refs": str(args.refs),
+    g_module, tuned, losses, test = train(
+        people_train, people_test, model, adapter, n_refs=args.refs, heads=args.heads, steps=args.steps, lr=args.lr,
+        seed=args.seed, state_path=out_dir / f"{args.name}.state.safetensors", resume=args.resume,
+        eval_rounds=args.eval_rounds, attention=args.attention, train_what=args.train_what)
+    paired = adapter_path.name if args.train_what == "adapter" else args.ipadapter
+    meta = {"kind": adapter.variant.input_kind, "ipadapter": paired, "source_ipadapter": args.ipadapter,
+            "train": args.train_what, "refs": str(args.refs),
             "train_people": ",".join(p.name for p in people_train),
             "test_people": ",".join(p.name for p in people_test),
             "final_train_loss": f"{losses[-1]:.6f}" if losses else "",
             "test_loss_self_attention": f"{test['self-attention']:.6f}", "test_loss_mean": f"{test['mean']:.6f}"}
     path = out_dir / f"{args.name}.safetensors"
     save_aggregator(g_module, path, meta)
-    log.info("saved %s; held-out leave-one-out loss: self-attention %.5f, mean pooling %.5f",
-             os.fspath(path), test["self-attention"], test["mean"])
+    written = [path]
+    if args.train_what == "adapter":
+        from safetensors.torch import save_file
 
+        tensors = finetune.adapter_file_tensors(tuned, ipa.read_file(source)) | aggregator_tensors(g_module, PREFIX)
+        adapter_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(adapter_path), metadata={**meta, "attention": g_module.attention})
+        written.append(adapter_path)
+    log.info("saved %s (%s mode, trained: %s); held-out leave-one-out loss: trained %.5f, mean pooling into %s "
+             "%.5f", ", ".join(map(os.fspath, written)), g_module.attention, args.train_what, test["self-attention"],
+             args.ipadapter, test["mean"])
+    print("\n".join(map(os.fspath, written)))  # the paths, for scripts that call this one
 
 if __name__ == "__main__":
     main()

@@ -8,12 +8,27 @@ Methods, over the N rows of an (N, D) or (N, T, D) tensor (for (N, T, D) each of
 - ``mean``: average pooling; ``max``: element-wise max pooling (the paper's two baselines).
 - ``norm-mean``: each row L2-normalised, averaged, and the result rescaled to the rows' mean norm (identity
   embeddings whose norm varies with image quality then weigh equally).
-- ``self-attention``: the paper's trained aggregator. One attention over the N references with learned
-  Q, K, V and W_out, a residual and average pooling: ``G(X) = mean_n(X + softmax(Q Kᵀ/√d) V W_out)``.
-  With W_out = 0 it *is* the mean, which is where training starts. No positional encoding, so G is
-  invariant to the order of its N inputs. N is fixed at training (the paper: 9 of 10 images, one left out):
-  more inputs are cut to the first N; fewer are bootstrapped: every given reference is kept and the
-  missing rows are drawn with replacement from them by a seeded generator (the paper's resampling).
+- ``self-attention``: the paper's trained aggregator, one attention over the N references with learned Q, K, V
+  and W_out, in one of two modes (``ATTENTION_MODES``, stored in the aggregator file's metadata):
+  - ``residual`` (the pack's first version; files without the metadata are this mode):
+    ``G(X) = mean_n(X + softmax(Q Kᵀ/√d) V W_out + b_out)`` with W_out = 0, b_out = 0 at the start, so an untrained
+    G *is* average pooling and the frozen public IP-Adapter sees what it was trained on.
+  - ``paper``: exactly the paper's Algorithm 1 (section 3.5), ``Z = softmax(Q Kᵀ/√d_k) V``, ``return Z · W_out``
+    (no bias, no residual), then the mean over its N output rows. Algorithm 1 returns N tokens but the
+    IP-Adapter takes one image feature: the paper's eq. 1 writes ``c_i = G(Γ_i(x_1), ..., Γ_i(x_n))``, one
+    feature, and section 3.5 says "После завершения работы модуля Self-Attention следуют модули IP-Adapter без
+    изменений" (the unchanged IP-Adapter modules follow); section 3.4's pooling (Average Pooling) is how the
+    paper makes N embeddings one, so the N rows of Z · W_out are averaged. The paper gives no initialisation:
+    W_v = W_out = I (Q, K PyTorch's default), so training starts at an attention-weighted average of the
+    references, close to the input the pretrained projection expects.
+  No positional encoding, so G is invariant to the order of its N inputs. N is fixed at training (the paper: 9
+  of 10 images, one left out): more inputs are cut to the first N; fewer are bootstrapped: every given reference
+  is kept and the missing rows are drawn with replacement from them by a seeded generator (the paper's
+  resampling).
+
+Files: ``q.weight``, ``k.weight``, ``v.weight``, ``out.weight`` (+ ``out.bias`` in residual mode), ``n_refs``,
+``heads``; metadata ``attention`` = the mode. The same tensors under ``aggregator.`` inside a full IP-Adapter
+file (``scripts/train_aggregator.py --train adapter``) are read too.
 """
 
 from __future__ import annotations
@@ -26,10 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..weights import packfile
 from ..weights.manifest import load_state_dict
 from ..weights.packfile import PackFileError, shape_error
 
 METHODS = ("mean", "max", "norm-mean", "self-attention")
+ATTENTION_MODES = ("residual", "paper")  # see the module docstring; files without metadata: residual
+FILE_PREFIX = "aggregator."  # the aggregator's tensors inside a full IP-Adapter file
 
 
 @dataclass(frozen=True)
@@ -80,16 +98,26 @@ def fit_count(x: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, str
 
 
 class SelfAttentionAggregator(nn.Module):
-    """G(X) = mean_n(X + softmax(Q Kᵀ/√d) V W_out) over the N references of X (B, N, D) -> (B, D)."""
+    """X (B, N, D) -> (B, D). ``attention="residual"``: mean_n(X + softmax(Q Kᵀ/√d) V W_out + b_out), W_out = 0 at
+    the start. ``attention="paper"``: mean_n(softmax(Q Kᵀ/√d_k) V W_out), Algorithm 1 of the paper, W_v = W_out = I
+    at the start. Q = X W_q, K = X W_k, V = X W_v (no biases); heads split D as in Vaswani et al. 2017."""
 
-    def __init__(self, dim: int, n_refs: int, heads: int = 1):
+    def __init__(self, dim: int, n_refs: int, heads: int = 1, attention: str = "residual"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"SelfAttentionAggregator: dim {dim} is not divisible by heads {heads}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"SelfAttentionAggregator: attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        self.attention = attention
+        self.trained_with = ""  # the IP-Adapter file it was trained with (file metadata ``ipadapter``), for reports
         self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
-        self.out = nn.Linear(dim, dim)
-        nn.init.zeros_(self.out.weight)  # starts as average pooling
-        nn.init.zeros_(self.out.bias)
+        self.out = nn.Linear(dim, dim, bias=attention == "residual")
+        if attention == "residual":
+            nn.init.zeros_(self.out.weight)  # starts as average pooling
+            nn.init.zeros_(self.out.bias)
+        else:
+            nn.init.eye_(self.v.weight)  # starts as an attention-weighted average of the references
+            nn.init.eye_(self.out.weight)
         self.register_buffer("n_refs", torch.tensor(int(n_refs)))
         self.register_buffer("heads", torch.tensor(int(heads)))
 
@@ -97,34 +125,57 @@ class SelfAttentionAggregator(nn.Module):
     def dim(self) -> int:
         return self.q.in_features
 
-    def forward(self, x):  # (B, N, D) -> (B, D)
+    def tokens(self, x):  # (B, N, D) -> (B, N, D): Algorithm 1's Z · W_out, one row per reference
         b, n, d = x.shape
         h = int(self.heads)
         q, k, v = (f(x).reshape(b, n, h, d // h).transpose(1, 2) for f in (self.q, self.k, self.v))  # (B, h, N, d/h)
-        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // h), dim=-1) @ v
-        return (x + self.out(a.transpose(1, 2).reshape(b, n, d))).mean(1)
+        z = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // h), dim=-1) @ v
+        return self.out(z.transpose(1, 2).reshape(b, n, d))
+
+    def forward(self, x):  # (B, N, D) -> (B, D)
+        out = self.tokens(x)
+        return (x + out).mean(1) if self.attention == "residual" else out.mean(1)
 
 
 def save_aggregator(agg: SelfAttentionAggregator, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """The aggregator alone; its mode goes into the metadata (``attention``)."""
     from safetensors.torch import save_file
 
-    save_file({k: t.detach().cpu().contiguous() for k, t in agg.state_dict().items()}, str(path), metadata=metadata)
+    save_file(aggregator_tensors(agg), str(path), metadata={**(metadata or {}), "attention": agg.attention})
+
+
+def aggregator_tensors(agg: SelfAttentionAggregator, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + k: t.detach().cpu().contiguous() for k, t in agg.state_dict().items()}
 
 
 def load_aggregator(path: str | Path) -> SelfAttentionAggregator:
+    """An aggregator file, or the ``aggregator.*`` part of a full IP-Adapter file; the mode from the metadata
+    (``attention``; absent: residual, what files from before the mode existed are)."""
     label, writer = "self-attention aggregator", "scripts/train_aggregator.py"
-    sd = load_state_dict(path, label, writer)
-    need = {"q.weight", "k.weight", "v.weight", "out.weight", "out.bias", "n_refs", "heads"}
+    if Path(path).suffix == ".safetensors":
+        meta, sd = packfile.read(path, label=label, writer=writer)
+    else:  # a torch file (weights only) has no metadata: residual
+        meta, sd = {}, load_state_dict(path, label, writer)
+    if "q.weight" not in sd and FILE_PREFIX + "q.weight" in sd:  # inside a full IP-Adapter file
+        sd = {k[len(FILE_PREFIX):]: v for k, v in sd.items() if k.startswith(FILE_PREFIX)}
+    mode = meta.get("attention", "residual")
+    if mode not in ATTENTION_MODES:
+        raise PackFileError(path, "bad_metadata", f"unknown self-attention mode {mode!r}", expected=
+                            f"attention one of {ATTENTION_MODES}", found=repr(mode), label=label, writer=writer)
+    need = {"q.weight", "k.weight", "v.weight", "out.weight", "n_refs", "heads"} | \
+        ({"out.bias"} if mode == "residual" else set())
     if not need <= sd.keys():
-        raise PackFileError(path, "wrong_kind", f"not a {label}", expected=f"tensors {sorted(need)}",
+        raise PackFileError(path, "wrong_kind", f"not a {label} ({mode} mode)", expected=f"tensors {sorted(need)}",
                             found=f"no {sorted(need - sd.keys())}", label=label, writer=writer)
     try:
-        agg = SelfAttentionAggregator(sd["q.weight"].shape[1], int(sd["n_refs"]), int(sd["heads"]))
+        agg = SelfAttentionAggregator(sd["q.weight"].shape[1], int(sd["n_refs"]), int(sd["heads"]), mode)
         agg.load_state_dict(sd)
     except (RuntimeError, ValueError, IndexError) as e:  # inconsistent widths, heads or extra tensors
-        raise shape_error(path, "square (D, D) q/k/v/out weights, out.bias (D,), n_refs and heads",
-                          {k: tuple(v.shape) for k, v in sd.items()}, label=label, writer=writer,
-                          what=f"its tensors do not make one aggregator ({str(e).splitlines()[0]})") from None
+        raise shape_error(path, f"square (D, D) q/k/v/out weights, {'out.bias (D,), ' * (mode == 'residual')}"
+                          f"n_refs and heads ({mode} mode)", {k: tuple(v.shape) for k, v in sd.items()}, label=label,
+                          writer=writer, what=f"its tensors do not make one aggregator ({str(e).splitlines()[0]})"
+                          ) from None
+    agg.trained_with = str(meta.get("ipadapter", ""))
     return agg.float().eval().requires_grad_(False)
 
 
@@ -152,4 +203,5 @@ def aggregate(x: torch.Tensor, method: str, aggregator: SelfAttentionAggregator 
     seq = rows.reshape(rows.shape[0], -1, rows.shape[-1]).transpose(0, 1)  # (T, N, D): each position on its own
     with torch.no_grad():
         out = aggregator(seq.to(p.device, p.dtype)).float().cpu()  # (T, D)
-    return out.reshape(1, *x.shape[1:]), f"self-attention: {note}"
+    pair = f", trained with IP-Adapter {aggregator.trained_with}" if aggregator.trained_with else ""
+    return out.reshape(1, *x.shape[1:]), f"self-attention ({aggregator.attention} mode{pair}): {note}"

@@ -195,13 +195,13 @@ def test_aggregator_trainer_leave_one_out_resume_and_held_out_loss(tiny_model, f
     assert all(p.latents.shape[0] == p.contexts.shape[0] == p.embeds.shape[0] >= 2 for p in train_p)
     state = tmp_path / "agg.state.safetensors"
     common = dict(n_refs=3, heads=1, lr=1e-2, seed=0)
-    g, losses, test = ta.train(train_p, test_p, model, faceid, steps=2, state_path=state, eval_rounds=1, **common)
+    g, _, losses, test = ta.train(train_p, test_p, model, faceid, steps=2, state_path=state, eval_rounds=1, **common)
     assert len(losses) == 2 and all(np.isfinite(losses)) and set(test) == {"self-attention", "mean"}
     assert all(np.isfinite(list(test.values())))
     assert g.out.weight.abs().sum() > 0  # W_out moved away from mean pooling
-    _, resumed, _ = ta.train(train_p, test_p, model, faceid, steps=3, state_path=state, resume=True, eval_rounds=0,
+    _, _, resumed, _ = ta.train(train_p, test_p, model, faceid, steps=3, state_path=state, resume=True, eval_rounds=0,
                              **common)
-    _, fresh, _ = ta.train(train_p, test_p, model, faceid, steps=3, eval_rounds=0, **common)
+    _, _, fresh, _ = ta.train(train_p, test_p, model, faceid, steps=3, eval_rounds=0, **common)
     assert len(resumed) == 1 and resumed[0] == pytest.approx(fresh[2], rel=1e-5)
     agg.save_aggregator(g, tmp_path / "g.safetensors")
     assert int(agg.load_aggregator(tmp_path / "g.safetensors").n_refs) == 3

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from facecond.py.celebbasis.coeffs import load_mlp
 from facecond_dev import host
@@ -56,3 +57,53 @@ def test_train_face_ti_cli(cli_base):
         meta, vectors = f.metadata(), f.get_tensor("clip_l")
     assert meta["facecond.kind"] == "face_ti" and meta["init"].startswith("rand2: ") and meta["steps"] == "2"
     assert vectors.shape == (2, 768) and torch.isfinite(vectors).all()
+
+
+def test_train_aggregator_cli_paper_adapter_files_load_in_the_nodes(cli_base, shared_data, tiny_model):
+    """--attention paper --train adapter, 2 steps: the full IP-Adapter file loads in the real LoadIPAdapter (its
+    W'_k, W'_v trained, its other tensors carried over), the aggregator file in AggregateEmbeds (paper mode)."""
+    import folder_paths
+
+    from facecond.nodes.ipadapter import IPAdapterEncode, LoadIPAdapter, cross_attention_layers
+    from facecond.nodes.ipadapter_aggregate import AggregateEmbeds
+    from facecond.py.faces.types import FaceEmbeds
+    from facecond.py.ipadapter import aggregate as agg
+    from facecond_dev.random_weights import random_state_dict
+
+    layers = cross_attention_layers(tiny_model[0])
+    sd = random_state_dict("faceid", 128, [inner for _, inner, _ in layers], cross_dim=layers[0][2], seed=2, scale=0.5)
+    sd["lora.stand_in"] = torch.arange(3.0)  # a FaceID file's other tensors must come through unchanged
+    (cli_base / "models" / "ipadapter").mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(cli_base / "models" / "ipadapter" / "src_faceid.safetensors"))
+    cmd = [sys.executable, "-P", str(ROOT / "scripts" / "train_aggregator.py"), "--base-dir", str(cli_base),
+           "--data", str(shared_data / "faces" / "johns"), "--ckpt", host.EXAMPLE_CKPT, "--ipadapter",
+           "src_faceid.safetensors", "--recogniser", host.STAND_IN_RECOGNISER, "--refs", "3", "--max-images", "3",
+           "--size", "64", "--steps", "2", "--lr", "1e-2", "--eval-rounds", "1", "--attention", "paper",
+           "--train", "adapter", "--name", "cli_kazistova"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    agg_path, ipa_path = (Path(p) for p in proc.stdout.strip().splitlines()[-2:])
+    assert agg_path == cli_base / "models" / "facecond" / "aggregators" / "cli_kazistova.safetensors"
+    assert ipa_path == cli_base / "models" / "ipadapter" / "cli_kazistova.safetensors"
+    with safe_open(str(ipa_path), framework="pt") as f:
+        meta, full = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["attention"] == "paper" and meta["train"] == "adapter"
+    assert meta["source_ipadapter"] == "src_faceid.safetensors" and meta["ipadapter"] == "cli_kazistova.safetensors"
+    assert set(full) == set(sd) | {f"aggregator.{k}" for k in ("q.weight", "k.weight", "v.weight", "out.weight",
+                                                                "n_refs", "heads")}
+    assert torch.equal(full["lora.stand_in"], sd["lora.stand_in"])
+    assert all(not torch.equal(full[k], sd[k]) for k in sd if k != "lora.stand_in")  # all trained: 2 Adam steps
+    # into the in-process ComfyUI's folders, through the real nodes
+    for src, folder in ((ipa_path, "ipadapter"), (agg_path, "facecond_aggregators")):
+        dest = Path(folder_paths.get_folder_paths(folder)[0])
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest / "cli_kazistova.safetensors")
+    adapter, info = LoadIPAdapter().load("cli_kazistova.safetensors")
+    assert "faceid IP-Adapter" in info and torch.equal(adapter.kv[0][0], full["ip_adapter.1.to_k_ip.weight"])
+    x = torch.nn.functional.normalize(torch.randn(4, 128, generator=torch.Generator().manual_seed(0)), dim=-1)
+    embeds = IPAdapterEncode().encode(adapter, "center", face_embeds=FaceEmbeds(x, "t", True, (0, 1, 2, 3)))[0]
+    one, report = AggregateEmbeds().aggregate(embeds, "self-attention", "cli_kazistova.safetensors", 0)
+    assert one.embeds.shape == (1, 128) and "cut to the first 3" in report
+    assert "self-attention (paper mode, trained with IP-Adapter cli_kazistova.safetensors)" in report
+    inside = agg.load_aggregator(ipa_path)  # the copy inside the IP-Adapter file is the same aggregator
+    torch.testing.assert_close(agg.aggregate(x, "self-attention", inside)[0], one.embeds)

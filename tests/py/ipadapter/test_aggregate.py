@@ -1,6 +1,8 @@
 """Reference aggregation (py/ipadapter/aggregate.py): mean/max exact, norm-mean, self-attention permutation invariance
 where it holds (exactly N inputs), bootstrap/cut rules, file round trip, unusable rows."""
 
+import math
+
 import pytest
 import torch
 
@@ -83,3 +85,83 @@ def test_unusable_rows_are_found():
     x[1] = float("nan")
     x[3] = 0
     assert agg.usable_rows(x) == ([0, 2], [1, 3])
+
+
+# --- the two self-attention modes --------------------------------------------------------------------------------
+SWAP = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+
+
+def algorithm_1(attention="paper"):
+    """N = 2, D = 2: W_q = W_k = W_v = I, W_out = the swap matrix (symmetric, so nn.Linear's x·Wᵀ is x·W_out)."""
+    a = agg.SelfAttentionAggregator(2, 2, attention=attention)
+    with torch.no_grad():
+        for lin in (a.q, a.k, a.v):
+            lin.weight.copy_(torch.eye(2))
+        a.out.weight.copy_(SWAP)
+    return a.eval()
+
+
+def test_paper_mode_is_algorithm_1_by_hand():
+    # X = [[2, 0], [0, 1]]: Q = K = V = X, Q·Kᵀ = [[4, 0], [0, 1]], scaled by 1/√2.
+    # row 0 weights [p0, 1 - p0], p0 = e^(4/√2) / (e^(4/√2) + 1) = 0.944193; Z_0 = [2 p0, 1 - p0]
+    # row 1 weights [1 - p1, p1], p1 = e^(1/√2) / (e^(1/√2) + 1) = 0.669761; Z_1 = [2 (1 - p1), p1]
+    # Z·W_out swaps the columns: [1 - p0, 2 p0] and [p1, 2 (1 - p1)]; their mean: [0.362784, 1.274432]
+    x = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    p0, p1 = math.exp(4 / math.sqrt(2)) / (math.exp(4 / math.sqrt(2)) + 1), math.exp(1 / math.sqrt(2)) / (
+        math.exp(1 / math.sqrt(2)) + 1)
+    assert (p0, p1) == pytest.approx((0.944193, 0.669761), abs=1e-6)
+    a = algorithm_1()
+    tokens = a.tokens(x[None])[0]  # Algorithm 1's return value, one row per reference
+    torch.testing.assert_close(tokens, torch.tensor([[1 - p0, 2 * p0], [p1, 2 * (1 - p1)]]), atol=1e-6, rtol=0)
+    out, note = agg.aggregate(x, "self-attention", a)
+    torch.testing.assert_close(out, torch.tensor([[0.362784, 1.274432]]), atol=1e-5, rtol=0)
+    assert "paper mode" in note
+    # residual mode, same weights (b_out = 0): the mean of the references is added, nothing else differs
+    r = algorithm_1("residual")
+    torch.testing.assert_close(agg.aggregate(x, "self-attention", r)[0], torch.tensor([[1.362784, 1.774432]]),
+                               atol=1e-5, rtol=0)
+
+
+def test_paper_mode_has_no_bias_and_starts_as_an_attention_average():
+    a = agg.SelfAttentionAggregator(8, 3, attention="paper")
+    assert set(a.state_dict()) == {"q.weight", "k.weight", "v.weight", "out.weight", "n_refs", "heads"}
+    assert torch.equal(a.v.weight, torch.eye(8)) and torch.equal(a.out.weight, torch.eye(8))
+    same = rows(1).expand(3, -1)  # three equal references: any attention average is that reference
+    torch.testing.assert_close(agg.aggregate(same, "self-attention", a.eval())[0], same[:1])
+    with pytest.raises(ValueError, match="attention must be one of"):
+        agg.SelfAttentionAggregator(8, 3, attention="Algorithm 1")
+
+
+def test_the_mode_is_in_the_file_and_old_files_load_as_residual(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from facecond.py.weights.packfile import PackFileError
+
+    a = algorithm_1()
+    agg.save_aggregator(a, tmp_path / "p.safetensors", {"refs": "2"})
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"refs": "2", "attention": "paper"}
+    b = agg.load_aggregator(tmp_path / "p.safetensors")
+    x = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    assert b.attention == "paper" and b.trained_with == ""
+    torch.testing.assert_close(agg.aggregate(x, "self-attention", b)[0], torch.tensor([[0.362784, 1.274432]]),
+                               atol=1e-5, rtol=0)
+    old = {k: v.clone() for k, v in algorithm_1("residual").state_dict().items()}
+    save_file(old, str(tmp_path / "old.safetensors"))  # a file from before the mode existed: no metadata
+    assert agg.load_aggregator(tmp_path / "old.safetensors").attention == "residual"
+    save_file(old, str(tmp_path / "bad.safetensors"), metadata={"attention": "other"})
+    with pytest.raises(PackFileError, match="unknown self-attention mode 'other'"):
+        agg.load_aggregator(tmp_path / "bad.safetensors")
+    save_file(old, str(tmp_path / "mixed.safetensors"), metadata={"attention": "paper"})  # paper has no out.bias
+    with pytest.raises(PackFileError, match="do not make one aggregator"):
+        agg.load_aggregator(tmp_path / "mixed.safetensors")
+    # inside a full IP-Adapter file (--train adapter): the aggregator.* tensors
+    full = {"image_proj.norm.weight": torch.ones(2), "ip_adapter.1.to_k_ip.weight": torch.ones(2, 2),
+            **agg.aggregator_tensors(a, agg.FILE_PREFIX)}
+    save_file(full, str(tmp_path / "full.safetensors"), metadata={"attention": "paper"})
+    c = agg.load_aggregator(tmp_path / "full.safetensors")
+    assert c.attention == "paper" and torch.equal(c.out.weight, SWAP)
+    agg.save_aggregator(a, tmp_path / "t.safetensors", {"ipadapter": "mine.safetensors"})
+    note = agg.aggregate(x, "self-attention", agg.load_aggregator(tmp_path / "t.safetensors"))[1]
+    assert note.startswith("self-attention (paper mode, trained with IP-Adapter mine.safetensors): 2 references")
