@@ -33,7 +33,7 @@ def test_strength_zero_is_bit_identical_and_the_input_is_untouched():
     assert out.tobytes() == img.tobytes() and not mask.any()
     retouch.retouch(img, region, 1.0)
     assert img.tobytes() == before.tobytes()
-    with pytest.raises(ValueError, match="0..1"):
+    with pytest.raises(ValueError, match=r"0\.\.1"):
         retouch.retouch(img, region, 1.5)
 
 
