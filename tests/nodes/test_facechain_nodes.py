@@ -232,7 +232,8 @@ def test_tag_faces_captions_dataset_and_steps(shared_data, genderage_packs):
     # p_male 0.8 > p_female 0.2 for both faces; age round(34.6) = 35 -> bin 30-39 -> FaceChain's 'a handsome man'
     assert captions == ["sks, a handsome man"] * 2 and prompt == "sks, a handsome man"
     assert steps == 40  # 2 photos x 20 epochs at batch 1
-    assert "face 0 (photo 0): male, age 35" in report and "face 2 (photo 2): male, age 35" in report  # row 1: the grey photo's stand-in
+    # row 1 is the grey photo's passthrough stand-in
+    assert "face 0 (photo 0): male, age 35" in report and "face 2 (photo 2): male, age 35" in report
     assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0000.txt", "0001.png", "0001.txt",
                                                      "metadata.jsonl", "notes.txt"]
     assert (out / "0001.txt").read_text() == "sks, a handsome man"
@@ -254,16 +255,16 @@ def test_tag_faces_by_hand_and_bad_inputs(shared_data, genderage_packs, monkeypa
     image, faces, crops = _tag_inputs(shared_data)
     node = FacecondFaceChainTagFaces()
     # a word picked by hand needs no model (the published entry is not installed here)
-    captions, prompt, _, report = node.tag(crops, image, faces, "buffalo_l/genderage.onnx", "a mature woman", "sks",
+    captions, _, _, report = node.tag(crops, image, faces, "buffalo_l/genderage.onnx", "a mature woman", "sks",
                                            "", 20, 1)
     assert captions == ["sks, a mature woman"] * 2 and "set by hand" in report
     monkeypatch.setenv("FACECOND_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"FaceChainTagFaces: genderage_model 'buffalo_l/genderage.onnx' is not "
                                          r"installed .*models/insightface/models/buffalo_l/"):
         node.tag(crops, image, faces, "buffalo_l/genderage.onnx", AUTO, "sks", "", 20, 1)
-    with pytest.raises(ValueError, match="is a recognition model, not insightface's genderage"):
+    with pytest.raises(ValueError, match=r"is a recognition model, not insightface's genderage"):
         node.tag(crops, image, faces, REC, AUTO, "sks", "", 20, 1)
     with pytest.raises(ValueError, match="'images' holds 1 image"):
         node.tag(crops[:1], image, faces, "ga_man/genderage.onnx", AUTO, "sks", "", 20, 1)
-    with pytest.raises(ValueError, match="FaceChainTagFaces: dataset_name '../escape'"):
+    with pytest.raises(ValueError, match=r"FaceChainTagFaces: dataset_name '\.\./escape'"):
         node.tag(crops, image, faces, "ga_man/genderage.onnx", AUTO, "sks", "../escape", 20, 1)
