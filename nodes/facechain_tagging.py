@@ -136,7 +136,8 @@ class FacecondFaceChainTagFaces:
                 i = faces.source_index[r]
                 if i not in cache:
                     cache[i] = genderage.to_uint8(photos[i])
-                ga = genderage.predict(session, cache[i], faces.boxes[r].numpy(), mean, std)
+                turn = genderage.upright_rotation(faces.affine_arcface[r].numpy())  # 0 unless on its side
+                ga = genderage.predict(session, cache[i], faces.boxes[r].numpy(), mean, std, turn)
                 pf.append(ga.p_female)
                 pm.append(ga.p_male)
                 ages.append(ga.age)

@@ -2,6 +2,7 @@
 SD1.5 checkpoint: template choice, similarity ranking, face fusion and preprocessing."""
 
 import itertools
+import re
 from pathlib import Path
 
 import cv2
@@ -268,3 +269,24 @@ def test_tag_faces_by_hand_and_bad_inputs(shared_data, genderage_packs, monkeypa
         node.tag(crops[:1], image, faces, "ga_man/genderage.onnx", AUTO, "sks", "", 20, 1)
     with pytest.raises(ValueError, match=r"FaceChainTagFaces: dataset_name '\.\./escape'"):
         node.tag(crops, image, faces, "ga_man/genderage.onnx", AUTO, "sks", "../escape", 20, 1)
+
+
+def test_tag_faces_reads_a_sideways_face_upright(shared_data, stand_in_models):
+    """A photo turned on its side gives (nearly) the numbers of the upright photo: FaceDetectCrop finds the face
+    by turning the photo, and the genderage crop is turned upright by the quarter turn of the aligned crop. The
+    stand-in model's output depends on every input pixel (random weights)."""
+    from facecond.nodes.facechain_tagging import AUTO, FacecondFaceChainTagFaces
+    from facecond_dev.onnx_standins import genderage_model
+
+    genderage_model(stand_in_models / "models/insightface/models/ga_pixels/genderage.onnx", 0.5, 0.5, 30,
+                    weight_scale=2e-3, seed=3)
+    upright = _letterbox(_arr(shared_data, "obama/obama.jpg"), 320)
+    image = _batch([upright, np.ascontiguousarray(np.rot90(upright, 1))])
+    faces = _detect(image, no_face="error")
+    crops, _, _ = FacecondFaceChainPreprocess().prepare(image, faces, 64, 2.0, "ellipse", "keep")
+    report = FacecondFaceChainTagFaces().tag(crops, image, faces, "ga_pixels/genderage.onnx", AUTO, "sks", "", 20,
+                                             1)[3]
+    p = [[float(v) for v in re.findall(r"p_(?:female|male) (-?[0-9.]+)", line)] for line in report.splitlines()
+         if line.startswith("face ")]
+    assert len(p) == 2 and abs(p[0][0] - 0.5) > 0.02, report  # the pixels moved the output
+    assert np.allclose(p[0], p[1], atol=0.02), report  # same face, same reading

@@ -18,8 +18,21 @@ def test_crop_matrix_by_hand():
     # box 40 x 80 centred on (30, 60): s = 96 / (1.5 * 80) = 0.8; the centre goes to (48, 48)
     m = genderage.crop_matrix((10, 20, 50, 100))
     assert np.allclose(m, [[0.8, 0.0, 48 - 0.8 * 30], [0.0, 0.8, 48 - 0.8 * 60]])
+    # a quarter turn about the box centre: the point right of the centre lands below it in the crop
+    q = genderage.crop_matrix((10, 20, 50, 100), rotation=90)
+    assert np.allclose(q[:, :2], [[0.0, -0.8], [0.8, 0.0]]) and np.allclose(q @ [30, 60, 1], [48, 48])
+    assert np.allclose(q @ [40, 60, 1], [48, 48 + 8])
     with pytest.raises(ValueError, match="no area"):
         genderage.crop_matrix((10, 10, 10, 30))
+
+
+def test_upright_rotation_quarter_turns():
+    def aff(deg):
+        r = np.radians(deg)
+        return np.array([[np.cos(r), -np.sin(r), 0.0], [np.sin(r), np.cos(r), 0.0]])
+
+    assert [genderage.upright_rotation(aff(d)) for d in (0, 30, -44, 80, 100, -90, 179, -170)] == \
+        [0.0, 0.0, 0.0, 90.0, 90.0, -90.0, 180.0, 180.0]
 
 
 def test_normalisation_rule(tmp_path):
