@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..py.facechain import fusion, ranking
+from ..py.facechain import fusion, ranking, retouch
 from ..py.facechain import quality as face_quality
 from ..py.faces.types import Faces
 from .common import FACE_EMBEDS, FACES, image_to_numpy, numpy_to_image, require_embeds, require_faces
@@ -170,7 +170,8 @@ class FacecondFaceChainPreprocess:
     DESCRIPTION = ("FaceChain's input processing for face-LoRA training: each photo's face is turned upright (by "
                    "its landmarks; FaceDetectCrop's upright correction finds sideways faces), centred and cropped "
                    "square at the training resolution. Optional soft head-ellipse mask (no segmentation model here; "
-                   "FaceChain uses human parsing) and background fill. Photos without a face are dropped.")
+                   "FaceChain uses human parsing), background fill and skin retouching (edge-preserving smoothing "
+                   "inside a skin mask; FaceChain uses a learned retoucher). Photos without a face are dropped.")
     CATEGORY = CATEGORY
     FUNCTION = "prepare"
     RETURN_TYPES = ("IMAGE", "MASK", "STRING")
@@ -183,8 +184,8 @@ class FacecondFaceChainPreprocess:
     )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, context=None):  # NaN/inf, min/max of float widgets
-        return finite_floats(cls, "FaceChainPreprocess", context=context)
+    def VALIDATE_INPUTS(cls, context=None, retouch_strength=None):  # NaN/inf, min/max of float widgets
+        return finite_floats(cls, "FaceChainPreprocess", context=context, retouch_strength=retouch_strength)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -203,9 +204,15 @@ class FacecondFaceChainPreprocess:
             "background": (["keep", "white", "grey"], {"default": "keep", "tooltip":
                            "Fill outside the head mask: keep the photo, or white/grey (FaceChain trains on the "
                            "segmented head). Ignored with head_mask=none."}),
+        }, "optional": {
+            "retouch_strength": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                                 "Skin retouching (FaceChain's input processing): blend of an edge-preserving "
+                                 "(bilateral) smoothing inside a skin-colour mask of the head ellipse. 0: off "
+                                 "(the crop is unchanged), 1: fully smoothed skin; eyes, brows, lips and hair keep "
+                                 "their edges."}),
         }}
 
-    def prepare(self, image, faces, resolution, context, head_mask, background):
+    def prepare(self, image, faces, resolution, context, head_mask, background, retouch_strength=0.0):
         node = "FaceChainPreprocess"
         imgs = image_to_numpy(image, node)
         faces = check_faces(node, faces, imgs)
@@ -213,20 +220,24 @@ class FacecondFaceChainPreprocess:
         if not rows:
             raise ValueError(f"{node}: no face found in any of the {imgs.shape[0]} photo(s); FaceChain needs "
                              "photos where FaceDetectCrop finds the face. Lower its min_size or use other photos.")
-        mask = fusion.ellipse_mask(context, resolution, 0.15) if head_mask == "ellipse" else \
-            np.ones((resolution, resolution), np.float32)
+        ellipse = fusion.ellipse_mask(context, resolution, 0.15)
+        mask = ellipse if head_mask == "ellipse" else np.ones((resolution, resolution), np.float32)
         crops, masks, lines = [], [], []
         for r in rows:
             i = faces.source_index[r]
             m = fusion.region_affine(faces.affine_arcface[r].numpy(), context, resolution)
             c = fusion.cut(imgs[i], m, resolution)
+            skin = ""
+            if retouch_strength > 0:
+                c, skin_mask = retouch.retouch(c, ellipse, retouch_strength)
+                skin = f", skin retouched ({100 * float((skin_mask > 0.5).mean()):.0f}% of the crop)"
             if head_mask == "ellipse" and background != "keep":
                 fill = 1.0 if background == "white" else 0.5
                 c = c * mask[..., None] + fill * (1.0 - mask[..., None])
             crops.append(c)
             masks.append(mask)
             turned = -fusion.roll_degrees(faces.affine_arcface[r].numpy())
-            lines.append(f"photo {i}: face {r} kept, turned {turned:+.0f} deg upright")
+            lines.append(f"photo {i}: face {r} kept, turned {turned:+.0f} deg upright{skin}")
         dropped = sorted(set(range(imgs.shape[0])) - {faces.source_index[r] for r in rows})
         lines += [f"photo {i}: no face, dropped" for i in dropped]
         if dropped:

@@ -5,7 +5,8 @@ downloaded here, ``host.use_stand_ins``); the two LoRA files the examples load a
 tiny checkpoint, written here in ComfyUI's generic key format; steps, sizes and the working resolution are cut
 (64 px) and TrainLoraNode trains 2 steps in fp32 (bf16 is for GPUs). The tiny checkpoint draws noise, never a
 face, so the generate -> rank -> fuse graph runs its no-face path; a second run feeds real photos in as the
-"generated" batch to exercise ranking and fusion on faces.
+"generated" batch to exercise ranking and fusion on faces. FaceChainTagFaces reads a stand-in genderage model
+built here (constant output: male, 52) instead of buffalo_l's, which cannot be downloaded here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ SAVED = {"facechain_rank_and_fuse.json": ("facechain_fused", 2),
          "facechain_face_lora_style_lora.json": ("facechain_lora", 4),
          "facechain_train_face_lora.json": ("facechain_trained", 2)}
 LORAS = ("facechain_face_lora.safetensors", "facechain_style_lora.safetensors")
+TAGGED = "facechain_tag_faces.json"  # writes a dataset folder, saves no image
+GENDERAGE = "ga_standin/genderage.onnx"
 
 
 def _photo(src: Path, side: int) -> Image.Image:
@@ -66,6 +69,9 @@ def facechain_server(server, shared_data, tiny_model):
             assert len(lora) >= 6
             save_file(lora, str(loras / name))
     host.install_stand_in_models(base)
+    from facecond_dev.onnx_standins import genderage_model
+
+    genderage_model(base / "models/insightface/models" / GENDERAGE, 0.1, 0.9, 52)
     server.object_info(refresh=True)
     return server
 
@@ -73,7 +79,8 @@ def facechain_server(server, shared_data, tiny_model):
 def _prompt(server, name: str) -> dict:
     small = {"FacecondFaceFusion": {"steps": 2, "resolution": 64}, "FacecondFaceChainPreprocess": {"resolution": 64},
              "TrainLoraNode": {"steps": 2, "rank": 4, "training_dtype": "fp32", "lora_dtype": "fp32",
-                               "gradient_checkpointing": False}}
+                               "gradient_checkpointing": False},
+             "FacecondFaceChainTagFaces": {"genderage_model": GENDERAGE}}
     return host.quick_prompt(host.example_workflow(name), server.object_info(), server.base_dir, small)
 
 
@@ -92,10 +99,27 @@ def test_example_workflow_runs(facechain_server, name):
     if name == "facechain_train_face_lora.json":
         trained = list((Path(server.base_dir) / "output/loras").glob("facechain_face_lora_2_steps_*.safetensors"))
         assert trained, "SaveLoRA wrote nothing"
+        report = "".join(result.outputs["25"]["text"])
+        # 2 photos x 20 epochs (the test then overrides TrainLoraNode's steps with 2); male, 52 -> 40+ -> mature
+        assert "trigger word: a mature man" in report and "= 40 steps" in report, report
+
+
+def test_tagging_example_writes_the_captioned_set(facechain_server):
+    server = facechain_server
+    dataset = Path(server.base_dir) / "output/facechain/person"
+    result = server.run(_prompt(server, TAGGED))
+    assert result.status == "success", (result.error or {}).get("exception_message", result.error)
+    report = "".join(result.outputs["25"]["text"])
+    assert report.startswith("trigger word: a mature man (sum p_male 1.800 vs p_female 0.200; ages [52, 52])"), report
+    assert sorted(p.name for p in dataset.iterdir()) == ["0000.png", "0000.txt", "0001.png", "0001.txt",
+                                                         "metadata.jsonl"]
+    assert (dataset / "0001.txt").read_text() == "sks, a mature man"
+    assert Image.open(dataset / "0000.png").size == (64, 64)
 
 
 def test_every_facechain_example_is_tested():
-    assert sorted(f"{f}.json" for f in host.example_workflows() if f.startswith("facechain_")) == sorted(SAVED)
+    assert sorted(f"{f}.json" for f in host.example_workflows() if f.startswith("facechain_")) == \
+        sorted([*SAVED, TAGGED])
 
 
 def test_rank_and_fuse_on_real_photos(facechain_server):
