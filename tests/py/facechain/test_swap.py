@@ -30,7 +30,7 @@ def test_swap_affine_is_insightface_norm_crop_128():
     lm = ARCFACE_DST * 2.5 + np.array([40.0, 17.0])
     m = swap.swap_affine(arcface_affine(lm))
     got = lm @ m[:, :2].T + m[:, 2]
-    assert np.allclose(got, ARCFACE_DST + [8.0, 0.0], atol=1e-3)
+    assert np.allclose(got, ARCFACE_DST + np.array([8.0, 0.0]), atol=1e-3)
 
 
 def test_swap_mask_is_the_inner_face_ellipse_shifted_8px():
@@ -42,13 +42,13 @@ def test_swap_mask_is_the_inner_face_ellipse_shifted_8px():
 
 
 def test_the_stand_in_is_recognised_and_its_emap_read(stand_in):
-    v, emap = stand_in_swap.stand_in_tensors(128, seed=3)
+    _, emap = stand_in_swap.stand_in_tensors(128, seed=3)
     got = swap.last_initializer(stand_in)
     assert got.shape == (128, 512) and np.array_equal(got, emap)  # bit-exact, without the onnx package
     assert swap.is_swapper_file(stand_in)
     assert swap.list_swappers([stand_in.parent]) == [stand_in.name]
     assert swap.resolve_swapper([stand_in.parent], stand_in.name) == stand_in
-    with pytest.raises(FileNotFoundError, match="inswapper_128.onnx into models/insightface"):
+    with pytest.raises(FileNotFoundError, match=r"inswapper_128\.onnx into models/insightface"):
         swap.resolve_swapper([stand_in.parent], "nothing.onnx")
     # the shape rule alone
     assert swap.is_swapper_io([[1, 3, 128, 128], [1, 512]], 1)
