@@ -55,12 +55,24 @@ def is_swapper_io(inputs: list[list], n_outputs: int) -> bool:
     return len(a) == 4 and list(a[1:]) == [3, SWAP_SIZE, SWAP_SIZE] and len(b) == 2 and isinstance(b[1], int)
 
 
+_IS_SWAPPER: dict[tuple[str, int, int], bool] = {}
+
+
 def is_swapper_file(path: str | os.PathLike) -> bool:
+    """Whether an ONNX file has inswapper's signature (read from its graph; cached per path, size and mtime, as
+    the dropdown is rebuilt for every prompt)."""
     try:
-        ins, n_out = onnx_pack.onnx_io(path)
-    except (ValueError, IndexError, OSError):
+        st = os.stat(path)
+    except OSError:
         return False
-    return is_swapper_io(ins, n_out)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _IS_SWAPPER:
+        try:
+            ins, n_out = onnx_pack.onnx_io(path)
+            _IS_SWAPPER[key] = is_swapper_io(ins, n_out)
+        except (ValueError, IndexError, OSError):
+            _IS_SWAPPER[key] = False
+    return _IS_SWAPPER[key]
 
 
 def _candidates(roots: list[str | os.PathLike]) -> list[tuple[str, Path]]:
