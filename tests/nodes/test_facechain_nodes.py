@@ -242,13 +242,23 @@ def test_fusion_with_the_template_moves_the_face_towards_it(shared_data, tiny_mo
 def test_fusion_swap_model_pastes_the_stand_ins_output(shared_data, tiny_model, stand_in_models):
     """An inswapper-signature stand-in (output 0.5 (1 - target) + 0.5 sigmoid(source . v)) in models/insightface:
     with denoise 0 and no template blend, the fused face is exactly the stand-in's output inside the mask."""
-    from facecond.py.facechain import swap
     from facecond_dev import stand_in_swap
 
     pytest.importorskip("onnx")
     folder = stand_in_models / "models" / "insightface"
-    stand_in_swap.write_stand_in(folder / "inswapper_stand_in.onnx", embed_dim=128, seed=5)
-    stand_in_swap.write_stand_in(folder / "inswapper_512.onnx", embed_dim=512, seed=5)
+    written = [stand_in_swap.write_stand_in(folder / "inswapper_stand_in.onnx", embed_dim=128, seed=5),
+               stand_in_swap.write_stand_in(folder / "inswapper_512.onnx", embed_dim=512, seed=5)]
+    try:
+        _check_swap(shared_data, tiny_model)
+    finally:  # other tests list the folder's models
+        for p in written:
+            p.unlink()
+
+
+def _check_swap(shared_data, tiny_model):
+    from facecond.py.facechain import swap
+    from facecond_dev import stand_in_swap
+
     choices = FacecondFaceFusion.INPUT_TYPES()["optional"]["swap_model"][0]
     assert choices[0] == "none" and {"inswapper_stand_in.onnx", "inswapper_512.onnx"} <= set(choices)
     assert not any("mobilefacenet" in c for c in choices)  # recognisers are not swap models

@@ -151,7 +151,16 @@ def test_fuse_with_a_swap_model(facechain_server):
     from facecond_dev import stand_in_swap
 
     server = facechain_server
-    stand_in_swap.write_stand_in(Path(server.base_dir) / "models/insightface/inswapper_stand_in.onnx", embed_dim=128)
+    path = stand_in_swap.write_stand_in(Path(server.base_dir) / "models/insightface/inswapper_stand_in.onnx",
+                                        embed_dim=128)
+    try:
+        _run_swap(server)
+    finally:  # other tests list the folder's models
+        path.unlink()
+        server.object_info(refresh=True)
+
+
+def _run_swap(server):
     server.object_info(refresh=True)
     assert "inswapper_stand_in.onnx" in server.object_info()["FacecondFaceFusion"]["input"]["optional"]["swap_model"][0]
     prompt, _ = _real_photos_prompt(server)
