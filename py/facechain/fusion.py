@@ -74,3 +74,51 @@ def roll_degrees(affine_arcface: np.ndarray) -> float:
     """How far the aligned crop turned the face (degrees, counter-clockwise in the image)."""
     m = np.asarray(affine_arcface, np.float64)
     return math.degrees(math.atan2(m[1, 0], m[0, 0]))
+
+
+# ---- the template face in pixels ----
+# FaceChain fuses each generated face "with the template face" (§3.3) through ModelScope's face-fusion model. Here
+# the template enters in two places: the identity conditioning of the re-diffusion (the user's MODEL/CONDITIONING)
+# and in pixels, as the re-diffusion's init: the template's face, warped onto the generated face's landmarks, is
+# blended into the crop inside the head mask before it is re-noised (SDEdit: Meng et al., "SDEdit: Guided Image
+# Synthesis and Editing with Stochastic Differential Equations", ICLR 2022, §3: a guide image, noised to t0 and
+# denoised, keeps the guide's layout and takes the model's realism). Both faces are in the same ArcFace frame, so
+# "warping onto the landmarks" is the template's own region crop at the same context and size.
+
+
+def template_region(template_image: np.ndarray, affine_arcface: np.ndarray, context: float,
+                    size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The template face cut exactly as a generated face's working crop: (size, size, 3) pixels and (size, size)
+    validity (1 where the crop lies inside the template photo)."""
+    m = region_affine(affine_arcface, context, size)
+    ones = np.ones((*template_image.shape[:2], 1), np.float32)
+    return cut(template_image, m, size), warp_crop(ones, m, size)[..., 0]
+
+
+def template_from_aligned(crop112: np.ndarray, context: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same from a 112-px ArcFace-aligned crop alone (FACES' crops_arcface): zoomed into the working crop,
+    valid only over the 112 region (black beyond it)."""
+    z = region_affine(np.eye(2, 3, dtype=np.float32), context, size)
+    ones = np.ones((ARCFACE_SIZE, ARCFACE_SIZE, 1), np.float32)
+    return warp_crop(crop112, z, size), warp_crop(ones, z, size)[..., 0]
+
+
+def match_colour(source: np.ndarray, target: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``source`` with each RGB channel's weighted mean and std moved to ``target``'s over ``weight`` > 0
+    (Reinhard et al., "Color Transfer between Images", IEEE CG&A 21(5), 2001, eq. 10, here per RGB channel rather
+    than in l-alpha-beta): the template's face takes the generated image's light and skin tone."""
+    w = np.asarray(weight, np.float64)[..., None]
+    tot = float(w.sum())
+    if tot <= 1e-6:
+        return source.copy()
+    mu_s, mu_t = (source * w).sum((0, 1)) / tot, (target * w).sum((0, 1)) / tot
+    sd_s = np.sqrt((((source - mu_s) ** 2) * w).sum((0, 1)) / tot)
+    sd_t = np.sqrt((((target - mu_t) ** 2) * w).sum((0, 1)) / tot)
+    out = (source - mu_s) * (sd_t / np.maximum(sd_s, 1e-6)) + mu_t
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def blend_template(crop: np.ndarray, template: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """crop * (1 - w) + template * w per pixel; w (size, size) in [0, 1] (strength x head mask x validity)."""
+    w = np.clip(np.asarray(weight, np.float32), 0.0, 1.0)[..., None]
+    return (crop * (1.0 - w) + template * w).astype(np.float32)

@@ -7,6 +7,12 @@ tiny checkpoint, written here in ComfyUI's generic key format; steps, sizes and 
 face, so the generate -> rank -> fuse graph runs its no-face path; a second run feeds real photos in as the
 "generated" batch to exercise ranking and fusion on faces. FaceChainTagFaces reads a stand-in genderage model
 built here (constant output: male, 52) instead of buffalo_l's, which cannot be downloaded here.
+
+
+face, so the generate -> fuse -> rank graph runs its no-face path; a second run feeds real photos in as the
+"generated" batch to exercise fusion with the template and ranking on faces (at denoise 0: the tiny random UNet
+redraws any crop into noise, so only the template's pixel fusion can keep a face there), and a third adds an
+inswapper-signature stand-in swap model written here with the ``onnx`` package.
 """
 
 from __future__ import annotations
@@ -122,9 +128,8 @@ def test_every_facechain_example_is_tested():
         sorted([*SAVED, TAGGED])
 
 
-def test_rank_and_fuse_on_real_photos(facechain_server):
-    """The generated batch replaced by real photos: Obama (the template's person) ranks first and is fused."""
-    server = facechain_server
+def _real_photos_prompt(server) -> tuple[dict, list[str]]:
+    """The rank-and-fuse example with real photos as the 'generated' batch and FaceFusion at denoise 0."""
     prompt = _prompt(server, "facechain_rank_and_fuse.json")
     names = ["facechain_gen_biden.png", "facechain_gen_obama2.png", "facechain_gen_john.png", "facechain_gen_blank.png"]
     for k, name in enumerate(names):
@@ -139,17 +144,58 @@ def test_rank_and_fuse_on_real_photos(facechain_server):
         for key, value in node["inputs"].items():
             if value == ["7", 0]:  # the VAEDecode of the generations
                 node["inputs"][key] = ["97", 0]
-    prompt["18"]["inputs"]["resolution"] = 128
+    prompt["18"]["inputs"].update(resolution=128, denoise=0.0)
+    return prompt, names
+
+
+def test_fuse_then_rank_on_real_photos(facechain_server):
+    """The generated batch replaced by real photos: every face is fused with the template (Obama), then ranked;
+    the other Obama photo ranks first, the blank image last, and pixels away from the faces are kept exactly."""
+    server = facechain_server
+    prompt, names = _real_photos_prompt(server)
+    assert prompt["18"]["inputs"]["images"] == ["97", 0] and prompt["16"]["inputs"]["images"] == ["18", 0]
+    assert prompt["18"]["inputs"]["template"] == ["12", 0] and prompt["18"]["inputs"]["template_strength"] == 0.5
     result = server.run(prompt)
     assert result.status == "success", (result.error or {}).get("exception_message", result.error)
     ranking = "".join(result.outputs["21"]["text"])
     lines = [ln for ln in ranking.splitlines() if ln.startswith("#")]
     assert lines[0].startswith("#1: image 1 ") and lines[-1] == "#4: image 3 no face (score -1)", ranking
+    fusion_report = "".join(result.outputs["23"]["text"])
+    for i in range(3):
+        assert f"image {i}: face {i} fused (template 0.5;" in fusion_report, fusion_report
+    assert "image 3: no face, passed through unchanged" in fusion_report, fusion_report
     fused = _saved(server, result, "facechain_fused")
     assert len(fused) == 2
     best_in = np.asarray(Image.open(Path(server.base_dir) / "input" / names[1]).convert("RGB"))
     best_out = np.asarray(Image.open(fused[0]).convert("RGB"))
     same = (best_in == best_out).all(-1)
-    assert 0.5 < same.mean() < 1.0  # the face region was redrawn, the rest kept exactly
+    assert 0.5 < same.mean() < 1.0  # the face region was fused, the rest kept exactly
+
+
+def test_fuse_with_a_swap_model(facechain_server):
+    """swap_model: an inswapper-signature stand-in in models/insightface (emap for the 128-d test recogniser that
+    embeds the template here) runs on every face before the template blend and the re-diffusion."""
+    pytest.importorskip("onnx")
+    from facecond_dev import stand_in_swap
+
+    server = facechain_server
+    path = stand_in_swap.write_stand_in(Path(server.base_dir) / "models/insightface/inswapper_stand_in.onnx",
+                                        embed_dim=128)
+    try:
+        _run_swap(server)
+    finally:  # other tests list the folder's models
+        path.unlink()
+        server.object_info(refresh=True)
+
+
+def _run_swap(server):
+    server.object_info(refresh=True)
+    assert "inswapper_stand_in.onnx" in server.object_info()["FacecondFaceFusion"]["input"]["optional"]["swap_model"][0]
+    prompt, _ = _real_photos_prompt(server)
+    prompt["18"]["inputs"].update(swap_model="inswapper_stand_in.onnx", denoise=0.3)
+    result = server.run(prompt)
+    assert result.status == "success", (result.error or {}).get("exception_message", result.error)
     fusion_report = "".join(result.outputs["23"]["text"])
-    assert "image 0: face 0 fused" in fusion_report, fusion_report
+    assert "swap inswapper_stand_in.onnx" in fusion_report.splitlines()[0], fusion_report
+    assert "image 1: face 1 fused (swapped, template 0.5, re-diffused;" in fusion_report, fusion_report
+    assert len(_saved(server, result, "facechain_fused")) == 2
