@@ -221,11 +221,9 @@ class SCRFD:
         in_w, in_h = self.input_size
         im_ratio = float(img.shape[0]) / img.shape[1]
         if im_ratio > float(in_h) / in_w:
-            new_h = in_h
-            new_w = int(new_h / im_ratio)
+            new_h, new_w = in_h, max(1, int(in_h / im_ratio))  # max(1, ...): a 1-px sliver, where insightface fails
         else:
-            new_w = in_w
-            new_h = int(new_w * im_ratio)
+            new_w, new_h = in_w, max(1, int(in_w * im_ratio))
         canvas = np.zeros((in_h, in_w, 3), np.uint8)
         canvas[:new_h, :new_w] = cv2.resize(img, (new_w, new_h))
         return canvas.astype(np.float32), float(new_h) / img.shape[0]
