@@ -149,7 +149,7 @@ class FacecondFaceDetectCrop:
                            "insightface's FaceAnalysis exactly: the det_size letterbox resized with cv2 "
                            "INTER_LINEAR on uint8, then the 112 ArcFace crop by one plain cv2.warpAffine of the "
                            "original image with the similarity transform to insightface's arcface_dst template "
-                           "(norm_crop); FaceEmbed then feeds it as insightface does. Use it when the embedding "
+                           "(norm_crop). Use it when the embedding "
                            "feeds a model trained on insightface embeddings (IP-Adapter FaceID). The detector "
                            "part applies to SCRFD only (mtcnn is not insightface's detector)."}),
         }}
@@ -244,7 +244,7 @@ class FacecondFaceEmbed:
                 raise ValueError(f"{node}: {model} is a {kind} model, not a face recogniser; pick the pack's "
                                  "recognition model (112x112 input, e.g. glintr100.onnx or w600k_r50.onnx).")
             rec = embed.load_onnx_recogniser(path)
-            vecs = rec.embed(faces.crops_arcface, progress=progress, exact=faces.preprocess == "insightface")
+            vecs = rec.embed(faces.crops_arcface, progress=progress)
             model_id, default_norm = rec.model_id, True
         norm = default_norm if normalize == "auto" else normalize == "l2"
         if norm:

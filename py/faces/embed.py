@@ -103,20 +103,11 @@ class OnnxRecogniser:
         self.width = int(width) if isinstance(width, int) else None
         self.model_id = f"insightface/{self.path.name}@{sha256_file(self.path)[:8]}"
 
-    def embed(self, crops: torch.Tensor, progress=None, exact: bool = False) -> torch.Tensor:
-        """exact: crops cut by insightface's norm_crop (FACES preprocess "insightface"): back to their uint8
-        pixels, then insightface's blobFromImages: (x - mean) * (1 / std) in float32."""
+    def embed(self, crops: torch.Tensor, progress=None) -> torch.Tensor:
         x = crops.permute(0, 3, 1, 2).float()
         if x.shape[-1] != self.size:
-            log.warning("[facecond] %s takes %d px faces; the %d px crops are resized (bilinear)%s", self.path.name,
-                        self.size, x.shape[-1], ", so insightface's exact pipeline is left" if exact else "")
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-            exact = False
-        if exact:
-            x = (x * 255.0).round().clamp(0, 255)
-            blob = ((x - self.mean) * np.float32(1.0 / self.std)).numpy().astype(np.float32)
-        else:
-            blob = ((x * 255.0 - self.mean) / self.std).numpy().astype(np.float32)
+        blob = ((x * 255.0 - self.mean) / self.std).numpy().astype(np.float32)
         step = 1 if self.fixed_batch else BATCH
         out = []
         for i in range(0, blob.shape[0], step):

@@ -74,8 +74,8 @@ class Faces:
     detector: which detector found them, e.g. ``"mtcnn"`` or ``"scrfd:antelopev2/scrfd_10g_bnkps.onnx"``.
     skipped: indices of images that had no face and were dropped (no_face='skip').
     preprocess: how they were found and cut: ``"facecond"`` or ``"insightface"`` (insightface's FaceAnalysis
-        resize and ``norm_crop`` exactly; the ArcFace crops then hold uint8 values / 255 and FaceEmbed feeds
-        them to a recogniser the way insightface does).
+        resize and ``norm_crop`` exactly; the ArcFace crops then hold its uint8 pixels / 255, which FaceEmbed
+        normalises as insightface's ArcFaceONNX.get_feat does: (x * 255 - mean) / std).
     """
 
     crops_facenet: torch.Tensor

@@ -91,7 +91,7 @@ def _our_face(ours, rgb: np.ndarray, mode: str):
     faces = crop.crop_faces(imgs, found, no_face="error", margin_scale=1.0, detector_name="scrfd",
                             preprocess=mode).faces
     assert faces.preprocess == mode
-    vec = rec.embed(faces.crops_arcface, exact=faces.preprocess == "insightface")[0].numpy()
+    vec = rec.embed(faces.crops_arcface)[0].numpy()
     return faces.boxes[0].numpy(), faces.landmarks[0].numpy(), vec
 
 
