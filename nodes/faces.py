@@ -142,18 +142,34 @@ class FacecondFaceDetectCrop:
             "no_face": (list(crop.NO_FACE_POLICIES), {"default": "error", "tooltip":
                         "What to do with an image without a face. error: stop and say which image. skip: drop "
                         "it (the report lists it). passthrough: use the whole image (centre square) as its face."}),
+        }, "optional": {
+            "preprocess": (list(detect.PREPROCESS_MODES), {"default": "facecond", "tooltip":
+                           "facecond: the pack's resampling (the SCRFD input shrunk with INTER_AREA on floats, the "
+                           "112 crop area-averaged before warping; fewer aliasing artefacts). insightface: "
+                           "insightface's FaceAnalysis exactly: the det_size letterbox resized with cv2 "
+                           "INTER_LINEAR on uint8, then the 112 ArcFace crop by one plain cv2.warpAffine of the "
+                           "original image with the similarity transform to insightface's arcface_dst template "
+                           "(norm_crop). Use it when the embedding "
+                           "feeds a model trained on insightface embeddings (IP-Adapter FaceID). The detector "
+                           "part applies to SCRFD only (mtcnn is not insightface's detector)."}),
         }}
 
-    def detect(self, image, *, detector, select, face_index, min_size, margin_scale, upright, no_face):
+    def detect(self, image, *, detector, select, face_index, min_size, margin_scale, upright, no_face,
+               preprocess="facecond"):
         node = "FaceDetectCrop"
         imgs = image_to_numpy(image, node)
         b, h, w = imgs.shape[:3]
         det = _detector(detector, node)
         bar = Progress(b)
+        if preprocess not in detect.PREPROCESS_MODES:
+            raise ValueError(f"{node}: preprocess {preprocess!r} is not one of {list(detect.PREPROCESS_MODES)}; "
+                             "pick facecond (the pack's default) or insightface (FaceAnalysis exactly).")
         per_image = crop.detect_faces(det, imgs * 255.0, min_size=min_size, select_mode=select,
-                                      face_index=face_index, upright=upright, progress=lambda i: bar(i + 1))
+                                      face_index=face_index, upright=upright, progress=lambda i: bar(i + 1),
+                                      preprocess=preprocess)
         res = crop.crop_faces(imgs, per_image, no_face=no_face, margin_scale=margin_scale, detector_name=det.name,
-                              node=node, min_size=min_size, select_mode=select, face_index=face_index)
+                              node=node, min_size=min_size, select_mode=select, face_index=face_index,
+                              preprocess=preprocess)
         preview = np.stack([draw.draw_faces(imgs[i], res.per_image[i], missing=not per_image[i]) for i in range(b)])
         mask = np.stack([draw.face_mask(h, w, res.per_image[i]) for i in range(b)])
         log.info("[facecond] %s", res.report.splitlines()[0])  # the summary; every image's line at DEBUG

@@ -29,7 +29,7 @@ FACENET_SIZE = 160
 FACE0_MARGINS = {"left": 10.0, "right": 10.0, "top": 33.0, "bottom": 15.0}
 
 
-def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+def umeyama(src: np.ndarray, dst: np.ndarray, dtype=np.float32) -> np.ndarray:
     """Least-squares similarity transform (rotation, uniform scale, translation) taking src to dst.
 
     Umeyama, "Least-squares estimation of transformation parameters between two point patterns",
@@ -52,12 +52,13 @@ def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         raise ValueError("umeyama: source points are all at one place")
     scale = (s * d).sum() / var_s  # eq. 42
     t = mu_d - scale * r @ mu_s  # eq. 41
-    return np.concatenate([scale * r, t[:, None]], axis=1).astype(np.float32)
+    return np.concatenate([scale * r, t[:, None]], axis=1).astype(dtype)
 
 
-def arcface_affine(landmarks: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
-    """(2, 3) image->crop matrix aligning 5 landmarks to the ArcFace template at ``size`` (112 multiple)."""
-    return umeyama(landmarks, ARCFACE_DST * (size / ARCFACE_SIZE))
+def arcface_affine(landmarks: np.ndarray, size: int = ARCFACE_SIZE, dtype=np.float32) -> np.ndarray:
+    """(2, 3) image->crop matrix aligning 5 landmarks to the ArcFace template at ``size`` (112 multiple).
+    dtype=np.float64 keeps the full precision of insightface's ``estimate_norm`` (skimage, float64)."""
+    return umeyama(landmarks, ARCFACE_DST * (size / ARCFACE_SIZE), dtype)
 
 
 def eye_angle(landmarks: np.ndarray) -> float:
@@ -120,6 +121,13 @@ def warp_crop(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
             image = small
     out = cv2.warpAffine(np.ascontiguousarray(image, np.float32), m.astype(np.float64), (size, size),
                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out.reshape(size, size, -1)
+
+
+def norm_crop(image_u8: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
+    """insightface's ``face_align.norm_crop``: one plain ``cv2.warpAffine`` (INTER_LINEAR, black border) of
+    the uint8 image, no pre-shrinking; returns the uint8 crop (size, size, C)."""
+    out = cv2.warpAffine(np.ascontiguousarray(image_u8), np.asarray(m, np.float64), (size, size), borderValue=0.0)
     return out.reshape(size, size, -1)
 
 

@@ -21,11 +21,12 @@ from .align import (
     box_of_points,
     eye_angle,
     face0_affine,
+    norm_crop,
     rot90_points,
     transform_points,
     warp_crop,
 )
-from .detect import Detections, filter_min_size, select
+from .detect import PREPROCESS_MODES, Detections, filter_min_size, select, to_uint8
 from .types import Faces
 
 log = logging.getLogger("facecond")
@@ -86,8 +87,10 @@ def _is_upright(det: Detections) -> bool:
 
 
 def detect_faces(detector, images: np.ndarray, *, min_size: int, select_mode: str, face_index: int,
-                 upright: str, progress: Callable[[int], None] | None = None) -> list[list[Found]]:
-    """Per image, the selected faces. images: (B, H, W, 3) float32 0..255.
+                 upright: str, progress: Callable[[int], None] | None = None,
+                 preprocess: str = "facecond") -> list[list[Found]]:
+    """Per image, the selected faces. images: (B, H, W, 3) float32 0..255. preprocess: the detector's input
+    resize ("facecond" or "insightface", see ``detect``).
 
     Upright correction (FaceChain's input processing): when no face is found, or the faces found lie on
     their side or upside down (judged from the landmarks), the image is detected again turned by a quarter,
@@ -96,7 +99,10 @@ def detect_faces(detector, images: np.ndarray, *, min_size: int, select_mode: st
     """
     b, h, w = images.shape[:3]
     level = upright == "rotate_and_level"
-    dets = detector.detect(images, min_size)
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(f"detect_faces: unknown preprocess {preprocess!r}; one of {PREPROCESS_MODES}")
+    kw = {"preprocess": preprocess} if preprocess != "facecond" else {}  # any detect(images, min_size) works
+    dets = detector.detect(images, min_size, **kw)
     result: list[list[Found]] = []
     for i in range(b):
         det = select(filter_min_size(dets[i], min_size), select_mode, face_index)
@@ -105,7 +111,7 @@ def detect_faces(detector, images: np.ndarray, *, min_size: int, select_mode: st
             best = 0.0
             for k in (1, 3, 2):
                 rot = np.ascontiguousarray(np.rot90(images[i], k))
-                det_k = select(filter_min_size(detector.detect(rot[None], min_size)[0], min_size), select_mode,
+                det_k = select(filter_min_size(detector.detect(rot[None], min_size, **kw)[0], min_size), select_mode,
                                face_index)
                 # MTCNN also fires on upside-down faces (lower scores, meaningless landmarks): keep the best turn
                 if len(det_k) and _is_upright(det_k) and float(det_k.scores.max()) > best:
@@ -128,8 +134,16 @@ def _passthrough(h: int, w: int) -> Found:
 
 def crop_faces(images01: np.ndarray, per_image: list[list[Found]], *, no_face: str, margin_scale: float,
                detector_name: str, node: str = "FaceDetectCrop", min_size: int = 0,
-               select_mode: str = "largest", face_index: int = 0) -> CropResult:
-    """Apply the no-face policy and cut both crops of every face. images01: (B, H, W, 3) float32 in [0, 1]."""
+               select_mode: str = "largest", face_index: int = 0, preprocess: str = "facecond") -> CropResult:
+    """Apply the no-face policy and cut both crops of every face. images01: (B, H, W, 3) float32 in [0, 1].
+
+    preprocess: how the 112 ArcFace crop is cut. "facecond": ``warp_crop`` (area-averaged first when
+    shrinking, float). "insightface": insightface's ``norm_crop`` exactly: the image as uint8, one plain
+    warpAffine with the float64 similarity transform, the uint8 crop / 255. The FaceNet crop is the same in both.
+    """
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(f"{node}: unknown preprocess {preprocess!r}; one of {PREPROCESS_MODES}")
+    exact = preprocess == "insightface"
     b, h, w = images01.shape[:3]
     missing = [i for i, f in enumerate(per_image) if not f]
     if missing and no_face == "error":
@@ -145,12 +159,17 @@ def crop_faces(images01: np.ndarray, per_image: list[list[Found]], *, no_face: s
         raise NoFaceError(f"{node}: no face found in any of the {b} images (min_size={min_size}); "
                           f"no_face='skip' leaves nothing. Lower min_size, or set no_face='passthrough'.")
     rows = [(i, f) for i, fs in enumerate(per_image) for f in fs]
+    u8 = {i: to_uint8(images01[i] * 255.0) for i in {i for i, _ in rows}} if exact else {}
     fn, arc, boxes, lms, scores, afn, aarc = [], [], [], [], [], [], []
     for i, f in rows:
         m_fn = face0_affine(f.upright_wh, f.center, f.angle, margin_scale, FACENET_SIZE)
         m_arc = arcface_affine(f.landmarks, ARCFACE_SIZE)
         fn.append(warp_crop(images01[i], m_fn, FACENET_SIZE))
-        arc.append(warp_crop(images01[i], m_arc, ARCFACE_SIZE))
+        if exact:
+            m64 = arcface_affine(f.landmarks, ARCFACE_SIZE, np.float64)
+            arc.append(norm_crop(u8[i], m64, ARCFACE_SIZE).astype(np.float32) / 255.0)
+        else:
+            arc.append(warp_crop(images01[i], m_arc, ARCFACE_SIZE))
         boxes.append(f.box)
         lms.append(f.landmarks)
         scores.append(f.score)
@@ -167,7 +186,7 @@ def crop_faces(images01: np.ndarray, per_image: list[list[Found]], *, no_face: s
         scores=torch.tensor(scores, dtype=torch.float32),
         affine_facenet=stack(afn, (0, 2, 3)), affine_arcface=stack(aarc, (0, 2, 3)),
         source_index=tuple(i for i, _ in rows), image_size=(h, w), num_images=b, detector=detector_name,
-        skipped=tuple(missing) if no_face == "skip" else (),
+        skipped=tuple(missing) if no_face == "skip" else (), preprocess=preprocess,
     )
     counts = [len(f) for f in per_image]
     lines = [f"{detector_name}: {len(rows)} face(s) in {b} image(s)"]

@@ -3,6 +3,8 @@
 Both return, per image, a ``Detections`` of boxes (K, 4) x1 y1 x2 y2, scores (K,) and 5 landmarks
 (K, 5, 2) in pixels (left eye, right eye, nose, left and right mouth corner).
 Images come in as numpy float32 (H, W, 3) RGB in 0..255 (MTCNN's and SCRFD's native range).
+``preprocess`` picks SCRFD's input resize: "facecond" (float image, INTER_AREA when shrinking) or
+"insightface" (insightface's FaceAnalysis exactly: the image as uint8, INTER_LINEAR); MTCNN ignores it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ import torch
 from ..weights.manifest import load_state_dict
 
 log = logging.getLogger("facecond")
+
+
+PREPROCESS_MODES = ("facecond", "insightface")
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A float 0..255 image as the uint8 image it came from (rounded, clipped); uint8 passes unchanged.
+    ComfyUI's LoadImage gives x = u / 255, so round(x * 255) gives back the file's pixels exactly."""
+    if image.dtype == np.uint8:
+        return image
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -36,11 +49,13 @@ class Detections:
         return Detections(self.boxes[mask], self.scores[mask], self.landmarks[mask])
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, thresh: float) -> np.ndarray:
-    """Greedy non-maximum suppression (highest score first); indices kept. Same rule as insightface's SCRFD."""
+def nms(boxes: np.ndarray, scores: np.ndarray, thresh: float, stable: bool = False) -> np.ndarray:
+    """Greedy non-maximum suppression (highest score first); indices kept. Same rule as insightface's SCRFD.
+
+    stable: equal scores keep their order (insightface 2.x's ``argsort(-scores, kind="stable")``)."""
     x1, y1, x2, y2 = boxes.T
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)  # insightface's +1 pixel convention
-    order = scores.argsort()[::-1]
+    order = np.argsort(-scores, kind="stable") if stable else scores.argsort()[::-1]
     keep = []
     while order.size > 0:
         i = order[0]
@@ -99,8 +114,9 @@ class MTCNN:
             out.append(Detections(b5[:, :4].copy(), b5[:, 4].copy(), np.asarray(pt, np.float32).reshape(-1, 5, 2)))
         return out
 
-    def detect(self, images: np.ndarray, min_size: int) -> list[Detections]:
+    def detect(self, images: np.ndarray, min_size: int, preprocess: str = "facecond") -> list[Detections]:
         """images: (B, H, W, 3) float32 RGB 0..255, one size. One batched MTCNN pass for the whole batch.
+        ``preprocess`` only concerns SCRFD (MTCNN has no insightface counterpart); accepted and ignored.
 
         facenet-pytorch cuts a box that crosses the image border at the border and stretches the cut to
         the R/O-net input (the original MTCNN zero-pads it), which skews landmarks of faces that fill the
@@ -181,9 +197,9 @@ class SCRFD:
             self._centers[key] = np.repeat(c, self.num_anchors, axis=0)  # anchors per location are adjacent
         return self._centers[key]
 
-    def _run(self, image: np.ndarray) -> Detections:
+    def _letterbox(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """facecond: the float image resized (INTER_AREA when shrinking: no aliasing) into the top-left corner."""
         import cv2
-
         h, w = image.shape[:2]
         in_w, in_h = self.input_size
         if h / w > in_h / in_w:
@@ -194,6 +210,29 @@ class SCRFD:
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         canvas = np.zeros((in_h, in_w, 3), np.float32)
         canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h), interpolation=interp)
+        return canvas, scale
+
+    def _letterbox_insightface(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """insightface's SCRFD.detect step by step (python-package ``model_zoo/scrfd.py``, 0.7.3 and 2.x): the
+        image as uint8, its new size by insightface's float rule, ``cv2.resize`` with the default
+        INTER_LINEAR (also when shrinking), pasted into a black uint8 canvas; det_scale = new_h / h."""
+        import cv2
+        img = to_uint8(image)
+        in_w, in_h = self.input_size
+        im_ratio = float(img.shape[0]) / img.shape[1]
+        if im_ratio > float(in_h) / in_w:
+            new_h, new_w = in_h, max(1, int(in_h / im_ratio))  # max(1, ...): a 1-px sliver, where insightface fails
+        else:
+            new_w, new_h = in_w, max(1, int(in_w * im_ratio))
+        canvas = np.zeros((in_h, in_w, 3), np.uint8)
+        canvas[:new_h, :new_w] = cv2.resize(img, (new_w, new_h))
+        return canvas.astype(np.float32), float(new_h) / img.shape[0]
+
+    def _run(self, image: np.ndarray, preprocess: str = "facecond") -> Detections:
+        exact = preprocess == "insightface"
+        canvas, scale = (self._letterbox_insightface if exact else self._letterbox)(image)
+        in_w, in_h = self.input_size
+        # (x - 127.5) / 128 on RGB: insightface's blobFromImage(1/128, mean 127.5, swapRB) of its BGR input
         blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None]
         outs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(blob, np.float32)})
         boxes, scores, kps = [], [], []
@@ -209,31 +248,33 @@ class SCRFD:
         boxes = np.concatenate(boxes) / scale
         kps = np.concatenate(kps) / scale
         scores = np.concatenate(scores)
-        keep = nms(boxes, scores, self.nms_thresh)
+        keep = nms(boxes, scores, self.nms_thresh, stable=exact)  # insightface 2.x: a stable sort by score
         return Detections(boxes[keep].astype(np.float32), scores[keep].astype(np.float32),
                           kps[keep].astype(np.float32))
 
-    def detect_one(self, image: np.ndarray, min_size: int = 0) -> Detections:
-        """image: (H, W, 3) float32 RGB 0..255.
+    def detect_one(self, image: np.ndarray, min_size: int = 0, preprocess: str = "facecond") -> Detections:
+        """image: (H, W, 3) float32 RGB 0..255; preprocess: "facecond" or "insightface" (module docstring).
 
         A face that fills the whole frame (a tight face chip) is larger than SCRFD's biggest anchors
         at 640 px and goes unseen; when nothing is found, a second pass pads the image by half its
         size on every side (black, like the letterbox) so such faces come back into range.
         """
-        det = self._run(image)
+        if preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"SCRFD: unknown preprocess {preprocess!r}; one of {PREPROCESS_MODES}")
+        det = self._run(image, preprocess)
         if len(det):
             return det
         h, w = image.shape[:2]
         p = max(h, w) // 2
         padded = np.zeros((h + 2 * p, w + 2 * p, 3), np.float32)
         padded[p:p + h, p:p + w] = image
-        det = self._run(padded)
+        det = self._run(padded, preprocess)
         det.boxes -= p
         det.landmarks -= p
         return det
 
-    def detect(self, images: np.ndarray, min_size: int) -> list[Detections]:
-        return [self.detect_one(img, min_size) for img in images]
+    def detect(self, images: np.ndarray, min_size: int, preprocess: str = "facecond") -> list[Detections]:
+        return [self.detect_one(img, min_size, preprocess) for img in images]
 
 
 def filter_min_size(det: Detections, min_size: int) -> Detections:

@@ -73,6 +73,9 @@ class Faces:
     image_size: (H, W) of the source images. num_images: batch size of the source IMAGE.
     detector: which detector found them, e.g. ``"mtcnn"`` or ``"scrfd:antelopev2/scrfd_10g_bnkps.onnx"``.
     skipped: indices of images that had no face and were dropped (no_face='skip').
+    preprocess: how they were found and cut: ``"facecond"`` or ``"insightface"`` (insightface's FaceAnalysis
+        resize and ``norm_crop`` exactly; the ArcFace crops then hold its uint8 pixels / 255, which FaceEmbed
+        normalises as insightface's ArcFaceONNX.get_feat does: (x * 255 - mean) / std).
     """
 
     crops_facenet: torch.Tensor
@@ -87,6 +90,7 @@ class Faces:
     num_images: int
     detector: str
     skipped: tuple[int, ...] = ()
+    preprocess: str = "facecond"
 
     def __post_init__(self):
         n = len(self.source_index)

@@ -153,3 +153,42 @@ def test_known_pack_file_with_wrong_bytes_is_refused(comfy_base, shared_data):
                 FacecondFaceEmbed().embed(faces, "buffalo_l/w600k_r50.onnx", "bottleneck_512", "auto")
     finally:
         shutil.rmtree(fake)
+
+
+def test_preprocess_widget_default_and_insightface_mode(comfy_base, shared_data):
+    """The appended optional widget: absent = facecond (shipped workflows keep their results, bit for bit);
+    insightface = FaceAnalysis's pipeline, checked through both nodes against insightface itself on the
+    test pack in ComfyUI's own models/insightface folder."""
+    from facecond_dev import host
+
+    spec = FacecondFaceDetectCrop.INPUT_TYPES()["optional"]["preprocess"]
+    assert spec[0] == ["facecond", "insightface"] and spec[1]["default"] == "facecond"
+    img = _photo(shared_data, "obama/obama.jpg")  # 1137 x 910: the face shrinks ~3x into the 112 crop
+    kw = {"detector": DET, "upright": "off"}
+    default, explicit, exact = _detect(img, **kw), _detect(img, preprocess="facecond", **kw), \
+        _detect(img, preprocess="insightface", **kw)
+    assert default[0].preprocess == "facecond" and exact[0].preprocess == "insightface"
+    for a, b in zip(default, explicit):
+        assert a == b if isinstance(a, str) else torch.equal(a, b) if torch.is_tensor(a) else \
+            torch.equal(a.crops_arcface, b.crops_arcface) and torch.equal(a.boxes, b.boxes)
+    box_shift = float((default[0].boxes - exact[0].boxes).abs().max())
+    assert 0 < box_shift < 3  # the detector's input resize moves the box a little
+    assert (default[0].crops_arcface - exact[0].crops_arcface).abs().max() > 0.05  # the 112 crop more
+    assert torch.equal(exact[0].crops_arcface * 255, (exact[0].crops_arcface * 255).round())  # uint8 pixels
+    with torch.inference_mode():
+        vecs = {name: FacecondFaceEmbed().embed(out[0], REC, "bottleneck_512", "auto")[0].embeds[0].numpy()
+                for name, out in (("facecond", default), ("insightface", exact))}
+    with pytest.raises(ValueError, match=r"FaceDetectCrop: preprocess 'exact' is not one of"):
+        _detect(img, preprocess="exact", **kw)
+
+    if not host.data_required():
+        pytest.importorskip("insightface", reason="insightface is the reference for this check")
+    from insightface.app import FaceAnalysis
+
+    app = FaceAnalysis(name="testpack", root=str(comfy_base / "models" / "insightface"),
+                       providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=-1, det_size=(640, 640))
+    rgb = np.asarray(Image.open(shared_data / "faces/obama/obama.jpg").convert("RGB"))
+    (ref,) = app.get(np.ascontiguousarray(rgb[:, :, ::-1]))
+    cos = {k: float(v @ ref.normed_embedding) for k, v in vecs.items()}
+    assert cos["insightface"] >= 0.9999 and cos["facecond"] < 0.995, cos
