@@ -7,8 +7,9 @@ onnxruntime session wrapped in ``onnx_pack.SessionModule``) goes through a ``Mod
 it on ComfyUI's torch device with ``load_models_gpu``, ComfyUI offloads it when VRAM runs short, and when
 ComfyUI unloads it for good (``unload_all_models``: the "free model memory" button / ``POST /free``), the
 patcher's detach callback drops the entry here and releases its ONNX session. ComfyUI's ``LoadedModel`` holds
-patchers weakly; this cache holds the only strong reference, so a freed model is garbage at once (what a node
-output still holds, e.g. an IPADAPTER in the executor cache, goes with ComfyUI's own ``free_memory`` reset).
+patchers weakly; this cache holds the only strong reference, so a freed model is garbage at the cache's next call
+(``describe``, ``load``, ...; not inside ComfyUI's unload loop, see ``_RETIRED``). What a node output still holds,
+e.g. an IPADAPTER in the executor cache, goes with ComfyUI's own ``free_memory`` reset.
 
 At most ``MAX_ENTRIES`` models and ``MAX_SESSIONS`` ONNX sessions are kept; the least recently used is unloaded
 from ComfyUI and dropped. ``GET /facecond/models`` lists the entries (kind, file, device, bytes).
@@ -51,6 +52,9 @@ class Entry:
 
 
 _ENTRIES: OrderedDict[tuple, Entry] = OrderedDict()
+# Entries ComfyUI has just unloaded. Dropped at our next call, once ComfyUI has taken them off its list: freeing a
+# module inside ComfyUI's free_memory loop would run its finalizer (cleanup_models) on a half-updated list.
+_RETIRED: list[Entry] = []
 
 
 def _release(module: torch.nn.Module) -> None:
@@ -66,7 +70,15 @@ def _on_detach(patcher, unpatch_all=True) -> None:
         if e.patcher is patcher:
             _ENTRIES.pop(key)
             _release(e.module)
+            _RETIRED.append(e)
             log.debug("[facecond] %s unloaded by ComfyUI; dropped from the model cache", key[0])
+
+
+def _purge() -> None:
+    """Let go of unloaded entries that ComfyUI no longer lists (then nothing of ours holds them)."""
+    if _RETIRED:
+        listed = {id(lm.model) for lm in mm.current_loaded_models}
+        _RETIRED[:] = [e for e in _RETIRED if id(e.patcher) in listed]
 
 
 def _new_patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
@@ -84,6 +96,7 @@ def _unload(e: Entry) -> None:
             mm.current_loaded_models.remove(lm)
     _ENTRIES.pop(e.key, None)
     _release(e.module)
+    _purge()
 
 
 def _bound() -> None:
@@ -112,6 +125,7 @@ def load(kind: str, path: str | os.PathLike | tuple, build: Callable[[str], obje
          module_of: Callable[[object], torch.nn.Module]) -> object:
     """``build(path)``, once per (kind, file identity); later calls return the same object until ComfyUI
     unloads it or the file changes. Not moved yet: call ``to_device(module)`` before running it."""
+    _purge()
     key = file_key(kind, path)
     e = _ENTRIES.get(key)
     if e is not None and e.model is not None:
@@ -142,6 +156,7 @@ def to_device(module: torch.nn.Module) -> torch.device:
     """Load a cached module onto ComfyUI's torch device via ``load_models_gpu`` (a no-op when it is there) and
     return that device. A module whose entry ComfyUI freed meanwhile (still held by a node output) is taken
     back into the cache under its old key."""
+    _purge()
     key = getattr(module, _ATTR, None) or ("module", id(module))
     e = _ENTRIES.get(key)
     if e is not None and e.module is not module:  # the file was loaded anew; this is an older copy
@@ -155,6 +170,7 @@ def to_device(module: torch.nn.Module) -> torch.device:
 
 
 def entries() -> list[Entry]:
+    _purge()
     return list(_ENTRIES.values())
 
 
@@ -169,6 +185,7 @@ def _device(m: torch.nn.Module) -> str:
 
 def describe() -> list[dict]:
     """What the cache holds: kind, file, device, bytes (tensors; file size for ONNX), loaded in ComfyUI."""
+    _purge()
     loaded = {id(lm.model) for lm in mm.current_loaded_models if lm.model is not None}
     out = []
     for e in _ENTRIES.values():
@@ -183,6 +200,7 @@ def clear() -> None:
     """Unload and drop every entry (tests; ComfyUI's own unload does the same through the detach callback)."""
     for e in list(_ENTRIES.values()):
         _unload(e)
+    _purge()
 
 
 def register_routes() -> None:
