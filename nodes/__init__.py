@@ -28,3 +28,10 @@ for _name in _NODE_MODULES:
         continue
     NODE_CLASS_MAPPINGS.update(_mod.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_mod.NODE_DISPLAY_NAME_MAPPINGS)
+
+try:  # GET /facecond/models (read-only list of the models the pack holds); only inside a running server
+    from .model_cache import register_routes
+
+    register_routes()
+except Exception:
+    log.exception("[facecond] could not register the /facecond/models route")

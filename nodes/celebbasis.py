@@ -24,6 +24,7 @@ from ..py.celebbasis import basis as cb
 from ..py.celebbasis.coeffs import BasisFacts, CelebCoeffs, fp16_exact, save_mlp
 from ..py.celebbasis.train import WordTrainConfig, parse_identities, train_celeb_basis
 from ..py.faces.types import FaceEmbeds
+from . import model_cache
 from .celebbasis_files import FOLDER, CelebMLP, load_celeb_mlp, mlp_files, names_with_hash
 from .common import CELEB_COEFFS, CELEB_MLP, FACE_EMBEDS, Progress, require_embeds, seed_input, steps_input
 from .paths import finite_floats, write_path
@@ -96,8 +97,9 @@ class CelebBasisCoeffs:
                 raise ValueError(f"{node}: the coefficient MLP needs face_embeds; connect FaceEmbed.")
             basis, _ = basis_for(clip, list(celeb_mlp.names), celeb_mlp.facts.p, node)
             celeb_mlp.facts.check(basis, f"{node}: the coefficient MLP")
+            device = model_cache.to_device(celeb_mlp.mlp)
             with torch.inference_mode():
-                alpha = celeb_mlp.mlp(_mean_face(node, face_embeds, celeb_mlp))[0]
+                alpha = celeb_mlp.mlp(_mean_face(node, face_embeds, celeb_mlp).to(device))[0].cpu()
             # stored as fp16 in files: round now so a saved identity gives the same conditioning bit for bit
             c = CelebCoeffs(fp16_exact(alpha), celeb_mlp.facts, source=f"mlp:{mlp_name}/{face_embeds.model}")
         vectors = basis.embeddings(c.coeffs.float())

@@ -12,6 +12,7 @@ import folder_paths
 
 from ..py.celebbasis import basis as cb
 from ..py.celebbasis.coeffs import BasisFacts, CoeffMLP, load_coeffs, load_mlp, save_coeffs
+from . import model_cache
 from .common import CELEB_COEFFS
 from .paths import check_write_name, load_file
 
@@ -54,8 +55,10 @@ def mlp_files() -> list[str]:
 
 
 def load_celeb_mlp(name: str, node: str = "CelebBasisCoeffs", input_name: str = "mlp_name") -> CelebMLP:
-    mlp, info = load_file(node, input_name, FOLDER, name, load_mlp)
-    return CelebMLP(mlp, info["embedder"], tuple(info["names"]), info["facts"])
+    def build(path):
+        mlp, info = load_mlp(path)
+        return CelebMLP(mlp, info["embedder"], tuple(info["names"]), info["facts"])
+    return model_cache.load_picked("celeb-mlp", node, input_name, FOLDER, name, build, lambda c: c.mlp)
 
 
 class SaveCelebCoeffs:

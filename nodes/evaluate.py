@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 
-import comfy.model_management
 import folder_paths
 import torch
 
@@ -20,6 +20,7 @@ from ..py.evaluate import clip_score, identity, metrics
 from ..py.evaluate.scores import ImageScores, combine, summary_lines
 from ..py.faces.types import FaceEmbeds
 from ..py.weights.safe_paths import name_problem
+from . import model_cache
 from .common import EVAL_SCORES, FACE_EMBEDS, image_to_numpy
 from .faces import FACENET_MANIFEST, FacecondFaceDetectCrop, FacecondFaceEmbed, facenet_files, insightface_choices
 
@@ -121,6 +122,13 @@ class FacecondIdentityScore:
         return (scores, best, mean, "\n".join(lines))
 
 
+def _managed(scorer: clip_score.ClipScorer) -> clip_score.ClipScorer:
+    """The scorer with a plain module around its transformers CLIPModel (whose read-only ``device`` property a
+    ModelPatcher cannot set): what the model cache hands to ComfyUI."""
+    scorer.managed = torch.nn.ModuleList([scorer.model])
+    return scorer
+
+
 class FacecondCLIPScore:
     DESCRIPTION = ("CLIP score: the cosine of each image's CLIP embedding with its prompt's (Livshits's CLIP "
                    "score, Face0's text alignment), with a CLIP model you put in models/facecond/clip_score/<name>/ "
@@ -153,7 +161,11 @@ class FacecondCLIPScore:
         node = "CLIPScore"
         x = torch.from_numpy(image_to_numpy(images, node, "images"))
         texts = clip_score.prompts_for(prompts.splitlines(), x.shape[0], node)
-        scorer = clip_score.load_clip_scorer(_clip_path(clip_model, node), comfy.model_management.get_torch_device())
+        folder = Path(_clip_path(clip_model, node)).resolve()
+        files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))  # the folder's identity: all its files
+        scorer = model_cache.load("clip-score", files, lambda _p: _managed(clip_score.load_clip_scorer(folder)),
+                                  lambda s: s.managed)
+        model_cache.to_device(scorer.managed)
         cos = scorer.cosines(x, texts)
         scores = ImageScores("clip", tuple(float(c) for c in cos), scorer.model_id)
         best, mean, lines = _scores_output(scores, images_per_group, node)

@@ -14,8 +14,8 @@ import folder_paths
 import torch
 
 from ..py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, override_tokens
+from . import model_cache
 from .common import FACE0_PROJECTION, FACE_EMBEDS, require_embeds
-from .paths import load_file
 
 log = logging.getLogger("facecond")
 
@@ -39,7 +39,8 @@ class LoadFace0Projection:
     DESCRIPTION = "Loads a Face0 projection (4-layer MLP) from models/facecond/face0."
 
     def load(self, projection_name):
-        proj = load_file("LoadFace0Projection", "projection_name", PROJECTION_FOLDER, projection_name, load_projection)
+        proj = model_cache.load_picked("face0-projection", "LoadFace0Projection", "projection_name", PROJECTION_FOLDER,
+                                       projection_name, load_projection)
         log.info("[facecond] loaded Face0 projection %s (%s)", projection_name, proj.info)
         return (proj,)
 
@@ -133,8 +134,9 @@ class ProjectToContext:
             empty_conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         _check_context(node, "conditioning", conditioning, projection)
         _check_context(node, "empty_conditioning", empty_conditioning, projection)
+        model_cache.to_device(projection)
         with torch.inference_mode():
-            tokens = face_tokens(projection, x)  # (N, K, W); zero rows → zero tokens
+            tokens = face_tokens(projection, x).cpu()  # (N, K, W); zero rows → zero tokens
         k = projection.info.tokens
         positive = apply_face_tokens(conditioning, tokens, k, chunks, node)
         text_only = apply_face_tokens(conditioning, None, k, chunks, node)

@@ -2,7 +2,8 @@
 
 Thin wrappers over ``py/faces/`` (``crop``, ``detect``, ``embed``, ``similarity``): they check the
 inputs, pick the model files (weights manifest, ComfyUI model folders ``facenet`` and ``insightface``),
-and wrap the results. Models are built once per process and cached in ``py/``.
+and wrap the results. Models live in the pack's one model cache under ComfyUI's model management
+(``nodes/model_cache.py``).
 """
 
 from __future__ import annotations
@@ -10,15 +11,14 @@ from __future__ import annotations
 import logging
 import os
 
-import comfy.model_management
 import folder_paths
 import numpy as np
-import torch
 
 from ..py.faces import crop, detect, draw, embed, similarity
 from ..py.faces import onnx_pack as ifp
 from ..py.faces.types import FaceEmbeds, Faces
 from ..py.weights import manifest as weights
+from . import model_cache
 from .common import FACE_EMBEDS, FACES, Progress, image_to_numpy, numpy_to_image, require_embeds, require_faces
 from .model_paths import resolve_weight, verify_user_file
 from .paths import finite_floats
@@ -72,26 +72,22 @@ def _insightface_file(choice: str, node: str, input_name: str):
     return path
 
 
-_DETECTORS: dict[tuple, object] = {}
-
-
 def _detector(choice: str, node: str):
+    """The detector, from the pack's model cache, on ComfyUI's device (``nodes/model_cache.py``)."""
     if choice == "mtcnn":
-        device = comfy.model_management.get_torch_device()
         paths = tuple(resolve_weight(f"mtcnn_{n}", node=node) for n in ("pnet", "rnet", "onet"))
-        key = ("mtcnn", str(device), paths)
-        if key not in _DETECTORS:
-            _DETECTORS[key] = detect.MTCNN(*paths, device=device)
-        return _DETECTORS[key]
+        det = model_cache.load("mtcnn", paths, lambda p: detect.MTCNN(*p), lambda d: d.nets)
+        model_cache.to_device(det.nets)
+        return det
     path = _insightface_file(choice, node, "detector")
     kind = ifp.classify_file(path)
     if kind != "detection":
         raise ValueError(f"{node}: {choice} is a {kind} model, not a face detector; pick an SCRFD file "
                          "(det_*.onnx / scrfd_*.onnx) or mtcnn.")
-    key = ("scrfd", os.path.realpath(path))
-    if key not in _DETECTORS:
-        _DETECTORS[key] = detect.SCRFD(ifp.cached_session(path), name=f"scrfd:{choice}")
-    return _DETECTORS[key]
+    det = model_cache.load("onnx-detector", path, lambda p: detect.SCRFD(model_cache.onnx_session(p),
+                           name=f"scrfd:{choice}"), lambda d: d.session)
+    model_cache.to_device(det.session)
+    return det
 
 
 class FacecondFaceDetectCrop:
@@ -178,24 +174,6 @@ class FacecondFaceDetectCrop:
         return (f, numpy_to_image(preview), numpy_to_image(mask), f.crops_facenet, f.crops_arcface, res.report)
 
 
-_PATCHERS: dict[int, object] = {}
-
-
-def _facenet_on_device(fn: embed.FaceNet) -> torch.device:
-    """Hand the FaceNet module to ComfyUI's model management (moved to the GPU, offloaded when VRAM runs out)."""
-    import comfy.model_patcher
-
-    key = id(fn.net)
-    if key not in _PATCHERS:
-        _PATCHERS.clear()  # one FaceNet at a time
-        _PATCHERS[key] = comfy.model_patcher.ModelPatcher(
-            fn.net, load_device=comfy.model_management.get_torch_device(),
-            offload_device=comfy.model_management.unet_offload_device())
-    patcher = _PATCHERS[key]
-    comfy.model_management.load_models_gpu([patcher])
-    return patcher.load_device
-
-
 class FacecondFaceEmbed:
     DESCRIPTION = ("Turn faces into identity embeddings: FaceNet Inception-ResNet-V1 (VGGFace2; Face0) on the "
                    "160x160 crops, or an insightface recogniser (ArcFace/CosFace ONNX, any width) on the "
@@ -233,8 +211,8 @@ class FacecondFaceEmbed:
         if model == FACENET_MANIFEST or model.startswith("facenet/"):
             path = resolve_weight(FACENET_MANIFEST, node=node) if model == FACENET_MANIFEST else \
                 verify_user_file("facenet", model[len("facenet/"):])
-            fn = embed.load_facenet(path)
-            device = _facenet_on_device(fn)
+            fn = model_cache.load("facenet", path, embed.load_facenet, lambda f: f.net)
+            device = model_cache.to_device(fn.net)
             vecs = fn.embed(faces.crops_facenet, facenet_layer, device=device, progress=progress)
             model_id, default_norm = embed.FaceNet.model_id(facenet_layer), False
         else:
@@ -243,7 +221,9 @@ class FacecondFaceEmbed:
             if kind != "recognition":
                 raise ValueError(f"{node}: {model} is a {kind} model, not a face recogniser; pick the pack's "
                                  "recognition model (112x112 input, e.g. glintr100.onnx or w600k_r50.onnx).")
-            rec = embed.load_onnx_recogniser(path)
+            rec = model_cache.load("onnx-recogniser", path, lambda p: embed.load_onnx_recogniser(
+                p, model_cache.onnx_session(p)), lambda r: r.session)
+            model_cache.to_device(rec.session)
             vecs = rec.embed(faces.crops_arcface, progress=progress)
             model_id, default_norm = rec.model_id, True
         norm = default_norm if normalize == "auto" else normalize == "l2"

@@ -14,15 +14,18 @@ file's LoRA goes on the same clone as weight patches (``ipadapter_lora.py``), on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 import comfy.ldm.modules.attention as comfy_attention
 import folder_paths
+import torch
 
 from ..py.ipadapter import adapter as ipa
 from ..py.ipadapter import aggregate as agg
 from ..py.ipadapter import lora as ipa_lora
+from . import model_cache
 from .common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds
 from .ipadapter_lora import apply_lora
 from .paths import finite_floats, load_file, read_path
@@ -43,7 +46,34 @@ def _register_folder() -> None:
 
 _register_folder()
 
-_ADAPTERS: dict[tuple, ipa.IPAdapter] = {}  # (realpath, mtime, size) -> loaded adapter; module-level, not per node
+_KV = "facecond_kv"  # the W'_k, W'_v of every layer, registered on the projection module: one module to move
+
+
+def _adapter_module(adapter: ipa.IPAdapter) -> torch.nn.Module:
+    """The module ComfyUI's model management moves and frees: the projection with the K/V weights attached."""
+    if not hasattr(adapter.proj, _KV):
+        adapter.proj.register_module(_KV, torch.nn.ParameterList(
+            [torch.nn.Parameter(t, requires_grad=False) for pair in adapter.kv for t in pair]))
+    return adapter.proj
+
+
+def _with_module_kv(adapter: ipa.IPAdapter) -> ipa.IPAdapter:
+    """The adapter reading its K/V weights from the module (wherever the model manager has put them)."""
+    kv = getattr(_adapter_module(adapter), _KV)
+    return dataclasses.replace(adapter, kv=tuple((kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)))
+
+
+def _adapter_on_device(adapter: ipa.IPAdapter) -> ipa.IPAdapter:
+    """The adapter with its projection and K/V weights on ComfyUI's device (``model_cache.to_device``)."""
+    model_cache.to_device(_adapter_module(adapter))
+    return _with_module_kv(adapter)
+
+
+def _load_adapter(ipadapter_name: str) -> ipa.IPAdapter:
+    sd = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name, ipa.read_file)
+    adapter = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name,
+                        lambda _path: ipa.from_state_dict(sd, ipadapter_name))
+    return _with_module_kv(adapter)  # no second copy of W'_k, W'_v outside the module
 
 
 def comfy_optimized_attention(q, k, v, heads, **kw):
@@ -88,15 +118,7 @@ class LoadIPAdapter:
 
     def load(self, ipadapter_name):
         path = read_path("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name)
-        st = os.stat(path)
-        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
-        if key not in _ADAPTERS:
-            sd = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name, ipa.read_file)
-            adapter = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name,
-                                lambda _path: ipa.from_state_dict(sd, ipadapter_name))
-            _ADAPTERS.clear()  # one cached at a time
-            _ADAPTERS[key] = adapter
-        adapter = _ADAPTERS[key]
+        adapter = model_cache.load("ipadapter", path, lambda _p: _load_adapter(ipadapter_name), _adapter_module)
         v = adapter.variant
         info = (f"{ipadapter_name}: {v.name} IP-Adapter, takes {v.input_kind} ({v.input_dim}-d), {v.tokens} image "
                 f"tokens of width {v.cross_dim}, {len(adapter.kv)} cross-attention layers")
@@ -244,6 +266,7 @@ class ApplyIPAdapter:
         mask = None
         if attn_mask is not None:
             mask = (attn_mask if attn_mask.ndim == 3 else attn_mask[None]).float().clamp(0, 1).cpu()
+        adapter = _adapter_on_device(adapter)
         tokens = adapter.image_tokens(embeds.embeds)
         negative = adapter.negative_tokens(embeds.embeds)
         ms = model.get_model_object("model_sampling")

@@ -12,9 +12,9 @@ import logging
 import folder_paths
 
 from ..py.ipadapter import aggregate as agg
+from . import model_cache
 from .common import REF_EMBEDS, seed_input
 from .ipadapter import CATEGORY, drop_unusable
-from .paths import load_file
 
 log = logging.getLogger("facecond")
 
@@ -63,7 +63,9 @@ class AggregateEmbeds:
             if aggregator_name == "none":
                 raise ValueError(f"{node}: method self-attention needs aggregator_name (a file in "
                                  "models/facecond/aggregators from scripts/train_aggregator.py), or pick mean.")
-            aggregator = load_file(node, "aggregator_name", AGGREGATOR_FOLDER, aggregator_name, agg.load_aggregator)
+            aggregator = model_cache.load_picked("aggregator", node, "aggregator_name", AGGREGATOR_FOLDER,
+                                                 aggregator_name, agg.load_aggregator)
+            model_cache.to_device(aggregator)
         try:
             x, note = agg.aggregate(embeds.embeds, method, aggregator, seed)
         except ValueError as e:

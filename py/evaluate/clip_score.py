@@ -62,8 +62,7 @@ class ClipScorer:
         except ImportError as e:  # transformers comes with ComfyUI; say so if a bare env lacks it
             raise RuntimeError("CLIP score needs the transformers package: pip install transformers") from e
         self.folder = folder
-        self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval().to(self.device)
+        self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval().to(torch.device(device))
         self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         vc = self.model.config.vision_config
         self.size = int(vc.image_size)
@@ -74,6 +73,11 @@ class ClipScorer:
             self.mean = tuple(cfg.get("image_mean", self.mean))
             self.std = tuple(cfg.get("image_std", self.std))
         self.max_tokens = int(self.model.config.text_config.max_position_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is now (a model manager may have moved it since)."""
+        return next(self.model.parameters()).device
 
     @property
     def model_id(self) -> str:
@@ -119,18 +123,12 @@ class ClipScorer:
         return (F.normalize(img.double(), dim=1) * F.normalize(t.double()[idx], dim=1)).sum(1)
 
 
-_CACHE: dict[tuple, ClipScorer] = {}
-
-
 def load_clip_scorer(folder: str | os.PathLike, device: torch.device | str = "cpu") -> ClipScorer:
-    """A cached ClipScorer (one per folder, weights mtime and device)."""
-    folder = Path(folder).resolve()
-    stamp = max((p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()), default=0)
-    key = (str(folder), stamp, str(device))
-    if key not in _CACHE:
-        _CACHE.clear()  # one CLIP model at a time: they are large
-        _CACHE[key] = ClipScorer(folder, device)
-    return _CACHE[key]
+    """A ClipScorer for a transformers-layout folder (no cache here: the CLIPScore node keeps it in the pack's
+    model cache, ``nodes/model_cache.py``)."""
+    return ClipScorer(Path(folder).resolve(), device)
+
+
 
 
 def prompts_for(texts: list[str], n_images: int, who: str = "CLIP score") -> list[str]:

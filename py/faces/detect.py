@@ -90,14 +90,19 @@ class MTCNN:
                  device: torch.device | str = "cpu", thresholds=(0.6, 0.7, 0.7), factor: float = 0.709):
         from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
 
-        self.nets = []
+        nets = []
         for cls, path in ((PNet, pnet), (RNet, rnet), (ONet, onet)):
             net = cls(pretrained=False)
             net.load_state_dict(load_state_dict(path))
-            self.nets.append(net.eval().to(device))
-        self.device = torch.device(device)
+            nets.append(net.eval())
+        self.nets = torch.nn.ModuleList(nets).to(device)  # one module: a model manager moves and frees it whole
         self.thresholds = list(thresholds)
         self.factor = factor
+
+    @property
+    def device(self) -> torch.device:
+        """Where the nets are now (a model manager may have moved them since)."""
+        return next(self.nets.parameters()).device
 
     @torch.no_grad()
     def _detect(self, images: np.ndarray, min_size: int) -> list[Detections]:

@@ -1,15 +1,14 @@
 """Face recognisers: FaceNet Inception-ResNet-V1 (torch) and insightface-format ONNX recognisers.
 
 Both take the crops a ``Faces`` carries ((N, S, S, 3) float in [0, 1]) and return (N, D) float32.
-Models are built once per process: ``load_facenet`` / ``load_onnx_recogniser`` keep a small cache keyed
-by the file's real path, size and mtime (the model id carries a short sha256 of the file).
+``load_facenet`` / ``load_onnx_recogniser`` build a model from a file; the nodes keep the built models in one
+cache under ComfyUI's model management (``nodes/model_cache.py``). The model id carries a short sha256 of the file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..weights.manifest import load_state_dict, sha256_file
-from .onnx_pack import cached_session, recogniser_normalisation
+from .onnx_pack import make_session, recogniser_normalisation
 
 log = logging.getLogger("facecond")
 
@@ -91,9 +90,9 @@ class OnnxRecogniser:
     Any output width. Models with a fixed batch of 1 are run face by face, others in batches.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, session=None):
         self.path = Path(path)
-        self.session = cached_session(self.path)
+        self.session = session if session is not None else make_session(self.path)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.size = int(inp.shape[2]) if isinstance(inp.shape[2], int) else 112
@@ -119,38 +118,14 @@ class OnnxRecogniser:
         return torch.from_numpy(np.concatenate(out).astype(np.float32)).reshape(blob.shape[0], -1)
 
 
-_CACHE: OrderedDict[tuple, object] = OrderedDict()
-CACHE_SIZE = 3  # a detector pack, a recogniser and FaceNet side by side without reloading
-
-
-def _key(kind: str, path: str | os.PathLike) -> tuple:
-    st = os.stat(path)
-    return (kind, os.path.realpath(path), st.st_size, st.st_mtime_ns)
-
-
-def _cached(kind: str, path, build):
-    key = _key(kind, path)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    log.info("[facecond] loading %s model %s", kind, path)
-    model = build(path)
-    _CACHE[key] = model
-    while len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return model
-
-
 def load_facenet(path: str | os.PathLike) -> FaceNet:
-    return _cached("facenet", path, FaceNet)
+    """A FaceNet from a file (no cache here: the nodes keep models in ComfyUI's model management,
+    ``nodes/model_cache.py``)."""
+    return FaceNet(path)
 
 
-def load_onnx_recogniser(path: str | os.PathLike) -> OnnxRecogniser:
-    return _cached("onnx-recogniser", path, OnnxRecogniser)
-
-
-def clear_cache() -> None:
-    _CACHE.clear()
+def load_onnx_recogniser(path: str | os.PathLike, session=None) -> OnnxRecogniser:
+    return OnnxRecogniser(path, session)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,11 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from ..weights.manifest import file_identity
+
 log = logging.getLogger("facecond")
 
 ORT_HINT = ("onnxruntime is not installed; insightface models need it. Install it into ComfyUI's Python: "
@@ -27,18 +32,50 @@ def import_ort():
     return onnxruntime
 
 
-def providers() -> list[str]:
-    """CUDA first when onnxruntime offers it, always CPU as the fallback."""
+def providers(cuda: bool = True) -> list[str]:
+    """CUDA first when asked for (the model device is a CUDA GPU) and onnxruntime offers it; always CPU as the
+    fallback."""
     ort = import_ort()
     avail = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail] or avail
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if cuda else ("CPUExecutionProvider",)
+    return [p for p in wanted if p in avail] or avail
 
 
-def make_session(path: str | os.PathLike):
+def make_session(path: str | os.PathLike, cuda: bool = True):
     ort = import_ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers())
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers(cuda))
+
+
+class SessionModule(nn.Module):
+    """An onnxruntime session as a torch module, so that a model manager that handles modules (ComfyUI's
+    ModelPatcher) owns its lifetime: the session opens on first use and ``release()`` drops it (its memory,
+    CUDA included, goes with it). It stands in for the session: ``get_inputs``, ``get_outputs``, ``run``."""
+
+    def __init__(self, path: str | os.PathLike, cuda: bool = False):
+        super().__init__()
+        self.path, self.cuda = Path(path), cuda
+        self.session = None
+        self.register_buffer("_anchor", torch.zeros(1), persistent=False)  # a tensor, so managers see a device
+
+    def open(self):
+        if self.session is None:
+            log.info("[facecond] loading %s with onnxruntime (%s)", self.path, ", ".join(providers(self.cuda)))
+            self.session = make_session(self.path, self.cuda)
+        return self.session
+
+    def release(self) -> None:
+        self.session = None
+
+    def get_inputs(self):
+        return self.open().get_inputs()
+
+    def get_outputs(self):
+        return self.open().get_outputs()
+
+    def run(self, output_names, feeds):
+        return self.open().run(output_names, feeds)
 
 
 def classify(session) -> str:
@@ -110,23 +147,6 @@ def resolve_model(roots: list[str | os.PathLike], choice: str) -> Path:
             if (base / choice).is_file():
                 return base / choice
     raise FileNotFoundError(f"{choice} not found in the insightface model folders {[str(r) for r in roots]}.")
-
-
-_SESSIONS: dict[tuple[str, int, int], object] = {}
-
-
-def cached_session(path: Path):
-    """One onnxruntime session per file (keyed by real path, size and mtime) for the whole process."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key not in _SESSIONS:
-        log.info("[facecond] loading %s with onnxruntime (%s)", path, ", ".join(providers()))
-        _SESSIONS[key] = make_session(path)
-    return _SESSIONS[key]
-
-
-def clear_sessions() -> None:
-    _SESSIONS.clear()
 
 
 # ---- reading an ONNX file's graph without the `onnx` package (protobuf wire format) ----
@@ -223,8 +243,7 @@ _KINDS: dict[tuple[str, int, int], str] = {}
 
 def classify_file(path: str | os.PathLike) -> str:
     """Kind of an ONNX file from its graph (no onnxruntime needed); cached per (path, size, mtime)."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    key = file_identity(path)
     if key not in _KINDS:
         try:
             ins, n_out = onnx_io(path)

@@ -26,8 +26,8 @@ from .manifest import (
     Progress,
     WeightEntry,
     WeightsError,
-    _cache_key,
     downloads_allowed,
+    file_identity,
     find_existing,
     missing_message,
     verify_entry,
@@ -74,7 +74,7 @@ def download_file(url: str, dest: str | os.PathLike, *, sha256: str | None = Non
                                f"Put {dest.name} into {dest.parent} yourself (download it from {url}), "
                                f"expected sha256 {sha256}.") from e
         raise
-    _HASH_CACHE[_cache_key(dest)] = actual
+    _HASH_CACHE[file_identity(dest)] = actual
     return dest
 
 

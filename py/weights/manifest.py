@@ -157,7 +157,9 @@ def pins_for(folder: str, filename: str, manifest=None) -> tuple[WeightEntry, st
     return None
 
 
-def _cache_key(path: str | os.PathLike) -> tuple[str, int, int]:
+def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
+    """(realpath, size, mtime_ns): the one key of every per-file cache of the pack (hashes, ONNX kinds, models).
+    A replaced or rewritten file gets a new key, so it is read anew; two names for one file share a key."""
     real = os.path.realpath(path)
     st = os.stat(real)
     return real, st.st_size, st.st_mtime_ns
@@ -165,7 +167,7 @@ def _cache_key(path: str | os.PathLike) -> tuple[str, int, int]:
 
 def sha256_file(path: str | os.PathLike) -> str:
     """sha256 of a file, read in chunks; cached by (realpath, size, mtime_ns) so re-verifying is free."""
-    key = _cache_key(path)
+    key = file_identity(path)
     if key not in _HASH_CACHE:
         h = hashlib.sha256()
         with open(key[0], "rb") as f:

@@ -34,7 +34,7 @@ def face_models(py, detector: str, recogniser: str | None):
         det = detect.MTCNN(*(manifest.package_file(manifest.get_entry(f"mtcnn_{n}")) for n in ("pnet", "rnet",
                                                                                               "onet")))
     else:
-        det = detect.SCRFD(ifp.cached_session(Path(detector)), name=f"scrfd:{Path(detector).name}")
+        det = detect.SCRFD(ifp.make_session(Path(detector)), name=f"scrfd:{Path(detector).name}")
     if not recogniser:
         raise SystemExit("give --recogniser: an insightface-format .onnx (e.g. antelopev2/glintr100.onnx) or the "
                          "FaceNet VGGFace2 .pt")

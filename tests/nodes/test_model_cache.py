@@ -1,0 +1,172 @@
+"""The pack's one model cache (nodes/model_cache.py) against real ComfyUI model management, in-process: one load per
+file, a new load for a changed file, nothing left after ComfyUI's unload_all_models, ONNX sessions closed with
+their entries, and models that work again after being freed."""
+
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+
+import comfy.model_management as mm
+import folder_paths
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from facecond.nodes import model_cache
+from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+from facecond.py.face0.projection import ProjectionInfo, load_projection, random_projection, save_projection
+from facecond.py.faces.onnx_pack import SessionModule
+
+REC = "testpack/mobilefacenet_128.onnx"
+DET = "testpack/det_2.5g.onnx"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "stand_in_models")
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    model_cache.clear()
+    yield
+    model_cache.clear()
+
+
+def _photo(shared_data) -> torch.Tensor:
+    im = Image.open(shared_data / "faces/astronaut/astronaut.png").convert("RGB")
+    return torch.from_numpy(np.asarray(im, np.float32) / 255.0)[None]
+
+
+def _detect(image, detector):
+    with torch.inference_mode():
+        return FacecondFaceDetectCrop().detect(image, detector=detector, select="largest", face_index=0, min_size=40,
+                                               margin_scale=1.0, upright="off", no_face="error")[0]
+
+
+def _embed(faces, model):
+    with torch.inference_mode():
+        return FacecondFaceEmbed().embed(faces, model=model, facenet_layer="bottleneck_512", normalize="auto")[0]
+
+
+def _ours_in_comfy() -> int:
+    """How many of ComfyUI's loaded models are modules of this pack (MTCNN nets, FaceNet, sessions, ...)."""
+    return sum(1 for lm in mm.current_loaded_models
+               if lm.model is not None and hasattr(lm.model.model, "_facecond_cache_key"))
+
+
+def _projection_file(path, seed):
+    info = ProjectionInfo(embed_dim=8, context_dim=16, tokens=3, hidden=12, embedder="test/embedder")
+    save_projection(random_projection(info, seed=seed), path)
+
+
+def test_same_file_loads_once_and_a_changed_file_loads_anew(tmp_path):
+    path = tmp_path / "proj.safetensors"
+    _projection_file(path, seed=1)
+    builds = []
+
+    def build(p):
+        builds.append(p)
+        return load_projection(p)
+
+    a = model_cache.load("face0-projection", path, build, lambda m: m)
+    b = model_cache.load("face0-projection", path, build, lambda m: m)
+    link = tmp_path / "link.safetensors"
+    os.symlink(path, link)
+    c = model_cache.load("face0-projection", link, build, lambda m: m)  # another name for the same file
+    assert a is b is c and len(builds) == 1
+
+    _projection_file(path, seed=2)  # rewritten: new weights, new mtime
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    d = model_cache.load("face0-projection", path, build, lambda m: m)
+    assert d is not a and len(builds) == 2
+    assert not torch.equal(d.mlp[0].weight, a.mlp[0].weight)
+    assert torch.equal(d.mlp[0].weight, load_projection(path).mlp[0].weight)
+    assert [e.model for e in model_cache.entries()] == [d]  # the stale model is gone
+
+
+def test_comfy_unload_frees_every_model_and_reloaded_models_work(shared_data, comfy_base):
+    from facenet_pytorch.models.inception_resnet_v1 import InceptionResnetV1
+
+    facenet = comfy_base / "models/facenet/facenet_cache_test.pt"
+    facenet.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(InceptionResnetV1(pretrained=None, classify=False).state_dict(), facenet)
+    img = _photo(shared_data)
+
+    faces = _detect(img, "mtcnn")
+    _detect(img, DET)
+    rec1 = _embed(faces, REC).embeds
+    fn1 = _embed(faces, "facenet/facenet_cache_test.pt").embeds
+    kinds = sorted(e.kind for e in model_cache.entries())
+    assert kinds == ["facenet", "mtcnn", "onnx-detector", "onnx-recogniser"]
+    assert _ours_in_comfy() == 4
+    rows = model_cache.describe()
+    assert all(r["loaded_in_comfy"] and r["bytes"] > 0 for r in rows)
+    assert {r["kind"]: r["device"] for r in rows}["onnx-recogniser"] == "cpu"  # open, CPU provider (no GPU here)
+
+    # the same models serve the next run (no new entries, same objects)
+    objs = [e.model for e in model_cache.entries()]
+    _detect(img, "mtcnn")
+    _embed(faces, REC)
+    assert len(model_cache.entries()) == 4 and all(any(o is e.model for e in model_cache.entries()) for o in objs)
+    del objs
+
+    sessions = [e.module for e in model_cache.entries() if isinstance(e.module, SessionModule)]
+    mtcnn = weakref.ref(next(e.module for e in model_cache.entries() if e.kind == "mtcnn"))
+    facenet_net = weakref.ref(next(e.module for e in model_cache.entries() if e.kind == "facenet"))
+    assert len(sessions) == 2 and all(s.session is not None for s in sessions)
+
+    mm.unload_all_models()  # what ComfyUI's "free model memory" / POST /free {"unload_models": true} runs
+    mm.soft_empty_cache()
+    gc.collect()
+    assert model_cache.entries() == [] and model_cache.describe() == [] and _ours_in_comfy() == 0
+    assert all(s.session is None for s in sessions)  # the onnxruntime sessions are closed
+    assert mtcnn() is None and facenet_net() is None  # nothing of ours keeps MTCNN or FaceNet alive
+    del sessions
+
+    faces2 = _detect(img, "mtcnn")  # loaded anew, and the same numbers as before
+    assert torch.equal(faces2.crops_facenet, faces.crops_facenet)
+    assert torch.allclose(_embed(faces2, REC).embeds, rec1, atol=1e-6)
+    assert torch.allclose(_embed(faces2, "facenet/facenet_cache_test.pt").embeds, fn1, atol=1e-5)
+    assert _ours_in_comfy() == 3
+
+
+def test_onnx_sessions_are_bounded(shared_data, monkeypatch):
+    monkeypatch.setattr(model_cache, "MAX_SESSIONS", 1)
+    img = _photo(shared_data)
+    faces = _detect(img, DET)
+    det = next(e.module for e in model_cache.entries() if e.kind == "onnx-detector")
+    _embed(faces, REC)
+    assert [e.kind for e in model_cache.entries()] == ["onnx-recogniser"]
+    assert det.session is None and _ours_in_comfy() == 1  # evicted: closed and out of ComfyUI's list
+
+
+def test_a_freed_adapter_held_by_a_node_output_is_taken_back(tiny_model):
+    """An IPADAPTER output outlives a model unload in ComfyUI's output cache; applying it again re-registers it."""
+    from facecond.nodes.ipadapter import ApplyIPAdapter, IPAdapterEncode, LoadIPAdapter, cross_attention_layers
+    from facecond.py.faces.types import FaceEmbeds
+    from facecond_dev.random_weights import random_state_dict
+
+    layers = cross_attention_layers(tiny_model[0])
+    sd = random_state_dict("faceid", 128, [inner for _, inner, _ in layers], cross_dim=layers[0][2], seed=1, scale=0.5)
+    folder = folder_paths.get_folder_paths("ipadapter")[0]
+    os.makedirs(folder, exist_ok=True)
+    save_file(sd, os.path.join(folder, "ipa_cache_test.safetensors"))
+    adapter = LoadIPAdapter().load("ipa_cache_test.safetensors")[0]
+    x = torch.nn.functional.normalize(torch.randn(2, 128, generator=torch.Generator().manual_seed(0)), dim=-1)
+    embeds = IPAdapterEncode().encode(adapter, "center", face_embeds=FaceEmbeds(x, "t", True, (0, 1)))[0]
+
+    def terms():
+        m = ApplyIPAdapter().apply(tiny_model[0], adapter, embeds, 1.0, 0.0, 1.0)[0]
+        patches = m.model_options["transformer_options"]["patches_replace"]["attn2"]
+        return [t.k for p in patches.values() for t in p.terms]
+
+    first = terms()
+    assert [e.kind for e in model_cache.entries()] == ["ipadapter"]
+    mm.unload_all_models()
+    assert model_cache.entries() == []
+    again = terms()
+    assert len(model_cache.entries()) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
