@@ -152,3 +152,18 @@ def test_fingerprint_and_file_name():
     name = inv.faces_file_name(a, "insightface/testpack/mobilefacenet_128.onnx@e72a5710")
     assert name.startswith(f"celeb_faces_{a}_insightface-testpack-mobilefacenet") and name.endswith(".safetensors")
     assert name != inv.faces_file_name(a, "insightface/testpack/mobilefacenet_128.onnx@00000000")
+
+
+def test_square_images_takes_the_centred_square_and_resizes():
+    from facecond.py.celebbasis.train import square_images
+
+    tall = torch.rand(1, 24, 16, 4, generator=torch.Generator().manual_seed(0))  # RGBA, H=24, W=16
+    out = square_images(tall, 16)
+    assert torch.equal(out, tall[:, 4:20, :, :3])  # rows 4..19: the centred 16 x 16, alpha dropped, no resize
+    half = square_images(tall, 8)
+    assert half.shape == (1, 8, 8, 3) and 0 <= float(half.min()) and float(half.max()) <= 1
+    flat = torch.full((1, 24, 16, 3), 0.25)  # a flat image stays flat at any size (weights sum to 1)
+    assert torch.allclose(square_images(flat, 64), torch.full((1, 64, 64, 3), 0.25), atol=1e-6)
+    assert not tall.is_inference() and tall.shape == (1, 24, 16, 4)  # the input is untouched
+    with pytest.raises(ValueError, match="multiple of 8"):
+        square_images(tall, 12)
