@@ -262,8 +262,8 @@ def test_custom_name_list_trains_and_builds_its_own_basis(tiny_model, train_inpu
     those names' token embeddings (mean = their mean, by hand), CelebBasisCoeffs rebuilds that basis from the
     MLP, and saved coefficients find the list again by its hash in models/facecond/names."""
     model, clip, vae = tiny_model
-    images, fe = train_inputs
-    mlp, name, report = TrainCelebBasis().train(model, clip, vae, images[:1], _embeds(1), "", "a photo of {}", 1,
+    images, _fe = train_inputs
+    mlp, _name, report = TrainCelebBasis().train(model, clip, vae, images[:1], _embeds(1), "", "a photo of {}", 1,
                                                 0.01, P, 0, False, "nodes_test/paper", False, resolution=64,
                                                 names_list="paper40.txt")
     assert mlp.names == tuple(paper_names) and "at 64 px" in report

@@ -235,8 +235,8 @@ def test_celeb_photo_faces_id_init_and_filter(tiny_model, celeb_folder, shared_d
     out = TrainFaceTI().train(model, clip, vae, photos, "id", 2, "none", "a photo of {}", 1, 0.005, 0, False,
                               "nodes_test_ti_id", face_embeds=person, resolution=64, celeb_faces=kept)
     assert "init id: Joe Biden" in out[2]
-    with pytest.raises(ValueError, match="TrainFaceTI: celeb_faces were embedded with .* but face_embeds with "
-                                         "'test/none'"):
+    with pytest.raises(ValueError, match=r"TrainFaceTI: celeb_faces were embedded with .* but face_embeds with "
+                                         r"'test/none'"):
         TrainFaceTI().train(model, clip, vae, photos, "id", 2, "none", "a photo of {}", 1, 0.005, 0, False, "x",
                             face_embeds=FaceEmbeds(torch.ones(1, 128), "test/none", False, (0,)), resolution=64,
                             celeb_faces=faces)
