@@ -73,7 +73,7 @@ def test_rand2_is_two_vectors_from_two_distinct_names(seed):
     vec4, what4 = inv.init_vectors("rand2", TABLE, _tok, 4, names=NAMES, seed=seed)
     picked = [two_token[int(i)] for i in perm]
     assert torch.equal(vec4, torch.stack([TABLE[_tok(n)[j % 2]] for j, n in enumerate(picked)]))
-    assert len({n for n in picked}) == 4
+    assert len(set(picked)) == 4 and what4 == "rand2: " + ", ".join(f"{n}[{j % 2}]" for j, n in enumerate(picked))
     with pytest.raises(ValueError, match="init must be one of"):
         inv.init_vectors("celeb", TABLE, _tok, 2)
 
