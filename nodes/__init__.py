@@ -12,8 +12,8 @@ from .model_paths import register_model_folders
 log = logging.getLogger("facecond")
 
 _NODE_MODULES = ("weights_nodes", "faces", "face0_projection", "face0", "embeddings", "celebbasis_files", "celebbasis",
-                 "inversion", "ipadapter", "ipadapter_aggregate", "facechain", "facechain_tagging", "facechain_fusion",
-                 "evaluate")
+                 "inversion", "celeb_photos", "ipadapter", "ipadapter_aggregate", "facechain", "facechain_tagging",
+                 "facechain_fusion", "evaluate")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

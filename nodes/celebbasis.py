@@ -25,11 +25,20 @@ from ..py.celebbasis.coeffs import BasisFacts, CelebCoeffs, fp16_exact, save_mlp
 from ..py.celebbasis.train import WordTrainConfig, parse_identities, train_celeb_basis
 from ..py.faces.types import FaceEmbeds
 from . import model_cache
-from .celebbasis_files import FOLDER, CelebMLP, load_celeb_mlp, mlp_files, names_with_hash
+from .celebbasis_files import (
+    BUNDLED,
+    FOLDER,
+    CelebMLP,
+    load_celeb_mlp,
+    mlp_files,
+    names_inputs,
+    names_with_hash,
+    resolve_names,
+)
 from .common import CELEB_COEFFS, CELEB_MLP, FACE_EMBEDS, Progress, require_embeds, seed_input, steps_input
 from .paths import finite_floats, write_path
 from .pseudo_words import TextEncoder, add_pseudo_word, text_encoder
-from .training import normal_tensor, word_model
+from .training import normal_tensor, resolution_input, training_images, word_model
 
 log = logging.getLogger("facecond")
 
@@ -78,13 +87,17 @@ class CelebBasisCoeffs:
                           "mlp_name)."}),
             "coefficients": (CELEB_COEFFS, {"tooltip": "Saved coefficients (LoadCelebCoeffs); when connected, "
                              "face_embeds and the MLP are not used."}),
+            **_names_inputs_here(),
         }}
 
-    def apply(self, clip, pseudo_word, mlp_name, face_embeds=None, celeb_mlp=None, coefficients=None):
+    def apply(self, clip, pseudo_word, mlp_name, face_embeds=None, celeb_mlp=None, coefficients=None,
+              names_list=BUNDLED, names_text=""):
         node = "CelebBasisCoeffs"
+        given = None if names_list == BUNDLED and not (names_text or "").strip() else \
+            resolve_names(node, names_list, names_text)
         if coefficients is not None:
             c = coefficients
-            names = names_with_hash(c.facts.names_hash, node, "coefficients")
+            names = names_with_hash(c.facts.names_hash, node, "coefficients", given)
             basis, _ = basis_for(clip, names, c.facts.p, node)
             c.facts.check(basis, f"{node}: coefficients")
         else:
@@ -95,6 +108,11 @@ class CelebBasisCoeffs:
                 celeb_mlp = load_celeb_mlp(mlp_name, node, "mlp_name")
             if face_embeds is None:
                 raise ValueError(f"{node}: the coefficient MLP needs face_embeds; connect FaceEmbed.")
+            if given is not None and cb.names_hash(given) != celeb_mlp.facts.names_hash:
+                raise ValueError(f"{node}: names_list / names_text give a celebrity-name list ({len(given)} names, "
+                                 f"hash {cb.names_hash(given)}) other than the one the coefficient MLP was trained "
+                                 f"with ({len(celeb_mlp.names)} names, hash {celeb_mlp.facts.names_hash}). The MLP "
+                                 "carries its own list: leave names_list at 'bundled' and names_text empty.")
             basis, _ = basis_for(clip, list(celeb_mlp.names), celeb_mlp.facts.p, node)
             celeb_mlp.facts.check(basis, f"{node}: the coefficient MLP")
             device = model_cache.to_device(celeb_mlp.mlp)
@@ -106,12 +124,22 @@ class CelebBasisCoeffs:
         return (add_pseudo_word(clip, pseudo_word, vectors, node), c)
 
 
+def _names_inputs_here() -> dict:
+    spec = names_inputs()
+    spec["names_list"][1]["tooltip"] += (" CelebBasisCoeffs: only needed for coefficients whose list is not in "
+                                         "models/facecond/names; an MLP carries its own list.")
+    return spec
+
+
 def train_celeb_mlp(model, clip, vae, images, face_embeds: FaceEmbeds, *, identities: str, prompt_templates: str,
                     p: int, config: WordTrainConfig, save_name: str, resume: bool = False,
-                    node: str = "TrainCelebBasis", on_step=None) -> tuple[CelebMLP, str, str]:
+                    node: str = "TrainCelebBasis", on_step=None, names: list[str] | None = None,
+                    resolution: int = 0) -> tuple[CelebMLP, str, str]:
     """Check the inputs, build the trainer's callables from the ComfyUI objects, run ``train_celeb_basis`` and
-    write models/facecond/celebbasis/<save_name>.safetensors (+ .state.safetensors). Returns (CELEB_MLP, file
-    name relative to that folder, report). TrainCelebBasis and scripts/train_celebbasis.py run this."""
+    write models/facecond/celebbasis/<save_name>.safetensors (+ .state.safetensors). ``names``: the celebrity-name
+    list (None: the bundled one); ``resolution``: the side the photos are trained at (0: the model's native size).
+    Returns (CELEB_MLP, file name relative to that folder, report). TrainCelebBasis and
+    scripts/train_celebbasis.py run this."""
     path = write_path(node, "save_name", save_name, FOLDER, ".safetensors")
     state_path = write_path(node, "save_name", save_name, FOLDER, ".state.safetensors")
     n = images.shape[0]
@@ -121,7 +149,8 @@ def train_celeb_mlp(model, clip, vae, images, face_embeds: FaceEmbeds, *, identi
                          "(FaceDetectCrop select=largest, no_face=error).")
     ids = parse_identities(identities, n, node)
     templates = [t.strip() for t in prompt_templates.splitlines() if t.strip()]
-    names = cb.load_names()
+    names = list(names) if names is not None else cb.load_names()
+    images, size = training_images(model, images, resolution, node)
     basis, _ = basis_for(clip, names, p, node)
     # the server runs nodes under inference mode: tensors autograd saves must be normal ones (grad_safe)
     basis = dataclasses.replace(basis, mean=normal_tensor(basis.mean), basis=normal_tensor(basis.basis))
@@ -135,7 +164,8 @@ def train_celeb_mlp(model, clip, vae, images, face_embeds: FaceEmbeds, *, identi
     save_mlp(mlp, path, basis, embedder=face_embeds.model, names=names, steps=trainer.step)
     facts = BasisFacts(basis.p, basis.table_hash, basis.names_hash)
     losses = trainer.losses
-    report = (f"{node}: {trainer.step} steps, {max(ids) + 1} identities, {n} images, p={basis.p}; loss first "
+    report = (f"{node}: {trainer.step} steps, {max(ids) + 1} identities, {n} images at {size} px, {len(basis.names)} "
+              f"names, p={basis.p}; loss first "
               f"{losses[0]:.4f} last {losses[-1]:.4f}" if losses else f"{node}: nothing to do")
     return CelebMLP(mlp, face_embeds.model, tuple(names), facts), os.path.relpath(path, root), report
 
@@ -182,13 +212,18 @@ class TrainCelebBasis:
                           "models/facecond/celebbasis; the trainer state goes next to it as .state.safetensors."}),
             "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue from save_name's trainer state "
                        "if it exists."}),
+        }, "optional": {
+            "resolution": resolution_input(),
+            **names_inputs(),
         }}
 
     def train(self, model, clip, vae, images, face_embeds, identities, prompt_templates, steps, learning_rate, p,
-              seed, augment, save_name, resume):
+              seed, augment, save_name, resume, resolution=0, names_list=BUNDLED, names_text=""):
         node = "TrainCelebBasis"
+        names = resolve_names(node, names_list, names_text)
         return train_celeb_mlp(model, clip, vae, images, face_embeds, identities=identities,
                                prompt_templates=prompt_templates, p=p, save_name=save_name, resume=resume,
+                               names=names, resolution=resolution,
                                config=WordTrainConfig(steps=steps, lr=learning_rate, seed=seed, augment=augment),
                                node=node, on_step=Progress(steps, label=node))
 

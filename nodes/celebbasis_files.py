@@ -14,29 +14,81 @@ from ..py.celebbasis import basis as cb
 from ..py.celebbasis.coeffs import BasisFacts, CoeffMLP, load_coeffs, load_mlp, save_coeffs
 from . import model_cache
 from .common import CELEB_COEFFS
-from .paths import check_write_name, load_file
+from .paths import check_write_name, load_file, read_path
 
 CATEGORY = "facecond/celebbasis"
-FOLDER = "facecond_celebbasis"  # models/facecond/celebbasis: coefficient MLPs, names lists, saved identities
+FOLDER = "facecond_celebbasis"  # models/facecond/celebbasis: coefficient MLPs, saved identities (older name lists)
+NAMES_FOLDER = "facecond_names"  # models/facecond/names: celebrity-name lists (.txt, one name a line)
+BUNDLED = "bundled"  # the names_list choice for the pack's own list (data/celeb_names.txt)
+
+
+def names_list_files() -> list[str]:
+    """The .txt name lists in models/facecond/names (what the names_list dropdown offers after 'bundled')."""
+    if NAMES_FOLDER not in folder_paths.folder_names_and_paths:
+        return []
+    return [f for f in folder_paths.get_filename_list(NAMES_FOLDER) if f.endswith(".txt")]
+
+
+def names_inputs() -> dict:
+    """The two optional inputs every node that builds the celebrity-name basis (or draws from its names) takes."""
+    return {
+        "names_list": ([BUNDLED, *names_list_files()], {"default": BUNDLED, "tooltip": "Celebrity-name list: "
+                       "'bundled' = the pack's list; or a .txt file in models/facecond/names (one name a line, # "
+                       "comments), e.g. the Celeb Basis paper's list. names_text overrides it."}),
+        "names_text": ("STRING", {"default": "", "multiline": True, "tooltip": "Celebrity names typed here, one a "
+                       "line; when not empty they replace names_list."}),
+    }
+
+
+def resolve_names(node: str, names_list: str = BUNDLED, names_text: str = "") -> list[str]:
+    """The names the node uses: names_text when it has any text, else the names_list file (read inside
+    models/facecond/names only), else the bundled list. ValueError naming the node and the input."""
+    if names_text and names_text.strip():
+        try:
+            return cb.parse_names(names_text, "names_text")
+        except ValueError as e:
+            raise ValueError(f"{node}: names_text: {e}.") from None
+    if not names_list or names_list == BUNDLED:
+        return cb.load_names()
+    path = read_path(node, "names_list", NAMES_FOLDER, names_list)
+    if not path.endswith(".txt"):
+        raise ValueError(f"{node}: names_list {names_list!r} is not a .txt file; pick a name list (one name a line) "
+                         "from models/facecond/names, or 'bundled'.")
+    try:
+        return cb.load_names(path)
+    except ValueError as e:
+        raise ValueError(f"{node}: names_list {names_list!r}: {e}.") from None
 
 
 def names_files() -> dict[str, str]:
+    """Every name list a file's names hash may point at: the bundled list, models/facecond/names and (as before)
+    .txt files in models/facecond/celebbasis."""
     files = {"(pack list)": str(cb.NAMES_FILE)}
-    for root in folder_paths.get_folder_paths(FOLDER):
-        if os.path.isdir(root):
-            for f in sorted(os.listdir(root)):
-                if f.endswith(".txt"):
-                    files[f] = os.path.join(root, f)
+    for folder in (NAMES_FOLDER, FOLDER):
+        if folder not in folder_paths.folder_names_and_paths:
+            continue
+        for root in folder_paths.get_folder_paths(folder):
+            if os.path.isdir(root):
+                for f in sorted(os.listdir(root)):
+                    if f.endswith(".txt"):
+                        files.setdefault(f, os.path.join(root, f))
     return files
 
 
-def names_with_hash(h: str, node: str, what: str) -> list[str]:
+def names_with_hash(h: str, node: str, what: str, given: list[str] | None = None) -> list[str]:
+    """The name list whose hash is ``h``: ``given`` (the node's names inputs) first, then every known file."""
+    if given is not None and cb.names_hash(given) == h:
+        return given
     for path in names_files().values():
-        names = cb.load_names(path)
+        try:
+            names = cb.load_names(path)
+        except ValueError:  # a broken list in the folder is not the one we look for
+            continue
         if cb.names_hash(names) == h:
             return names
-    raise ValueError(f"{node}: {what} was made with a celebrity-name list (hash {h}) that is neither the pack's list "
-                     f"nor a .txt file in models/facecond/celebbasis. Put the list it was trained with there.")
+    raise ValueError(f"{node}: {what} was made with a celebrity-name list (hash {h}) that is neither the pack's list, "
+                     "the names_list / names_text given, nor a .txt file in models/facecond/names. Put the list it "
+                     "was trained with there (or paste it into names_text).")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ FACE_EMBEDS = "FACE_EMBEDS"  # py/faces/types.FaceEmbeds: (N, D) embeddings + th
 FACE0_PROJECTION = "FACE0_PROJECTION"  # py/face0/projection.Face0Projection
 CELEB_MLP = "CELEB_MLP"  # nodes/celebbasis_files.CelebMLP: coefficient MLP + what it was trained for
 CELEB_COEFFS = "CELEB_COEFFS"  # py/celebbasis/coeffs.CelebCoeffs: one identity's 2 x p coefficients
+CELEB_FACES = "CELEB_FACES"  # py/celebbasis/inversion.CelebFaces: one face embedding per celebrity name
 IPADAPTER = "FACECOND_IPADAPTER"  # py/ipadapter/adapter.IPAdapter
 REF_EMBEDS = "REF_EMBEDS"  # py/ipadapter/aggregate.RefEmbeds: reference embeddings for an IP-Adapter
 EVAL_SCORES = "EVAL_SCORES"  # py/evaluate/scores.ImageScores: per-image ID or CLIP scores

@@ -16,6 +16,7 @@ import torch
 
 from ..py.facechain import fusion, swap
 from ..py.faces import align
+from . import model_cache
 from .common import (
     FACE_EMBEDS,
     FACES,
@@ -30,7 +31,7 @@ from .common import (
     steps_input,
 )
 from .facechain import CATEGORY, check_faces, real_face
-from .faces import _insightface_roots
+from .faces import insightface_roots
 from .paths import finite_floats
 
 log = logging.getLogger("facecond")
@@ -198,7 +199,7 @@ class FacecondFaceFusion:
 
 def _swap_choices() -> list[str]:
     try:
-        return ["none", *swap.list_swappers(_insightface_roots())]
+        return ["none", *swap.list_swappers(insightface_roots())]
     except (OSError, ValueError) as e:  # a broken folder must not hide the node
         log.warning("[facecond] FaceFusion: could not list swap models: %s", e)
         return ["none"]
@@ -237,10 +238,12 @@ def _swapper(node: str, swap_model: str, template_embeds):
                          "with an ArcFace recogniser, e.g. buffalo_l/w600k_r50.onnx). Connect it, or set "
                          "swap_model to none.")
     try:
-        path = swap.resolve_swapper(_insightface_roots(), swap_model)
+        path = swap.resolve_swapper(insightface_roots(), swap_model)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{node}: {e}") from None
-    swapper = swap.Swapper(path)
+    swapper = model_cache.load("onnx-swapper", path, lambda p: swap.Swapper(p, model_cache.onnx_session(p)),
+                               lambda s: s.session)
+    model_cache.to_device(swapper.session)
     emb = require_embeds(node, "template_embeds", template_embeds, dim=swapper.embed_dim,
                          against=f"{swap_model} (emap {swapper.emap.shape[0]}x{swapper.emap.shape[1]}) takes",
                          fix="inswapper_128 takes buffalo_l/w600k_r50.onnx embeddings")

@@ -21,9 +21,10 @@ from ..py.facechain import tagging
 from ..py.faces import genderage
 from ..py.faces import onnx_pack as ifp
 from ..py.weights.manifest import WeightsError
+from . import model_cache
 from .common import FACES, Progress, image_to_numpy
 from .facechain import check_faces, real_face
-from .faces import _insightface_file, _insightface_roots
+from .faces import insightface_file, insightface_roots
 from .paths import write_path
 
 log = logging.getLogger("facecond")
@@ -35,14 +36,14 @@ _DATASET_FILE = re.compile(r"^(\d{4})\.(png|txt)$")
 
 
 def genderage_choices() -> list[str]:
-    found = ifp.list_models(_insightface_roots(), "genderage")
+    found = ifp.list_models(insightface_roots(), "genderage")
     return found + [f for f in PUBLISHED_GENDERAGE if f not in found]
 
 
 def _genderage_model(choice: str, node: str):
     """(session, mean, std) of the picked genderage file; ValueError naming the input, the file and the fixes."""
     try:
-        path = _insightface_file(choice, node, "genderage_model")
+        path = insightface_file(choice, node, "genderage_model")
     except (FileNotFoundError, WeightsError) as e:
         raise ValueError(f"{node}: genderage_model {choice!r} is not installed ({e}). Put insightface's "
                          "genderage.onnx (it ships in the buffalo_l pack) into ComfyUI/models/insightface/models/"
@@ -53,7 +54,9 @@ def _genderage_model(choice: str, node: str):
         raise ValueError(f"{node}: genderage_model {choice!r} is a {kind} model, not insightface's genderage "
                          "(96x96 input, 3 outputs); pick PACK/genderage.onnx.")
     mean, std = genderage.normalisation(path)
-    return ifp.cached_session(path), mean, std
+    session = model_cache.load("onnx-genderage", path, model_cache.onnx_session, lambda s: s)
+    model_cache.to_device(session)
+    return session, mean, std
 
 
 def write_dataset(folder: str, images: np.ndarray, captions: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ FACENET_MANIFEST = "facenet_vggface2"
 _MTCNN_FILES = {"pnet.pt", "rnet.pt", "onet.pt"}
 
 
-def _insightface_roots() -> list[str]:
+def insightface_roots() -> list[str]:
     return list(folder_paths.get_folder_paths("insightface"))
 
 
@@ -49,21 +49,21 @@ PUBLISHED_PACK_FILES = {
 
 
 def insightface_choices(kind: str) -> list[str]:
-    found = ifp.list_models(_insightface_roots(), kind)
+    found = ifp.list_models(insightface_roots(), kind)
     return found + [f for f in PUBLISHED_PACK_FILES[kind] if f not in found]
 
 
-def _insightface_file(choice: str, node: str, input_name: str):
+def insightface_file(choice: str, node: str, input_name: str):
     """Path of an insightface-pack file picked in a dropdown: found (either pack layout), or the published
     pack fetched through the manifest; a known file is checked against its manifest sha256."""
     pack = choice.rsplit("/", 1)[0] if "/" in choice else None
     try:
-        path = ifp.resolve_model(_insightface_roots(), choice)
+        path = ifp.resolve_model(insightface_roots(), choice)
     except FileNotFoundError as e:
         if pack is None or pack not in weights.load_manifest():
             raise FileNotFoundError(f"{node}: {input_name} {choice!r}: {e}") from None
         resolve_weight(pack, node=node)  # downloads the pack, or raises "put ... into ... (from URL)"
-        path = ifp.resolve_model(_insightface_roots(), choice)
+        path = ifp.resolve_model(insightface_roots(), choice)
     if pack is not None:
         pins = weights.pins_for("insightface", f"models/{choice}")
         if pins is not None:
@@ -79,7 +79,7 @@ def _detector(choice: str, node: str):
         det = model_cache.load("mtcnn", paths, lambda p: detect.MTCNN(*p), lambda d: d.nets)
         model_cache.to_device(det.nets)
         return det
-    path = _insightface_file(choice, node, "detector")
+    path = insightface_file(choice, node, "detector")
     kind = ifp.classify_file(path)
     if kind != "detection":
         raise ValueError(f"{node}: {choice} is a {kind} model, not a face detector; pick an SCRFD file "
@@ -216,7 +216,7 @@ class FacecondFaceEmbed:
             vecs = fn.embed(faces.crops_facenet, facenet_layer, device=device, progress=progress)
             model_id, default_norm = embed.FaceNet.model_id(facenet_layer), False
         else:
-            path = _insightface_file(model, node, "model")
+            path = insightface_file(model, node, "model")
             kind = ifp.classify_file(path)
             if kind != "recognition":
                 raise ValueError(f"{node}: {model} is a {kind} model, not a face recogniser; pick the pack's "

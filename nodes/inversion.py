@@ -21,10 +21,11 @@ from ..py.celebbasis.train import WordTrainConfig
 from ..py.celebbasis.train import train_face_ti as train_vectors
 from ..py.faces.types import FaceEmbeds
 from .celebbasis import DEFAULT_TEMPLATES, FOLDER
-from .common import FACE_EMBEDS, Progress, seed_input, steps_input
+from .celebbasis_files import BUNDLED, names_inputs, resolve_names
+from .common import CELEB_FACES, FACE_EMBEDS, Progress, seed_input, steps_input
 from .paths import finite_floats, write_path
 from .pseudo_words import text_encoder
-from .training import normal_tensor, word_model
+from .training import normal_tensor, resolution_input, training_images, word_model
 
 log = logging.getLogger("facecond")
 
@@ -52,12 +53,17 @@ def celeb_faces_path(model, clip, embedder: str, node: str) -> str:
 def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, embedder: str, *, steps: int = 20,
                            size: int = 512, seed: int = 0, prompt: str = FACE_PROMPT,
                            node: str = "PrecomputeCelebFaces") -> tuple[str, inv.CelebFaces]:
-    """Generate one image per name with this model, detect (largest face) and embed it; write the cache."""
+    """Generate one image per name with this model, detect (largest face) and embed it; write the cache.
+    A cache already written for the same names and settings is read instead of generated again."""
     import nodes
 
     from ..py.faces.crop import NoFaceError
     from .faces import FacecondFaceDetectCrop, FacecondFaceEmbed
 
+    settings = {"prompt": prompt, "steps": steps, "size": size, "seed": seed}
+    old = _reusable_cache(model, clip, names, detector, embedder, settings, node)
+    if old is not None:
+        return old
     detect, embed = FacecondFaceDetectCrop(), FacecondFaceEmbed()
     neg = nodes.CLIPTextEncode().encode(clip, "cartoon, drawing, painting, blurry, several people")[0]
     latent = nodes.EmptyLatentImage().generate(size, size, 1)[0]
@@ -87,13 +93,35 @@ def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, em
     embeds = torch.stack([r if r is not None else torch.full((dim,), float("nan")) for r in rows])
     faces_cache = inv.CelebFaces(embeds, torch.tensor([r is not None for r in rows]), tuple(names),
                                  model_hash(model, clip, node), model_id,
-                                 {"prompt": prompt, "steps": steps, "size": size, "seed": seed})
+                                 {**settings, "detector": detector, "embedder_choice": embedder})
     path = celeb_faces_path(model, clip, model_id, node)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     inv.save_celeb_faces(faces_cache, path)
     log.info("[facecond] %s: %d of %d names gave a face; wrote %s", node, int(faces_cache.found.sum()), len(names),
              path)
     return path, faces_cache
+
+
+def _reusable_cache(model, clip, names, detector, embedder, settings, node):
+    """(path, CelebFaces) of an existing cache for exactly these names and settings, else None. The cache file is
+    keyed by the embedder's model id, known only after a face is embedded: every cache of this model is tried."""
+    folder = folder_paths.get_folder_paths(FOLDER)[0]
+    prefix = f"celeb_faces_{model_hash(model, clip, node)}_"
+    if not os.path.isdir(folder):
+        return None
+    want = {**{k: str(v) for k, v in settings.items()}, "detector": detector}
+    for f in sorted(os.listdir(folder)):
+        if not (f.startswith(prefix) and f.endswith(".safetensors")):
+            continue
+        try:
+            c = inv.load_celeb_faces(os.path.join(folder, f))
+        except ValueError:
+            continue
+        if c.names == tuple(names) and all(c.extra.get(k) == v for k, v in want.items()) \
+                and c.extra.get("embedder_choice") == embedder:
+            log.info("[facecond] %s: reusing %s", node, f)
+            return os.path.join(folder, f), c
+    return None
 
 
 class PrecomputeCelebFaces:
@@ -105,9 +133,10 @@ class PrecomputeCelebFaces:
     CATEGORY = CATEGORY
     FUNCTION = "precompute"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
-    OUTPUT_TOOLTIPS = ("How many names gave a face, and the cache file.",)
+    RETURN_TYPES = ("STRING", CELEB_FACES)
+    RETURN_NAMES = ("report", "celeb_faces")
+    OUTPUT_TOOLTIPS = ("How many names gave a face, and the cache file.",
+                       "The model's portraits' face embeddings: CelebPhotoFaces' generated_faces (the filter).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -125,13 +154,14 @@ class PrecomputeCelebFaces:
             "steps": steps_input("Sampling steps per celebrity.", most=200),
             "size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Image side in pixels."}),
             "seed": seed_input("Seed of the first name (name i uses seed + i).", control_after_generate=False),
-        }}
+        }, "optional": names_inputs()}
 
-    def precompute(self, model, clip, vae, detector, embedder, steps, size, seed):
-        path, c = precompute_celeb_faces(model, clip, vae, cb.load_names(), detector, embedder, steps=steps,
-                                         size=size, seed=seed)
-        return (f"PrecomputeCelebFaces: {int(c.found.sum())} of {len(c.names)} names gave a face; "
-                f"{os.path.basename(path)}",)
+    def precompute(self, model, clip, vae, detector, embedder, steps, size, seed, names_list=BUNDLED, names_text=""):
+        node = "PrecomputeCelebFaces"
+        names = resolve_names(node, names_list, names_text)
+        path, c = precompute_celeb_faces(model, clip, vae, names, detector, embedder, steps=steps, size=size,
+                                         seed=seed, node=node)
+        return (f"{node}: {int(c.found.sum())} of {len(c.names)} names gave a face; {os.path.basename(path)}", c)
 
 
 def face_vector(fe: FaceEmbeds, node: str) -> torch.Tensor:
@@ -141,10 +171,14 @@ def face_vector(fe: FaceEmbeds, node: str) -> torch.Tensor:
 
 def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbeds | None, *, init: str,
                   num_vectors: int, reparam: str, prompt_templates: str, config: WordTrainConfig, save_name: str,
-                  node: str = "TrainFaceTI", progress=None):
+                  node: str = "TrainFaceTI", progress=None, names: list[str] | None = None, resolution: int = 0,
+                  celeb_faces: inv.CelebFaces | None = None):
     """Check the inputs, pick the start vectors, build the trainer's callables from the ComfyUI objects, run
     ``py/celebbasis/train.train_face_ti`` on ``images`` (N, H, W, 3) and write
-    ``models/embeddings/<save_name>.safetensors``. Returns (file path, vectors (K, d), losses, init description).
+    ``models/embeddings/<save_name>.safetensors``. ``names``: the celebrity-name list for rand2 / the generated
+    cache (None: the bundled one); ``resolution``: the side the photos are trained at (0: the model's native
+    size); ``celeb_faces``: celebrity faces for init='id' (CelebPhotoFaces: real photos; else the generated
+    cache). Returns (file path, vectors (K, d), losses, init description).
     TrainFaceTI and scripts/train_face_ti.py run this."""
     seed = config.seed
     if not NAME_RE.match(save_name):
@@ -161,11 +195,21 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
     if not templates:
         raise ValueError(f"{node}: prompt_templates is empty; give at least one line with {{}}.")
     enc = text_encoder(clip, node)
-    names = cb.load_names()
-    celeb_faces, face = None, None
+    names = list(names) if names is not None else cb.load_names()
+    face = None
     if init == "id":
         if not isinstance(face_embeds, FaceEmbeds) or len(face_embeds) == 0:
             raise ValueError(f"{node}: init='id' needs face_embeds of the person; connect FaceEmbed.")
+        face = face_vector(face_embeds, node)
+    if init == "id" and celeb_faces is not None:
+        if not isinstance(celeb_faces, inv.CelebFaces):
+            raise ValueError(f"{node}: celeb_faces must come from CelebPhotoFaces or PrecomputeCelebFaces, got "
+                             f"{type(celeb_faces).__name__}.")
+        if celeb_faces.embedder != face_embeds.model:
+            raise ValueError(f"{node}: celeb_faces were embedded with {celeb_faces.embedder!r} but face_embeds with "
+                             f"{face_embeds.model!r}; pick the same FaceEmbed model in both.")
+        names = list(celeb_faces.names)
+    elif init == "id":
         path = celeb_faces_path(model, clip, face_embeds.model, node)
         if not os.path.isfile(path):
             raise ValueError(f"{node}: init='id' needs celebrity face embeddings for this checkpoint and embedder "
@@ -175,15 +219,16 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
             celeb_faces = inv.load_celeb_faces(path)
         except ValueError as e:
             raise ValueError(f"{node}: init='id': {e} Or run PrecomputeCelebFaces again.") from None
-        face = face_vector(face_embeds, node)
     start, what = inv.init_vectors(init, enc.table(), enc.tokenize, num_vectors, names=names, seed=seed,
                                    celeb_faces=celeb_faces, face=face)
+    images, size = training_images(model, images, resolution, node)
     wm = word_model(model, clip, vae, templates, node, k=num_vectors)
     final, losses = train_vectors(wm, normal_tensor(start), images, config, reparam=reparam, on_step=progress,
                                   check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
     path = write_path(node, "save_name", save_name, "embeddings", ".safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     inv.save_embedding(final, path, enc.key, {"init": what, "reparam": reparam, "steps": len(losses),
+                                              "resolution": size,
                                               "seed": seed, "losses": losses[-10:],
                                               "table_hash": cb.table_hash(enc.table()),
                                               "face_embedder": face_embeds.model if face_embeds else ""})
@@ -192,10 +237,11 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
 
 class TrainFaceTI:
     DESCRIPTION = ("Face textual inversion (Livshits 2023): learns K token vectors for a person from a few photos "
-                   "with the plain denoising loss on this model (model and CLIP frozen). Init 'face' ('human "
-                   "face'), 'rand2' (a random celebrity name) or 'id' (the celebrity who looks most like the person: "
-                   "needs PrecomputeCelebFaces once); optional log-norm reparameterisation v = a^n·d/||d||, else l2 "
-                   "0.01; Adam β = (0.9, 0.98). Writes models/embeddings/<save_name>.safetensors: write "
+                   "with the plain denoising loss on this model (model and CLIP frozen), at the model's resolution. "
+                   "Init 'face' ('human face'), 'rand2' (two random celebrity names: a first name and a last name) "
+                   "or 'id' (the celebrity who looks most like the person: CelebPhotoFaces from real photos, or "
+                   "PrecomputeCelebFaces once); optional log-norm reparameterisation v = a^n·d/||d||, else l2 0.01; "
+                   "Adam β = (0.9, 0.98). Writes models/embeddings/<save_name>.safetensors: write "
                    "embedding:<save_name> in any prompt. Deterministic for a seed; cancel any time.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
@@ -218,7 +264,8 @@ class TrainFaceTI:
             "vae": ("VAE", {"tooltip": "Encodes the photos to latents."}),
             "images": ("IMAGE", {"tooltip": "Photos of the person (face crops work best; the paper uses 8)."}),
             "init": (list(inv.INIT_MODES), {"default": "face", "tooltip": "Start vectors: 'face' = 'human face', "
-                     "'rand2' = a random celebrity name, 'id' = the most similar celebrity (needs face_embeds and "
+                     "'rand2' = the first-name token of one random celebrity and the last-name token of another, "
+                     "'id' = the most similar celebrity (needs face_embeds, and celeb_faces or "
                      "PrecomputeCelebFaces once)."}),
             "num_vectors": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip": "K: tokens the word takes."}),
             "reparam": (list(inv.REPARAM), {"default": "log_norm_e", "tooltip": "log_norm_2 / log_norm_e learn "
@@ -228,7 +275,7 @@ class TrainFaceTI:
             "steps": steps_input("Optimiser steps (paper: 400).", default=400, most=100000),
             "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
                               "tooltip": "Adam learning rate."}),
-            "seed": seed_input("Fixes the rand2 name, noise, timesteps, templates and augmentation.",
+            "seed": seed_input("Fixes the rand2 names, noise, timesteps, templates and augmentation.",
                                control_after_generate=False),
             "augment": ("BOOLEAN", {"default": True, "tooltip": "Colour jitter, random resize and shift."}),
             "save_name": ("STRING", {"default": "face_ti_person", "tooltip": "Embedding name (letters, digits, _ -): "
@@ -236,15 +283,24 @@ class TrainFaceTI:
         }, "optional": {
             "face_embeds": (FACE_EMBEDS, {"tooltip": "The person's face embeddings (FaceEmbed); needed for "
                             "init='id'."}),
+            "resolution": resolution_input(),
+            **names_inputs(),
+            "celeb_faces": (CELEB_FACES, {"tooltip": "init='id': the celebrities to compare the person with, from "
+                            "CelebPhotoFaces (real photos, one sub-folder per name; the paper's way) or "
+                            "PrecomputeCelebFaces. Not connected: the cache PrecomputeCelebFaces wrote for this "
+                            "checkpoint."}),
         }}
 
     def train(self, model, clip, vae, images, init, num_vectors, reparam, prompt_templates, steps, learning_rate,
-              seed, augment, save_name, face_embeds=None):
+              seed, augment, save_name, face_embeds=None, resolution=0, names_list=BUNDLED, names_text="",
+              celeb_faces=None):
         node = "TrainFaceTI"
+        names = resolve_names(node, names_list, names_text)
         _, _, losses, what = train_face_ti(
             model, clip, vae, images, face_embeds, init=init, num_vectors=num_vectors, reparam=reparam,
             prompt_templates=prompt_templates, save_name=save_name, node=node, progress=Progress(steps, label=node),
-            config=WordTrainConfig(steps=steps, lr=learning_rate, seed=seed, augment=augment))
+            config=WordTrainConfig(steps=steps, lr=learning_rate, seed=seed, augment=augment), names=names,
+            resolution=resolution, celeb_faces=celeb_faces)
         report = (f"{node}: {len(losses)} steps, {images.shape[0]} images, K={num_vectors}, init {what}, "
                   f"reparam {reparam}; loss first {losses[0]:.4f} last {losses[-1]:.4f}; use embedding:{save_name}")
         return (clip.clone(), save_name, report)

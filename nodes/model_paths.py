@@ -24,6 +24,7 @@ MODEL_FOLDERS: dict[str, tuple[str, set[str]]] = {
     "insightface": ("insightface", {".onnx"}),
     "facecond_face0": ("facecond/face0", _PT),
     "facecond_celebbasis": ("facecond/celebbasis", _PT),
+    "facecond_names": ("facecond/names", {".txt"}),  # celebrity-name lists (Celeb Basis, face TI), one name a line
     "facecond_aggregators": ("facecond/aggregators", _PT),
     "facecond_embeds": ("facecond/embeds", {".safetensors"}),  # saved identities
     "facecond_clip_score": ("facecond/clip_score", set()),  # CLIP models (transformers folders) for CLIPScore

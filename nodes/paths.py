@@ -35,6 +35,8 @@ def folder_root(folder: str) -> str:
         return folder_paths.get_output_directory()
     if folder == "temp":
         return folder_paths.get_temp_directory()
+    if folder == "input":
+        return folder_paths.get_input_directory()
     return folder_paths.get_folder_paths(folder)[0]
 
 
@@ -67,6 +69,26 @@ def read_path(node: str, input_name: str, folder: str, name: str) -> str:
     if path is None or not os.path.isfile(path):
         raise ValueError(f"{node}: {input_name} {name!r} is not in {folders}. Put the file there and refresh the "
                          "node list (press R in the canvas), or pick another file.")
+    return path
+
+
+def read_dir(node: str, input_name: str, name: str, folder: str = "input") -> str:
+    """Full path of the existing sub-folder ``name`` of ``folder``'s root (ComfyUI's input folder by default);
+    absolute paths, ``..`` and names outside the root are refused, as for writes. ValueError naming node and
+    input."""
+    root = folder_root(folder)
+    reason = name_problem(name)
+    path = None
+    if reason is None:
+        try:
+            path = join_under(root, name.strip())
+        except ValueError as e:
+            reason = getattr(e, "reason", str(e))
+    if reason is None and not os.path.isdir(path):
+        reason = "is not a folder there"
+    if reason is not None:
+        raise ValueError(f"{node}: {input_name} {name!r} {reason}. Give a folder inside {root} by its relative "
+                         "name, e.g. 'celeb_photos'.")
     return path
 
 

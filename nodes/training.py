@@ -136,6 +136,32 @@ def encode_images(vae, model, images: torch.Tensor) -> torch.Tensor:
     return lat.clone()
 
 
+def native_resolution(model) -> int:
+    """The image side a checkpoint was trained at: 768 for SD2.x v-prediction models (SD 2.0/2.1 768-v), else
+    512 (SD1.x, SD 2.x-base)."""
+    ms = model.get_model_object("model_sampling")
+    conf = type(getattr(model.model, "model_config", None)).__name__
+    return 768 if isinstance(ms, comfy.model_sampling.V_PREDICTION) and conf.startswith("SD2") else 512
+
+
+def training_images(model, images: torch.Tensor, resolution: int, node: str) -> tuple[torch.Tensor, int]:
+    """(images as resolution x resolution squares, the side used): resolution 0 = the model's native size."""
+    from ..py.celebbasis.train import square_images
+
+    size = native_resolution(model) if not resolution else int(resolution)
+    if size < 64 or size % 8:
+        raise ValueError(f"{node}: resolution {size} must be 0 (the model's native size) or a multiple of 8 of at "
+                         "least 64.")
+    with torch.inference_mode(False):
+        return square_images(images, size), size
+
+
+def resolution_input() -> tuple:
+    return ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Side (px) the photos are trained "
+            "at: the centred square of each is resized to it. 0 = the model's native size (512 for SD1.x and SD "
+            "2.x-base, 768 for SD 2.x-v), as the papers train; smaller is faster."})
+
+
 def word_model(model, clip, vae, templates: list[str], node: str, k: int = 2) -> WordModel:
     """A ComfyUI MODEL / CLIP / VAE as the trainers' ``WordModel``: the model's denoiser and sigma table, the VAE
     encoder, and ``templates`` (each with one ``{}``) encoded through a trainable clone of the CLIP with k vectors

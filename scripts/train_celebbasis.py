@@ -38,6 +38,9 @@ def common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-augment", action="store_true", help="no colour jitter / resize / shift")
     ap.add_argument("--templates", help="text file of prompt templates, one per line with {} (default: the node's)")
+    ap.add_argument("--resolution", type=int, default=0,
+                    help="side (px) the face crops are taken and trained at; 0: the model's native size (SD1.x: 512)")
+    ap.add_argument("--names", help="celebrity-name list, a text file with one name a line (default: the pack's list)")
 
 
 def import_comfy(comfyui: str | None, base_dir: str | None, cpu: bool):
@@ -80,11 +83,26 @@ def load_photos(folder: str):
     return out
 
 
-def faces_of(photos, detector: str, embedder: str):
-    """(crops (N, 160, 160, 3), FaceEmbeds (N, D)): the largest face of each photo, through the pack's nodes."""
+def scaled_affine(m, size: int, base: int = 160):
+    """An image->crop matrix for a ``base`` px crop, made for the same crop at ``size`` px (pixel centres kept:
+    u' + 0.5 = s (u + 0.5))."""
+    import numpy as np
+
+    s = size / base
+    out = np.asarray(m, np.float64) * s
+    out[:, 2] += 0.5 * (s - 1.0)
+    return out
+
+
+def faces_of(photos, detector: str, embedder: str, size: int = 160):
+    """(crops (N, size, size, 3), FaceEmbeds (N, D)): the largest face of each photo, through the pack's nodes;
+    the crop is FaceDetectCrop's FaceNet margin crop, taken again from the photo at ``size`` px (not upscaled
+    from its 160 px crop)."""
+    import numpy as np
     import torch
 
     from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+    from facecond.py.faces.align import warp_crop
     from facecond.py.faces.types import FaceEmbeds
 
     crops, rows, model_id, normalized = [], [], None, True
@@ -92,12 +110,35 @@ def faces_of(photos, detector: str, embedder: str):
         faces = FacecondFaceDetectCrop().detect(img, detector=detector, select="largest", face_index=0, min_size=40,
                                                 margin_scale=1.0, upright="rotate_if_no_face", no_face="error")[0]
         fe = FacecondFaceEmbed().embed(faces, embedder, "bottleneck_512", "auto")[0]
-        crops.append(faces.crops_facenet[:1])
+        if size == faces.crops_facenet.shape[1]:
+            crops.append(faces.crops_facenet[:1])
+        else:
+            m = scaled_affine(faces.affine_facenet[0].numpy(), size, faces.crops_facenet.shape[1])
+            crop = warp_crop(img[0].numpy().astype(np.float32), m, size)
+            crops.append(torch.from_numpy(np.clip(crop, 0.0, 1.0))[None].float())
         rows.append(fe.embeds[:1])
         model_id, normalized = fe.model, fe.normalized
         log.info("[facecond] %s: face found", name)
     embeds = torch.cat(rows)
     return torch.cat(crops), FaceEmbeds(embeds, model_id, normalized, tuple(range(len(rows))))
+
+
+def names_arg(path: str | None):
+    """The --names list (None: the pack's list); a bad file ends the run with the reason."""
+    if not path:
+        return None
+    from facecond.py.celebbasis import basis as cb
+
+    try:
+        return cb.load_names(path)
+    except ValueError as e:
+        raise SystemExit(f"--names: {e}") from None
+
+
+def crop_size(model, resolution: int) -> int:
+    from facecond.nodes.training import native_resolution
+
+    return int(resolution) if resolution else native_resolution(model)
 
 
 def templates_text(path: str | None, default: str) -> str:
@@ -120,13 +161,16 @@ def main(argv: list[str] | None = None) -> str:
     from facecond.nodes.common import Progress
     from facecond.py.celebbasis.train import WordTrainConfig
 
+    names = names_arg(args.names)
     model, clip, vae = load_checkpoint(args.checkpoint)
-    crops, embeds = faces_of(load_photos(args.photos), args.detector, args.embedder)
+    size = crop_size(model, args.resolution)
+    crops, embeds = faces_of(load_photos(args.photos), args.detector, args.embedder, size)
     config = WordTrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, augment=not args.no_augment)
     _, name, report = train_celeb_mlp(model, clip, vae, crops, embeds, identities=args.identities,
                                       prompt_templates=templates_text(args.templates, DEFAULT_TEMPLATES), p=args.p,
                                       config=config, save_name=args.save_name, resume=args.resume,
-                                      on_step=Progress(args.steps, label="TrainCelebBasis"))
+                                      on_step=Progress(args.steps, label="TrainCelebBasis"), names=names,
+                                      resolution=size)
     log.info("[facecond] %s", report)
     path = str(Path(folder_paths.get_folder_paths(FOLDER)[0]) / name)
     print(path)

@@ -31,19 +31,37 @@ _CACHE: dict[tuple[str, str, int], CelebBasis] = {}
 _CACHE_SIZE = 4
 
 
-def load_names(path: str | Path | None = None) -> list[str]:
-    """Names from a text file (one per line, ``#`` comments), whitespace-normalised, case-insensitive dedup."""
-    path = Path(path) if path else NAMES_FILE
-    if not path.is_file():
-        raise ValueError(f"celebrity name list {path} not found")
+def parse_names(text: str, source: str = "names text") -> list[str]:
+    """Names from text (one per line, ``#`` comments), whitespace-normalised, case-insensitive dedup.
+    ValueError naming ``source`` when no name is left (an empty list cannot span a basis)."""
     seen, out = set(), []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         name = " ".join(line.split())
         if not name or name.startswith("#") or name.lower() in seen:
             continue
         seen.add(name.lower())
         out.append(name)
+    if not out:
+        raise ValueError(f"celebrity name list {source} has no names: write one name per line (e.g. 'Tom Hanks'); "
+                         "lines starting with # are comments")
     return out
+
+
+def load_names(path: str | Path | None = None) -> list[str]:
+    """Names from a text file (see ``parse_names``); the pack's bundled list when ``path`` is None.
+    ValueError naming the file when it is missing, not UTF-8 text, or holds no names."""
+    path = Path(path) if path else NAMES_FILE
+    if not path.is_file():
+        raise ValueError(f"celebrity name list {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"celebrity name list {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it "
+                         "as UTF-8, one name per line") from None
+    if "\0" in text:
+        raise ValueError(f"celebrity name list {path} contains NUL bytes (a binary file?); give a text file, "
+                         "one name per line")
+    return parse_names(text, str(path))
 
 
 def names_hash(names: Sequence[str]) -> str:

@@ -3,11 +3,14 @@
 
 K learned token vectors stand for a person. Three initialisations:
 - ``face``: the token embeddings of the phrase "human face" (repeated cyclically to K vectors);
-- ``rand2``: the first two token embeddings of a random (seeded) celebrity name of the pack's list, i.e. two
-  random celebrity-name vectors (K > 2: further names are drawn);
-- ``id``: those of the celebrity whose face is closest (cosine of face-recognition embeddings) to the person's.
-  The celebrities' faces come from images the *loaded* model generates for each name, embedded once and cached
-  per model (``CelebFaces`` files, see below).
+- ``rand2``: "two random vectors from the vectorised celebrity names": K distinct names drawn with a seeded
+  generator, vector j from name j, its first-name token for even j and its last-name token for odd j (a
+  random first name with a random last name: the paper's intuition is that a person is a first and last name);
+- ``id``: the first two token embeddings of the celebrity whose face is closest (cosine of face-recognition
+  embeddings) to the person's. The celebrities' faces are either the mean embedding of real photos of each
+  (``celeb_faces_from_photos``; the paper: "images of celebrities, filtered by face recognition against the
+  model's own generations", ``filter_by_generated``), or the images the *loaded* model generates for each name,
+  embedded once and cached per model (``CelebFaces`` files, see below).
 
 Optional log-norm reparameterisation: learn a direction d and a log-norm n, ``v = a^n · d/||d||`` (a = 2 or e),
 which keeps ||v|| near the vocabulary's norms; the gradient is ``∇_n L = ∇_v L · d/||d|| · a^n · ln a``.
@@ -90,9 +93,11 @@ def init_vectors(mode: str, table: torch.Tensor, tokenize: Callable[[str], list[
     kept, ids = name_token_pairs(names, tokenize)
     if not kept:
         raise ValueError("face TI: no celebrity name has two tokens; check the names list")
-    if mode == "rand2":
+    if mode == "rand2":  # K distinct names (cycled when the list is shorter); name j gives token j % 2
         g = torch.Generator().manual_seed(int(seed))
-        picks = torch.randperm(len(kept), generator=g)[:math.ceil(k / 2)]
+        picks = _cycle(torch.randperm(len(kept), generator=g), k)
+        rows = t[ids[picks, torch.arange(k) % 2]]
+        return rows.clone(), "rand2: " + ", ".join(f"{kept[int(i)]}[{j % 2}]" for j, i in enumerate(picks))
     else:
         if celeb_faces is None or face is None:
             raise ValueError("face TI: init='id' needs the celebrity face cache and the person's face embedding")
@@ -126,6 +131,56 @@ class CelebFaces:
         e = torch.nn.functional.normalize(self.embeds[[max(i, 0) for i in idx]].nan_to_num(0.0), dim=-1)
         cos = e @ torch.nn.functional.normalize(face.float().flatten(), dim=0)
         return int(torch.where(ok, cos, torch.full_like(cos, -2.0)).argmax())
+
+
+def celeb_faces_from_photos(names: Sequence[str], embeds: Sequence[torch.Tensor | None], embedder: str,
+                            source: str = "") -> CelebFaces:
+    """``CelebFaces`` from real photos: row i is the mean of name i's photo embeddings (each (n_i, D), rows
+    L2-normalised first, the mean normalised again: a cosine centroid); None or an empty tensor (no face found in
+    that name's photos) gives a NaN row that ``closest`` skips."""
+    if len(names) != len(embeds) or not names:
+        raise ValueError(f"celebrity photos: {len(names)} names but {len(embeds)} embedding sets; need one per name")
+    dims = {int(e.shape[-1]) for e in embeds if e is not None and e.numel()}
+    if len(dims) != 1:
+        raise ValueError("celebrity photos: no face in any name's photos" if not dims else
+                         f"celebrity photos: embeddings of different widths {sorted(dims)}; embed with one model")
+    dim = dims.pop()
+    rows, found = [], []
+    for e in embeds:
+        if e is None or not e.numel():
+            rows.append(torch.full((dim,), float("nan")))
+            found.append(False)
+            continue
+        unit = torch.nn.functional.normalize(e.detach().float().reshape(-1, dim), dim=-1)
+        rows.append(torch.nn.functional.normalize(unit.mean(0), dim=0))
+        found.append(True)
+    return CelebFaces(torch.stack(rows), torch.tensor(found), tuple(names), "photos", embedder, {"source": source})
+
+
+def filter_by_generated(photos: CelebFaces, generated: CelebFaces, threshold: float) -> tuple[CelebFaces, list[str]]:
+    """The paper's filter (Livshits 2023: celebrities' images "filtered by face recognition against the model's
+    own generations"): keep a name only when the model's generated portrait of it has a face whose cosine with
+    the name's photo centroid is at least ``threshold`` (a name the model cannot draw recognisably would start
+    the inversion from a vector that does not mean that face). Returns (the kept faces, the dropped names)."""
+    if photos.embeds.shape[1] != generated.embeds.shape[1]:
+        raise ValueError(f"celebrity filter: the photos are embedded {photos.embeds.shape[1]}-d ({photos.embedder}) "
+                         f"but the generated faces {generated.embeds.shape[1]}-d ({generated.embedder}); use the "
+                         "same face recogniser for both")
+    row = {n: i for i, n in enumerate(generated.names)}
+    gen = torch.nn.functional.normalize(generated.embeds.float().nan_to_num(0.0), dim=-1)
+    keep, dropped = [], []
+    for i, name in enumerate(photos.names):
+        j = row.get(name)
+        ok = bool(photos.found[i]) and j is not None and bool(generated.found[j])
+        if ok:
+            cos = float(gen[j] @ torch.nn.functional.normalize(photos.embeds[i].float(), dim=0))
+            ok = cos >= threshold
+        keep.append(ok)
+        if bool(photos.found[i]) and not ok:
+            dropped.append(name)
+    found = photos.found & torch.tensor(keep, dtype=torch.bool)
+    extra = {**photos.extra, "filter": f"generated>={threshold:g} ({generated.model_hash})"}
+    return CelebFaces(photos.embeds, found, photos.names, photos.model_hash, photos.embedder, extra), dropped
 
 
 def fingerprint(tensors: Sequence[torch.Tensor]) -> str:

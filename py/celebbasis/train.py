@@ -63,6 +63,25 @@ def parse_identities(text: str, n: int, node: str) -> list[int]:
     return [order.index(s) for s in labels]
 
 
+def square_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, H, W, C) images in [0, 1] -> (N, size, size, 3): the centred square of each, resized (bicubic with
+    antialiasing, clamped to [0, 1]). Both papers train at the model's own resolution (SD: 512 px, 64 x 64
+    latents); a 160 px face crop would give 20 x 20 latents, a size the UNet rarely saw."""
+    if images.ndim != 4 or images.shape[-1] < 3:
+        raise ValueError(f"training images must be (N, H, W, 3), got {tuple(images.shape)}")
+    if size < 8 or size % 8:
+        raise ValueError(f"training resolution must be a multiple of 8 (the VAE's factor), at least 8; got {size}")
+    x = images[..., :3].movedim(-1, 1).float()
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    x = x[..., top:top + s, left:left + s]
+    if s != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
+                                            align_corners=False).clamp(0.0, 1.0)
+    return x.movedim(1, -1).contiguous()
+
+
 def image_latents(model: WordModel, images: torch.Tensor, augment: bool) -> Callable[[int, torch.Generator],
                                                                                       torch.Tensor]:
     """latent(i, g): image i's (1, C, h, w) latent on the model's device; augmented with g, or encoded once."""

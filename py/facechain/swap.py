@@ -152,9 +152,11 @@ def swap_latent(embedding: np.ndarray, emap: np.ndarray) -> np.ndarray:
 class Swapper:
     """An onnxruntime session of a swap model plus its emap."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, session=None):
+        """``session``: an onnxruntime session (or ``onnx_pack.SessionModule``) for ``path``; a CPU one by default.
+        The nodes pass one from their model cache, which frees it with ComfyUI's model management."""
         self.path = Path(path)
-        self.session = onnx_pack.cached_session(self.path)
+        self.session = session if session is not None else onnx_pack.make_session(self.path)
         self.emap = last_initializer(self.path)
         ins = self.session.get_inputs()
         if len(ins) != 2 or self.emap.ndim != 2:

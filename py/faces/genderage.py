@@ -13,7 +13,8 @@ answer here as in insightface:
 - output ``[p_female, p_male, age / 100]``: gender = argmax of the first two (insightface: 1 = male),
   age = round(100 * third).
 
-The session comes from ``py/faces/onnx_pack.py`` (``cached_session``); onnxruntime is imported lazily there.
+The session is any onnxruntime session (the node passes one from its model cache, ``nodes/model_cache.py``);
+onnxruntime is imported lazily in ``py/faces/onnx_pack.py``.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class SessionModule(nn.Module):
 
 def classify(session) -> str:
     """Kind of a model from an onnxruntime session's shapes (insightface's rule, see classify_shapes)."""
-    return classify_shapes(list(session.get_inputs()[0].shape), len(session.get_outputs()))
+    return classify_shapes(list(session.get_inputs()[0].shape), len(session.get_outputs()), len(session.get_inputs()))
 
 
 def _pack_files(folder: Path) -> list[Path]:
@@ -228,11 +228,14 @@ def onnx_io(path: str | os.PathLike) -> tuple[list[list[int | str]], int]:
     return _read(path, fn)
 
 
-def classify_shapes(input_shape: list, n_outputs: int) -> str:
-    """'detection', 'recognition', 'landmark', 'genderage' or 'unknown' (insightface model_zoo's rule)."""
+def classify_shapes(input_shape: list, n_outputs: int, n_inputs: int = 1) -> str:
+    """'detection', 'recognition', 'landmark', 'genderage', 'swap' or 'unknown' (insightface model_zoo's rule:
+    two inputs at 128x128 is an inswapper-style face swap, not a recogniser)."""
     if n_outputs >= 5:
         return "detection"
     hw = list(input_shape[2:4])
+    if n_inputs == 2 and hw == [128, 128]:
+        return "swap"
     if len(hw) == 2 and hw[0] == hw[1] and isinstance(hw[0], int):
         return {192: "landmark", 96: "genderage"}.get(hw[0], "recognition" if hw[0] >= 112 else "unknown")
     return "unknown"
@@ -247,7 +250,7 @@ def classify_file(path: str | os.PathLike) -> str:
     if key not in _KINDS:
         try:
             ins, n_out = onnx_io(path)
-            _KINDS[key] = classify_shapes(ins[0] if ins else [], n_out)
+            _KINDS[key] = classify_shapes(ins[0] if ins else [], n_out, len(ins))
         except (ValueError, IndexError, OSError) as e:
             log.warning("[facecond] could not read %s as ONNX: %s", path, e)
             _KINDS[key] = "unknown"

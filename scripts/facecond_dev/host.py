@@ -159,8 +159,9 @@ def use_stand_ins(prompt: dict, base: Path) -> dict:
 
 # Small enough for a CPU test run: 64x64 latents and 2 steps for every sampler and trainer of the examples.
 QUICK = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2},
-         "FacecondThreeWayCFGSampler": {"steps": 2}, "FacecondTrainCelebBasis": {"steps": 2},
-         "FacecondTrainFaceTI": {"steps": 2}}
+         "FacecondThreeWayCFGSampler": {"steps": 2},
+         "FacecondTrainCelebBasis": {"steps": 2, "resolution": 64},
+         "FacecondTrainFaceTI": {"steps": 2, "resolution": 64}}
 
 
 def quick_prompt(workflow: Path, object_info: dict, base: Path, overrides: dict | None = None) -> dict:

@@ -132,7 +132,7 @@ def test_trainer_end_to_end(tiny_model, train_inputs, basis):
     unet_before = {k: v.clone() for k, v in list(model.model.diffusion_model.state_dict().items())[:6]}
     table_before = text_encoder(clip, "t").table().clone()
     mlp, name, report = TrainCelebBasis().train(model, clip, vae, images, fe, "a,a,b", "a photo of {}", 1, 0.01,
-                                                P, 0, True, "nodes_test/train", False)
+                                                P, 0, True, "nodes_test/train", False, resolution=64)
     assert "1 steps, 2 identities" in report and name == os.path.join("nodes_test", "train.safetensors")
     for k, v in unet_before.items():
         assert torch.equal(model.model.diffusion_model.state_dict()[k], v)
@@ -144,9 +144,9 @@ def test_trainer_end_to_end(tiny_model, train_inputs, basis):
     assert torch.equal(loaded.fc.weight, mlp.mlp.fc.weight) and info["steps"] == 1
     # resume: 1 more step from the saved state equals one 2-step run, bit for bit
     two = TrainCelebBasis().train(model, clip, vae, images, fe, "a,a,b", "a photo of {}", 2, 0.01, P, 0, True,
-                                  "nodes_test/two", False)[0]
+                                  "nodes_test/two", False, resolution=64)[0]
     resumed = TrainCelebBasis().train(model, clip, vae, images, fe, "a,a,b", "a photo of {}", 2, 0.01, P, 0, True,
-                                      "nodes_test/train", True)[0]
+                                      "nodes_test/train", True, resolution=64)[0]
     assert torch.equal(two.mlp.fc.weight, resumed.mlp.fc.weight)
 
 
@@ -191,7 +191,7 @@ def test_trainer_loss_is_the_denoising_loss_of_its_draws(tiny_model, train_input
     images, fe = train_inputs
     seed, templates, ids = 11, ["a photo of {}", "{} smiling"], [0, 0, 1]
     TrainCelebBasis().train(model, clip, vae, images, fe, "a,a,b", "\n".join(templates), 1, 0.01, P, seed, False,
-                            "nodes_test/loss", False)
+                            "nodes_test/loss", False, resolution=64)
     root = folder_paths.get_folder_paths("facecond_celebbasis")[0]
     recorded = read_state(os.path.join(root, "nodes_test", "loss.state.safetensors"))[0]["losses"]
     denoise, sigmas, _ = model_denoiser(model, "t")
@@ -213,11 +213,90 @@ def test_trainer_bad_inputs(tiny_model, train_inputs):
     images, fe = train_inputs
     node = TrainCelebBasis()
     with pytest.raises(ValueError, match="3 images but 2 face embeddings"):
-        node.train(model, clip, vae, images, _embeds(2), "", "a photo of {}", 1, 0.01, P, 0, False, "x", False)
+        node.train(model, clip, vae, images, _embeds(2), "", "a photo of {}", 1, 0.01, P, 0, False, "x", False,
+                   resolution=64)
     with pytest.raises(ValueError, match="2 labels for 3 images"):
-        node.train(model, clip, vae, images, fe, "a,b", "a photo of {}", 1, 0.01, P, 0, False, "x", False)
+        node.train(model, clip, vae, images, fe, "a,b", "a photo of {}", 1, 0.01, P, 0, False, "x", False,
+                   resolution=64)
     with pytest.raises(ValueError, match=r"must contain \{\} exactly once"):
-        node.train(model, clip, vae, images, fe, "", "a photo of someone", 1, 0.01, P, 0, False, "x", False)
+        node.train(model, clip, vae, images, fe, "", "a photo of someone", 1, 0.01, P, 0, False, "x", False,
+                   resolution=64)
+
+
+@pytest.fixture(scope="module")
+def paper_names(shared_data):
+    """The Celeb Basis paper's list (first 40 names), put into models/facecond/names as a user would."""
+    names = cb.load_names(shared_data / "names" / "celebbasis_wiki_names_v2.txt")[:40]
+    root = folder_paths.get_folder_paths("facecond_names")[0]
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "paper40.txt"), "w", encoding="utf-8") as f:
+        f.write("# the paper's list, first 40\n" + "\n".join(names) + "\n")
+    with open(os.path.join(root, "broken.txt"), "wb") as f:
+        f.write(b"\xff\xfeT\x00o\x00m\x00")  # UTF-16: not UTF-8 text
+    return names
+
+
+def test_names_inputs_resolve_and_refuse_bad_lists(paper_names):
+    from facecond.nodes.celebbasis_files import resolve_names
+
+    spec = TrainCelebBasis.INPUT_TYPES()["optional"]
+    assert spec["names_list"][0][0] == "bundled" and "paper40.txt" in spec["names_list"][0]
+    assert spec["names_list"][1]["default"] == "bundled" and spec["names_text"][1]["multiline"]
+    for cls in (CelebBasisCoeffs, TrainCelebBasis):  # every node that builds the basis has both
+        assert {"names_list", "names_text"} <= set(cls.INPUT_TYPES()["optional"])
+    assert resolve_names("N") == cb.load_names()
+    assert resolve_names("N", "paper40.txt") == paper_names
+    assert resolve_names("N", "paper40.txt", "Ada Lovelace\nAlan Turing") == ["Ada Lovelace", "Alan Turing"]
+    with pytest.raises(ValueError, match=r"N: names_list 'broken.txt': .*is not UTF-8 text"):
+        resolve_names("N", "broken.txt")
+    with pytest.raises(ValueError, match=r"N: names_list '../paper40.txt' contains '..'"):
+        resolve_names("N", "../paper40.txt")
+    with pytest.raises(ValueError, match=r"N: names_list 'nope.txt' is not in .*names"):
+        resolve_names("N", "nope.txt")
+    with pytest.raises(ValueError, match=r"N: names_text: .*has no names"):
+        resolve_names("N", "bundled", "# just a comment\n")
+
+
+def test_custom_name_list_trains_and_builds_its_own_basis(tiny_model, train_inputs, paper_names, tmp_path):
+    """TrainCelebBasis with names_list = the paper's list: the MLP file records that list, its basis rows are
+    those names' token embeddings (mean = their mean, by hand), CelebBasisCoeffs rebuilds that basis from the
+    MLP, and saved coefficients find the list again by its hash in models/facecond/names."""
+    model, clip, vae = tiny_model
+    images, _fe = train_inputs
+    mlp, _name, report = TrainCelebBasis().train(model, clip, vae, images[:1], _embeds(1), "", "a photo of {}", 1,
+                                                0.01, P, 0, False, "nodes_test/paper", False, resolution=64,
+                                                names_list="paper40.txt")
+    assert mlp.names == tuple(paper_names) and "at 64 px" in report
+    enc = text_encoder(clip, "t")
+    kept, ids = cb.name_token_pairs(paper_names, enc.tokenize)
+    assert f"{len(kept)} names" in report
+    b = basis_for(clip, paper_names, P, "t")[0]
+    table = enc.table().detach().double()
+    assert torch.allclose(b.mean.double(), torch.stack([table[ids[:, 0]].mean(0), table[ids[:, 1]].mean(0)]),
+                          atol=1e-6)
+    bundled = basis_for(clip, cb.load_names(), P, "t")[0]
+    assert b.names_hash == mlp.facts.names_hash != bundled.names_hash
+    out_clip, coeffs = CelebBasisCoeffs().apply(clip, "<ann>", "none", face_embeds=_embeds(1, 3), celeb_mlp=mlp)
+    assert coeffs.facts.names_hash == b.names_hash
+    ref = _encode(add_pseudo_word_for(clip, b.embeddings(coeffs.coeffs)), "a photo of <ann>")
+    assert torch.equal(_encode(out_clip, "a photo of <ann>"), ref)
+    # the coefficients alone: the list is found by its hash among models/facecond/names ...
+    again = CelebBasisCoeffs().apply(clip, "<ann>", "none", coefficients=coeffs)[0]
+    assert torch.equal(_encode(again, "a photo of <ann>"), ref)
+    # ... or given as text; a list other than the MLP's is refused with the fix
+    again = CelebBasisCoeffs().apply(clip, "<ann>", "none", coefficients=coeffs,
+                                     names_text="\n".join(paper_names))[0]
+    assert torch.equal(_encode(again, "a photo of <ann>"), ref)
+    with pytest.raises(ValueError, match=r"CelebBasisCoeffs: names_list / names_text give a celebrity-name list "
+                                         r".*leave names_list at 'bundled'"):
+        CelebBasisCoeffs().apply(clip, "<ann>", "none", face_embeds=_embeds(1, 3), celeb_mlp=mlp,
+                                 names_text="Ada Lovelace\nAlan Turing\nGrace Hopper")
+
+
+def add_pseudo_word_for(clip, vectors):
+    from facecond.nodes.pseudo_words import add_pseudo_word
+
+    return add_pseudo_word(clip, "<ann>", vectors, "t")
 
 
 @pytest.mark.parametrize("layer_idx", [None, -2])

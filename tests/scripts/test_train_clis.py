@@ -9,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from facecond.py.celebbasis import basis as cb
 from facecond.py.celebbasis.coeffs import load_mlp
 from facecond_dev import host
 
@@ -42,12 +44,29 @@ def _run(script: str, base: Path, *extra: str) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def test_train_celebbasis_cli(cli_base):
-    path = _run("train_celebbasis.py", cli_base, "--save-name", "cli_mlp", "--p", "32")
+def test_train_celebbasis_cli(cli_base, shared_data):
+    paper = shared_data / "names" / "celebbasis_wiki_names_v2.txt"
+    path = _run("train_celebbasis.py", cli_base, "--save-name", "cli_mlp", "--p", "32", "--resolution", "64",
+                "--names", str(paper))
     assert path == cli_base / "models" / "facecond" / "celebbasis" / "cli_mlp.safetensors"
     mlp, info = load_mlp(path)
     assert info["steps"] == 2 and info["embed_dim"] == 128 and info["embedder"].startswith("insightface/")
     assert mlp.p == 32 and torch.isfinite(mlp.fc.weight).all()
+    assert info["names"] == cb.load_names(paper)  # --names reached the basis
+
+
+def test_crops_are_taken_at_the_training_size():
+    """scaled_affine: the 160 px crop's matrix made for another size maps pixel centres consistently: crop pixel
+    (u, v) at 160 px and (u', v') at 320 px see the same source point when u' + 0.5 = 2 (u + 0.5)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_celebbasis import scaled_affine
+
+    m = np.array([[0.5, 0.1, -20.0], [-0.1, 0.5, 7.0]])
+    big = scaled_affine(m, 320)
+    src = np.array([100.0, 60.0, 1.0])
+    u, v = m @ src
+    assert np.allclose(big @ src, [2 * (u + 0.5) - 0.5, 2 * (v + 0.5) - 0.5])
+    assert np.array_equal(scaled_affine(m, 160), m)
 
 
 def test_train_face_ti_cli(cli_base):
@@ -107,3 +126,20 @@ def test_train_aggregator_cli_paper_adapter_files_load_in_the_nodes(cli_base, sh
     assert "self-attention (paper mode, trained with IP-Adapter cli_kazistova.safetensors)" in report
     inside = agg.load_aggregator(ipa_path)  # the copy inside the IP-Adapter file is the same aggregator
     torch.testing.assert_close(agg.aggregate(x, "self-attention", inside)[0], one.embeds)
+
+
+def test_train_face_ti_cli_id_from_celebrity_photos(cli_base, shared_data):
+    """--init id --celeb-photos: one sub-folder per celebrity (John_Salley, John_Savage, John_Schneider); the
+    person's photos are John Salley's, so the init is his name's two tokens. --celeb-filter without the
+    precomputed portraits stops with the fix."""
+    path = _run("train_face_ti.py", cli_base, "--name", "cli_ti_id", "--init", "id", "--resolution", "64",
+                "--celeb-photos", str(shared_data / "faces" / "johns"))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["init"] == "id: John Salley" and meta["resolution"] == "64"
+    cmd = [sys.executable, "-P", str(ROOT / "scripts" / "train_face_ti.py"), "--cpu", "--base-dir", str(cli_base),
+           "--checkpoint", str(cli_base / "models" / "checkpoints" / host.EXAMPLE_CKPT), "--photos",
+           str(cli_base / "photos"), "--embedder", host.STAND_IN_RECOGNISER, "--steps", "1", "--init", "id",
+           "--celeb-photos", str(shared_data / "faces" / "johns"), "--celeb-filter", "0.3", "--resolution", "64"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--celeb-filter needs this model's portraits" in proc.stderr

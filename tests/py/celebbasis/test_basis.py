@@ -111,3 +111,44 @@ def test_mlp_and_coeff_files(tmp_path, table, tokenize):
         c.facts.check(cb.build_basis(table * 2, cb.load_names()[:40], tokenize, p=16), "coeffs")
     with pytest.raises(ValueError, match="not a Celeb Basis coefficients file"):
         load_coeffs(tmp_path / "m.safetensors")
+
+
+def test_parse_names_and_bad_list_files(tmp_path):
+    assert cb.parse_names("Ada Lovelace\n# x\n  Alan   Turing \nADA LOVELACE\n") == ["Ada Lovelace", "Alan Turing"]
+    with pytest.raises(ValueError, match="names_text has no names: write one name per line"):
+        cb.parse_names("# only a comment\n\n", "names_text")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ValueError, match=r"empty.txt has no names"):
+        cb.load_names(empty)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Penélope Cruz\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text .*save it as UTF-8"):
+        cb.load_names(latin1)
+    binary = tmp_path / "model.txt"
+    binary.write_bytes(b"PK\x03\x04\x00\x00abc")
+    with pytest.raises(ValueError, match="contains NUL bytes"):
+        cb.load_names(binary)
+
+
+def test_custom_name_list_changes_the_basis(table, tokenize, shared_data):
+    """The paper's own list (celebbasis_wiki_names_v2.txt) gives another basis than the bundled one: its mean rows
+    are the means of *those* names' first/second token embeddings, and with p = m - 1 every one of those names is
+    reconstructed exactly (its embeddings lie in the span)."""
+    paper = cb.load_names(shared_data / "names" / "celebbasis_wiki_names_v2.txt")
+    bundled = cb.load_names()
+    assert paper != bundled and len(paper) > 600
+    few = paper[:40]
+    b = cb.build_basis(table, few, tokenize, p=512)
+    kept, ids = cb.name_token_pairs(few, tokenize)
+    assert b.names == tuple(kept) and b.names_hash == cb.names_hash(few) and b.p == len(kept) - 1
+    c = torch.stack([table[ids[:, 0]], table[ids[:, 1]]], dim=1).double()  # (m, 2, D), by hand
+    assert torch.allclose(b.mean.double(), c.mean(0), atol=1e-7)
+    assert torch.allclose(b.embeddings(b.project(c.float())), c.float(), atol=1e-6)
+    other = cb.build_basis(table, bundled[:40], tokenize, p=512)
+    assert other.names_hash != b.names_hash and not torch.allclose(other.mean, b.mean)
+    # a paper name outside the bundled list is reconstructed by its own basis, not by the bundled one
+    outsider = next(i for i, n in enumerate(kept) if n not in bundled[:40])
+    err_own = (b.embeddings(b.project(c[outsider:outsider + 1].float())) - c[outsider].float()).norm()
+    err_other = (other.embeddings(other.project(c[outsider:outsider + 1].float())) - c[outsider].float()).norm()
+    assert err_own < 1e-5 < err_other

@@ -118,3 +118,13 @@ def test_last_initializer_refuses_a_graph_without_one(tmp_path):
     with pytest.raises(ValueError, match="no initialisers"):
         swap.last_initializer(p)
     assert onnx_pack.onnx_io(p) == ([[1]], 1) and not swap.is_swapper_file(p)
+
+
+def test_a_swap_model_is_not_listed_as_a_recogniser(stand_in, tmp_path):
+    # insightface model_zoo: two inputs at 128x128 is INSwapper; a one-input 128x128 graph would be an ArcFace
+    assert onnx_pack.classify_file(stand_in) == "swap"
+    assert onnx_pack.classify_shapes([1, 3, 128, 128], 1, n_inputs=1) == "recognition"
+    pack = tmp_path / "models" / "mypack"
+    pack.mkdir(parents=True)
+    (pack / "inswapper_128.onnx").write_bytes(stand_in.read_bytes())
+    assert onnx_pack.list_models([tmp_path], "recognition") == []
