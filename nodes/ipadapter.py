@@ -46,7 +46,7 @@ def _register_folder() -> None:
 
 _register_folder()
 
-_KV = "facecond_kv"  # the W'_k, W'_v of every layer, registered on the projection module: one module to move
+_KV = ipa.KV_ATTR  # the W'_k, W'_v of every layer, registered on the projection module: one module to move
 
 
 def _adapter_module(adapter: ipa.IPAdapter) -> torch.nn.Module:

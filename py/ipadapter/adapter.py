@@ -35,6 +35,7 @@ from .lora import lora_weights
 # What each variant consumes: a CLIP image embedding (projected, e.g. 1024 for ViT-H), the CLIP penultimate
 # hidden states (257 x 1280 for ViT-H), or a face-recognition embedding (512 for insightface buffalo_l).
 INPUT_KINDS = {"plain": "clip_embeds", "plus": "clip_hidden", "faceid": "face"}
+KV_ATTR = "facecond_kv"  # a model manager may register the W'_k, W'_v on `proj` under this name (one module to move)
 
 
 @dataclass(frozen=True)

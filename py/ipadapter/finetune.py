@@ -20,7 +20,7 @@ import dataclasses
 
 import torch
 
-from .adapter import IPAdapter
+from .adapter import KV_ATTR, IPAdapter
 from .aggregate import FILE_PREFIX
 
 
@@ -30,14 +30,17 @@ def kv_names(n: int) -> tuple[str, str]:
 
 
 def trainable_copy(adapter: IPAdapter) -> IPAdapter:
-    proj = copy.deepcopy(adapter.proj).float().train().requires_grad_(True)
+    proj = copy.deepcopy(adapter.proj)
+    if hasattr(proj, KV_ATTR):  # the model cache's copy of W'_k, W'_v: trained below as kv, not as projection
+        delattr(proj, KV_ATTR)
+    proj = proj.float().train().requires_grad_(True)
     kv = tuple((k.detach().clone().float().requires_grad_(True), v.detach().clone().float().requires_grad_(True))
                for k, v in adapter.kv)
     return dataclasses.replace(adapter, proj=proj, kv=kv)
 
 
 def trainable_params(adapter: IPAdapter) -> dict[str, torch.Tensor]:
-    out = {f"image_proj.{k}": p for k, p in adapter.proj.named_parameters()}
+    out = {f"image_proj.{k}": p for k, p in adapter.proj.named_parameters() if not k.startswith(KV_ATTR + ".")}
     for n, (k, v) in enumerate(adapter.kv):
         nk, nv = kv_names(n)
         out[nk], out[nv] = k, v
@@ -47,7 +50,7 @@ def trainable_params(adapter: IPAdapter) -> dict[str, torch.Tensor]:
 def adapter_file_tensors(adapter: IPAdapter, source: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Flat ``image_proj.*`` / ``ip_adapter.*`` tensors of ``adapter`` (CPU, float32, contiguous); the other
     tensors of ``source`` (the file it was loaded from) are carried over unchanged."""
-    ours = {f"image_proj.{k}": t for k, t in adapter.proj.state_dict().items()}
+    ours = {f"image_proj.{k}": t for k, t in adapter.proj.state_dict().items() if not k.startswith(KV_ATTR + ".")}
     for n, (k, v) in enumerate(adapter.kv):
         nk, nv = kv_names(n)
         ours[nk], ours[nv] = k, v
