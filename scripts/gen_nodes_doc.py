@@ -13,13 +13,13 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parents[1] / "docs" / "NODES.md"
 
 
-FILE_SUFFIXES = (".safetensors", ".onnx", ".pt", ".pth", ".bin", ".ckpt", ".png", ".jpg")
+FILE_SUFFIXES = (".safetensors", ".onnx", ".pt", ".pth", ".bin", ".ckpt", ".png", ".jpg", ".txt")
 
 
 def _is_file_list(name: str, kind) -> bool:
     """Combos whose choices are files on this machine: shown generically so the doc is the same everywhere."""
     return isinstance(kind, list) and name not in ("sampler_name", "scheduler") and (
-        not kind or name.endswith(("_name", "model", "pack", "image", "file"))
+        not kind or name.endswith(("_name", "model", "pack", "image", "file", "_list"))
         or any(str(k).lower().endswith(FILE_SUFFIXES) for k in kind))
 
 
