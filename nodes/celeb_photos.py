@@ -93,6 +93,16 @@ def embed_photo_folder(root: str, detector: str, embedder: str, node: str) -> tu
     return faces, report
 
 
+
+def require_celeb_faces(node: str, input_name: str, value, sources: str, embedder: str, other: str) -> inv.CelebFaces:
+    """``value`` as CelebFaces embedded with ``embedder`` (the model of ``other``); else a ValueError with the fix."""
+    if not isinstance(value, inv.CelebFaces):
+        raise ValueError(f"{node}: {input_name} must come from {sources}, got {type(value).__name__}.")
+    if value.embedder != embedder:
+        raise ValueError(f"{node}: {input_name} were embedded with {value.embedder!r} but {other} with {embedder!r}; "
+                         "pick the same FaceEmbed model in both.")
+    return value
+
 class CelebPhotoFaces:
     DESCRIPTION = ("Face TI init='id' from real celebrity photos (Livshits 2023): a folder in ComfyUI's input "
                    "folder with one sub-folder per celebrity (named after them, e.g. 'Tom Hanks') of their photos. "
@@ -136,12 +146,8 @@ class CelebPhotoFaces:
         root = read_dir(node, "folder", folder)
         faces, report = embed_photo_folder(root, detector, embedder, node)
         if generated_faces is not None:
-            if not isinstance(generated_faces, inv.CelebFaces):
-                raise ValueError(f"{node}: generated_faces must come from PrecomputeCelebFaces, got "
-                                 f"{type(generated_faces).__name__}.")
-            if generated_faces.embedder != faces.embedder:
-                raise ValueError(f"{node}: generated_faces were embedded with {generated_faces.embedder!r} but the "
-                                 f"photos with {faces.embedder!r}; pick the same embedder in both nodes.")
+            require_celeb_faces(node, "generated_faces", generated_faces, "PrecomputeCelebFaces", faces.embedder,
+                                "the photos")
             faces, dropped = inv.filter_by_generated(faces, generated_faces, threshold)
             report += (f"; filter (model's portraits, cosine >= {threshold:g}) kept {int(faces.found.sum())}"
                        + (f", dropped {', '.join(dropped)}" if dropped else ""))

@@ -20,6 +20,7 @@ from ..py.celebbasis import inversion as inv
 from ..py.celebbasis.train import WordTrainConfig
 from ..py.celebbasis.train import train_face_ti as train_vectors
 from ..py.faces.types import FaceEmbeds
+from .celeb_photos import require_celeb_faces
 from .celebbasis import DEFAULT_TEMPLATES, FOLDER
 from .celebbasis_files import BUNDLED, names_inputs, resolve_names
 from .common import CELEB_FACES, FACE_EMBEDS, Progress, seed_input, steps_input
@@ -202,12 +203,8 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
             raise ValueError(f"{node}: init='id' needs face_embeds of the person; connect FaceEmbed.")
         face = face_vector(face_embeds, node)
     if init == "id" and celeb_faces is not None:
-        if not isinstance(celeb_faces, inv.CelebFaces):
-            raise ValueError(f"{node}: celeb_faces must come from CelebPhotoFaces or PrecomputeCelebFaces, got "
-                             f"{type(celeb_faces).__name__}.")
-        if celeb_faces.embedder != face_embeds.model:
-            raise ValueError(f"{node}: celeb_faces were embedded with {celeb_faces.embedder!r} but face_embeds with "
-                             f"{face_embeds.model!r}; pick the same FaceEmbed model in both.")
+        require_celeb_faces(node, "celeb_faces", celeb_faces, "CelebPhotoFaces or PrecomputeCelebFaces",
+                            face_embeds.model, "face_embeds")
         names = list(celeb_faces.names)
     elif init == "id":
         path = celeb_faces_path(model, clip, face_embeds.model, node)

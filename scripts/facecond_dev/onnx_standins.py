@@ -22,7 +22,6 @@ SIZE = 96
 
 def genderage_model(path: str | Path, p_female: float, p_male: float, age: int | float, *,
                     weight_scale: float = 0.0, seed: int = 0, mxnet_prefix: bool = False) -> Path:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     n = 3 * SIZE * SIZE
@@ -43,6 +42,14 @@ def genderage_model(path: str | Path, p_female: float, p_male: float, age: int |
     graph = helper.make_graph(nodes, "genderage_standin",
                               [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
                               [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [1, 3])], inits)
+    return save_graph(graph, path)
+
+
+def save_graph(graph, path: str | Path) -> Path:
+    """An ONNX model of ``graph`` (opset 13, IR 8: what the pinned onnxruntime reads), checked and written."""
+    import onnx
+    from onnx import helper
+
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .onnx_standins import save_graph
+
 LATENT = 512
 
 
@@ -34,7 +36,6 @@ def expected_output(target: np.ndarray, latent: np.ndarray, v: np.ndarray) -> np
 
 
 def write_stand_in(path: str | Path, embed_dim: int = 512, seed: int = 0) -> Path:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     v, emap = stand_in_tensors(embed_dim, seed)
@@ -60,10 +61,4 @@ def write_stand_in(path: str | Path, embed_dim: int = 512, seed: int = 0) -> Pat
          helper.make_tensor_value_info("source", TensorProto.FLOAT, [1, LATENT])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 128, 128])],
         initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path)
