@@ -35,9 +35,9 @@ def main() -> None:
     import torch
 
     import nodes
-    from facecond.nodes.celebbasis import basis_for
-    from facecond.nodes.pseudo_words import text_encoder
-    from facecond.nodes.training import encode_images, encode_with, model_denoiser, template_tokens
+    from facecond.nodes.celebbasis.basis import basis_for
+    from facecond.nodes.celebbasis.pseudo_words import text_encoder
+    from facecond.nodes.celebbasis.training import encode_images, encode_with, model_denoiser, template_tokens
     from facecond.py.celebbasis import basis as cb
     from facecond.py.celebbasis.coeffs import new_mlp
     from facecond.py.celebbasis.inversion import TIVectors, init_vectors

@@ -32,8 +32,8 @@ def main() -> None:
     import torch
 
     import nodes
-    from facecond.nodes.face0 import ThreeWayCFGSampler
-    from facecond.nodes.face0_projection import ProjectToContext
+    from facecond.nodes.face0.guidance import ThreeWayCFGSampler
+    from facecond.nodes.face0.projection import ProjectToContext
     from facecond.py.face0.projection import ProjectionInfo, face_tokens, override_tokens, random_projection
     from facecond.py.faces.types import FaceEmbeds
 

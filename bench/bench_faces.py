@@ -50,7 +50,7 @@ def main() -> None:
     from facenet_pytorch.models.utils.detect_face import detect_face
     from PIL import Image
 
-    from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+    from facecond.nodes.faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
     from facecond.py.faces.align import arcface_affine, warp_crop
 
     photos = sorted((data / "faces/johns").glob("*/*.jpg"))[:32]
@@ -115,7 +115,7 @@ def synthetic(base, args, report) -> None:
     from facenet_pytorch.models.inception_resnet_v1 import InceptionResnetV1
     from safetensors.torch import save_file
 
-    from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+    from facecond.nodes.faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
     from facecond_dev.bench import PeakMemory, best_time
 
     torch.manual_seed(0)

@@ -36,7 +36,7 @@ def main() -> None:
     import torch
 
     import nodes
-    from facecond.nodes.ipadapter import ApplyIPAdapter, cross_attention_layers
+    from facecond.nodes.ipadapter.adapter import ApplyIPAdapter, cross_attention_layers
     from facecond.py.ipadapter import adapter as ipa
     from facecond.py.ipadapter import aggregate as agg
     from facecond_dev.random_weights import random_state_dict

@@ -79,8 +79,8 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 
 def embed_images(images: torch.Tensor, adapter, recogniser: str, clip_vision) -> tuple[torch.Tensor, list[int]]:
     """(rows, kept image indices) with the embedding the adapter takes; faceless images are skipped."""
-    from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
-    from facecond.nodes.ipadapter import IPAdapterEncode
+    from facecond.nodes.faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
+    from facecond.nodes.ipadapter.adapter import IPAdapterEncode
 
     if adapter.variant.input_kind == "face":
         faces = FacecondFaceDetectCrop().detect(images, detector="mtcnn", select="largest", face_index=0,
@@ -160,7 +160,7 @@ def train(people_train: list[Person], people_test: list[Person], model, adapter,
     ``adapter`` is the fine-tuned copy (or the given one, untouched); the test losses are averaged over
     ``eval_rounds`` seeded leave-one-out draws per held-out person, "mean" = mean pooling into the given adapter."""
     from facecond.nodes.common import Progress
-    from facecond.nodes.ipadapter import cross_attention_layers
+    from facecond.nodes.ipadapter.adapter import cross_attention_layers
     from facecond.py.ipadapter import finetune
     from facecond.py.ipadapter.aggregate import SelfAttentionAggregator
     from facecond.py.train.core import TrainConfig, Trainer, step_generator
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     import folder_paths
 
     import nodes
-    from facecond.nodes.ipadapter import IPADAPTER_FOLDER, LoadIPAdapter
+    from facecond.nodes.ipadapter.adapter import IPADAPTER_FOLDER, LoadIPAdapter
     from facecond.py.ipadapter import adapter as ipa
     from facecond.py.ipadapter import finetune
     from facecond.py.ipadapter.aggregate import FILE_PREFIX as PREFIX

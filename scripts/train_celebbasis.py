@@ -101,7 +101,7 @@ def faces_of(photos, detector: str, embedder: str, size: int = 160):
     import numpy as np
     import torch
 
-    from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+    from facecond.nodes.faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
     from facecond.py.faces.align import warp_crop
     from facecond.py.faces.types import FaceEmbeds
 
@@ -136,7 +136,7 @@ def names_arg(path: str | None):
 
 
 def crop_size(model, resolution: int) -> int:
-    from facecond.nodes.training import native_resolution
+    from facecond.nodes.celebbasis.training import native_resolution
 
     return int(resolution) if resolution else native_resolution(model)
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> str:
     import_comfy(args.comfyui, args.base_dir, args.cpu)
     import folder_paths
 
-    from facecond.nodes.celebbasis import DEFAULT_TEMPLATES, FOLDER, train_celeb_mlp
+    from facecond.nodes.celebbasis.basis import DEFAULT_TEMPLATES, FOLDER, train_celeb_mlp
     from facecond.nodes.common import Progress
     from facecond.py.celebbasis.train import WordTrainConfig
 

@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import_comfy(args.comfyui, args.base_dir, args.cpu)
 
-    from facecond.nodes.celebbasis import DEFAULT_TEMPLATES
+    from facecond.nodes.celebbasis.basis import DEFAULT_TEMPLATES
+    from facecond.nodes.celebbasis.inversion import precompute_celeb_faces, train_face_ti
     from facecond.nodes.common import Progress
-    from facecond.nodes.inversion import precompute_celeb_faces, train_face_ti
     from facecond.py.celebbasis import basis as cb
     from facecond.py.celebbasis.train import WordTrainConfig
 
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> str:
 
 def celeb_photos(args, model, clip, embedder_id: str):
     """CelebFaces of --celeb-photos (and the --celeb-filter against this model's precomputed portraits)."""
-    from facecond.nodes.celeb_photos import embed_photo_folder
-    from facecond.nodes.inversion import celeb_faces_path
+    from facecond.nodes.celebbasis.celeb_photos import embed_photo_folder
+    from facecond.nodes.celebbasis.inversion import celeb_faces_path
     from facecond.py.celebbasis import inversion as inv
 
     if not Path(args.celeb_photos).is_dir():

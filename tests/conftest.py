@@ -3,7 +3,7 @@ server.
 
 At import, ComfyUI is imported into the pytest process on the CPU with a throw-away base directory,
 and the pack is imported as the package ``facecond`` (its real ``__init__``), so tests write
-``from facecond.nodes.faces import ...``. The ``server`` fixture runs ``main.py`` with the pack linked
+``from facecond.nodes.faces.detect_embed import ...``. The ``server`` fixture runs ``main.py`` with the pack linked
 into its custom_nodes under an awkward folder name (the folder name must not matter).
 """
 

@@ -4,8 +4,8 @@
 The maths is in ``py/celebbasis/basis.py`` (basis), ``py/celebbasis/coeffs.py`` (MLP, files) and
 ``py/celebbasis/train.py`` (training). These classes check inputs, call it and wrap results.
 
-A pseudo-word enters a cloned CLIP through ``nodes/pseudo_words.py``; the trainer's ComfyUI-side helpers
-are in ``nodes/training.py``, the names lists, MLP and identity files in ``nodes/celebbasis_files.py``.
+A pseudo-word enters a cloned CLIP through ``pseudo_words.py``; the trainer's ComfyUI-side helpers
+are in ``training.py``, the names lists, MLP and identity files in ``files.py`` (all in ``nodes/celebbasis/``).
 Several identities: chain the node with different words.
 """
 
@@ -20,12 +20,14 @@ import comfy.model_sampling
 import folder_paths
 import torch
 
-from ..py.celebbasis import basis as cb
-from ..py.celebbasis.coeffs import BasisFacts, CelebCoeffs, fp16_exact, save_mlp
-from ..py.celebbasis.train import WordTrainConfig, parse_identities, train_celeb_basis
-from ..py.faces.types import FaceEmbeds
-from . import model_cache
-from .celebbasis_files import (
+from ...py.celebbasis import basis as cb
+from ...py.celebbasis.coeffs import BasisFacts, CelebCoeffs, fp16_exact, save_mlp
+from ...py.celebbasis.train import WordTrainConfig, parse_identities, train_celeb_basis
+from ...py.faces.types import FaceEmbeds
+from .. import model_cache
+from ..common import CELEB_COEFFS, CELEB_MLP, FACE_EMBEDS, Progress, require_embeds, seed_input, steps_input
+from ..paths import finite_floats, write_path
+from .files import (
     BUNDLED,
     FOLDER,
     CelebMLP,
@@ -35,8 +37,6 @@ from .celebbasis_files import (
     names_with_hash,
     resolve_names,
 )
-from .common import CELEB_COEFFS, CELEB_MLP, FACE_EMBEDS, Progress, require_embeds, seed_input, steps_input
-from .paths import finite_floats, write_path
 from .pseudo_words import TextEncoder, add_pseudo_word, text_encoder
 from .training import normal_tensor, resolution_input, training_images, word_model
 

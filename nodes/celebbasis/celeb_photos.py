@@ -19,9 +19,9 @@ import comfy.model_management
 import numpy as np
 import torch
 
-from ..py.celebbasis import inversion as inv
-from .common import CELEB_FACES, Progress
-from .paths import finite_floats, read_dir
+from ...py.celebbasis import inversion as inv
+from ..common import CELEB_FACES, Progress
+from ..paths import finite_floats, read_dir
 
 log = logging.getLogger("facecond")
 
@@ -54,8 +54,8 @@ def _load(path: str) -> torch.Tensor:
 def embed_photo_folder(root: str, detector: str, embedder: str, node: str) -> tuple[inv.CelebFaces, str]:
     """(CelebFaces of the folder's names, report): every photo's largest face, embedded with FaceEmbed's
     ``embedder`` (FaceNet: the 512-d bottleneck; insightface: L2-normalised), as FaceEmbed does for the person."""
-    from ..py.faces.crop import NoFaceError
-    from .faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+    from ...py.faces.crop import NoFaceError
+    from ..faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
 
     people = photo_folders(root)
     if not people:
@@ -122,7 +122,7 @@ class CelebPhotoFaces:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from .faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+        from ..faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
 
         det = FacecondFaceDetectCrop.INPUT_TYPES()["required"]["detector"]
         emb = FacecondFaceEmbed.INPUT_TYPES()["required"]["model"]

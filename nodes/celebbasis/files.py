@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import folder_paths
 
-from ..py.celebbasis import basis as cb
-from ..py.celebbasis.coeffs import BasisFacts, CoeffMLP, load_coeffs, load_mlp, save_coeffs
-from . import model_cache
-from .common import CELEB_COEFFS
-from .paths import check_write_name, load_file, read_path
+from ...py.celebbasis import basis as cb
+from ...py.celebbasis.coeffs import BasisFacts, CoeffMLP, load_coeffs, load_mlp, save_coeffs
+from .. import model_cache
+from ..common import CELEB_COEFFS
+from ..paths import check_write_name, load_file, read_path
 
 CATEGORY = "facecond/celebbasis"
 FOLDER = "facecond_celebbasis"  # models/facecond/celebbasis: coefficient MLPs, saved identities (older name lists)

@@ -15,16 +15,16 @@ import comfy.model_management
 import folder_paths
 import torch
 
-from ..py.celebbasis import basis as cb
-from ..py.celebbasis import inversion as inv
-from ..py.celebbasis.train import WordTrainConfig
-from ..py.celebbasis.train import train_face_ti as train_vectors
-from ..py.faces.types import FaceEmbeds
+from ...py.celebbasis import basis as cb
+from ...py.celebbasis import inversion as inv
+from ...py.celebbasis.train import WordTrainConfig
+from ...py.celebbasis.train import train_face_ti as train_vectors
+from ...py.faces.types import FaceEmbeds
+from ..common import CELEB_FACES, FACE_EMBEDS, Progress, seed_input, steps_input
+from ..paths import finite_floats, write_path
+from .basis import DEFAULT_TEMPLATES, FOLDER
 from .celeb_photos import require_celeb_faces
-from .celebbasis import DEFAULT_TEMPLATES, FOLDER
-from .celebbasis_files import BUNDLED, names_inputs, resolve_names
-from .common import CELEB_FACES, FACE_EMBEDS, Progress, seed_input, steps_input
-from .paths import finite_floats, write_path
+from .files import BUNDLED, names_inputs, resolve_names
 from .pseudo_words import text_encoder
 from .training import normal_tensor, resolution_input, training_images, word_model
 
@@ -58,8 +58,8 @@ def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, em
     A cache already written for the same names and settings is read instead of generated again."""
     import nodes
 
-    from ..py.faces.crop import NoFaceError
-    from .faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+    from ...py.faces.crop import NoFaceError
+    from ..faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
 
     settings = {"prompt": prompt, "steps": steps, "size": size, "seed": seed}
     old = _reusable_cache(model, clip, names, detector, embedder, settings, node)
@@ -141,7 +141,7 @@ class PrecomputeCelebFaces:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from .faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+        from ..faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
 
         det = FacecondFaceDetectCrop.INPUT_TYPES()["required"]["detector"]
         emb = FacecondFaceEmbed.INPUT_TYPES()["required"]["model"]

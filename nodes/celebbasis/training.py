@@ -14,7 +14,7 @@ import comfy.model_management
 import comfy.model_sampling
 import torch
 
-from ..py.celebbasis.train import WordModel
+from ...py.celebbasis.train import WordModel
 from .pseudo_words import add_pseudo_word, text_encoder
 
 
@@ -146,7 +146,7 @@ def native_resolution(model) -> int:
 
 def training_images(model, images: torch.Tensor, resolution: int, node: str) -> tuple[torch.Tensor, int]:
     """(images as resolution x resolution squares, the side used): resolution 0 = the model's native size."""
-    from ..py.celebbasis.train import square_images
+    from ...py.celebbasis.train import square_images
 
     size = native_resolution(model) if not resolution else int(resolution)
     if size < 64 or size % 8:

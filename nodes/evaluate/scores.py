@@ -16,13 +16,19 @@ from pathlib import Path
 import folder_paths
 import torch
 
-from ..py.evaluate import clip_score, identity, metrics
-from ..py.evaluate.scores import ImageScores, combine, summary_lines
-from ..py.faces.types import FaceEmbeds
-from ..py.weights.safe_paths import name_problem
-from . import model_cache
-from .common import EVAL_SCORES, FACE_EMBEDS, image_to_numpy
-from .faces import FACENET_MANIFEST, FacecondFaceDetectCrop, FacecondFaceEmbed, facenet_files, insightface_choices
+from ...py.evaluate import clip_score, identity, metrics
+from ...py.evaluate.scores import ImageScores, combine, summary_lines
+from ...py.faces.types import FaceEmbeds
+from ...py.weights.safe_paths import name_problem
+from .. import model_cache
+from ..common import EVAL_SCORES, FACE_EMBEDS, image_to_numpy
+from ..faces.detect_embed import (
+    FACENET_MANIFEST,
+    FacecondFaceDetectCrop,
+    FacecondFaceEmbed,
+    facenet_files,
+    insightface_choices,
+)
 
 log = logging.getLogger("facecond")
 

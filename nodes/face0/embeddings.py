@@ -13,11 +13,11 @@ import os
 import folder_paths
 import torch
 
-from ..py.face0.embeds_io import load_embeds, save_embeds
-from ..py.face0.interpolate import add_noise, direction_edit, fit_prior, lerp, slerp, weighted_mean
-from ..py.faces.types import FaceEmbeds
-from .common import FACE_EMBEDS, require_embeds, seed_input
-from .paths import check_write_name, finite_floats, load_file
+from ...py.face0.embeds_io import load_embeds, save_embeds
+from ...py.face0.interpolate import add_noise, direction_edit, fit_prior, lerp, slerp, weighted_mean
+from ...py.faces.types import FaceEmbeds
+from ..common import FACE_EMBEDS, require_embeds, seed_input
+from ..paths import check_write_name, finite_floats, load_file
 
 log = logging.getLogger("facecond")
 

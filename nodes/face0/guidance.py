@@ -1,7 +1,8 @@
 """Face0 sampling (Valevski et al. 2023, "Face0: Instantaneously Conditioning a Text-to-Image Model on a Face",
 arXiv 2306.06638): the three-way guidance as a guider and as a KSampler-like node. The maths lives in
 ``py/face0/guidance.py``; these classes check inputs, call it and wrap results. The projection nodes
-(LoadFace0Projection, ProjectToContext) are in ``face0_projection.py``, the embedding nodes in ``embeddings.py``.
+(LoadFace0Projection, ProjectToContext) are in ``projection.py``, the embedding nodes in ``embeddings.py``
+(both beside this file).
 
 The three-way guider combines ComfyUI's denoised (x0) predictions; the combination is affine with weights
 summing to 1, hence identical to combining ε (see py/face0/guidance.py).
@@ -18,9 +19,9 @@ import comfy.utils
 import latent_preview
 import node_helpers
 
-from ..py.face0.guidance import branch_weights, three_way_cfg
-from .common import denoise_input, sampler_inputs, seed_input, steps_input
-from .paths import finite_floats
+from ...py.face0.guidance import branch_weights, three_way_cfg
+from ..common import denoise_input, sampler_inputs, seed_input, steps_input
+from ..paths import finite_floats
 
 log = logging.getLogger("facecond")
 

@@ -1,6 +1,6 @@
 """Face0 (Valevski et al. 2023, "Face0: Instantaneously Conditioning a Text-to-Image Model on a Face",
 arXiv 2306.06638): load a projection and put a face into the text context. The maths lives in
-``py/face0/projection.py``; the three-way guider and sampler are in ``face0.py``.
+``py/face0/projection.py``; the three-way guider and sampler are in ``guidance.py``.
 
 Face0's unconditional input is *empty text + zero face*, its text-only input *text + zero face*: the projection
 was trained with the projected tokens zeroed 10% of the time, so "no face" means zero tokens.
@@ -13,9 +13,9 @@ import logging
 import folder_paths
 import torch
 
-from ..py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, override_tokens
-from . import model_cache
-from .common import FACE0_PROJECTION, FACE_EMBEDS, require_embeds
+from ...py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, override_tokens
+from .. import model_cache
+from ..common import FACE0_PROJECTION, FACE_EMBEDS, require_embeds
 
 log = logging.getLogger("facecond")
 

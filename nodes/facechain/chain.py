@@ -1,7 +1,7 @@
 """FaceChain's finishing chain (Liu et al., "FaceChain: A Playground for Human-centric Artificial Intelligence
 Generated Content", arXiv 2308.14256): preprocessing of the user's photos for a face-LoRA, template-face
 choice by face quality and similarity ranking against the template; face fusion of generated images is in
-``facechain_fusion.py``.
+``fusion.py``.
 
 Thin ComfyUI wrappers over ``py/facechain/`` (``quality``, ``ranking``, ``fusion``); faces come from
 FaceDetectCrop (FACES), embeddings from FaceEmbed (FACE_EMBEDS). The LoRAs themselves are ComfyUI's own
@@ -17,11 +17,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..py.facechain import fusion, ranking, retouch
-from ..py.facechain import quality as face_quality
-from ..py.faces.types import Faces
-from .common import FACE_EMBEDS, FACES, image_to_numpy, numpy_to_image, require_embeds, require_faces
-from .paths import finite_floats
+from ...py.facechain import fusion, ranking, retouch
+from ...py.facechain import quality as face_quality
+from ...py.faces.types import Faces
+from ..common import FACE_EMBEDS, FACES, image_to_numpy, numpy_to_image, require_embeds, require_faces
+from ..paths import finite_floats
 
 log = logging.getLogger("facecond")
 

@@ -1,7 +1,7 @@
 """FaceChain's face fusion (Liu et al., "FaceChain: A Playground for Human-centric Artificial Intelligence
 Generated Content", arXiv 2308.14256) on ComfyUI sampling: re-diffuse each detected face of generated images
 with the identity model and paste it back. The crop, mask and paste maths is ``py/facechain/fusion.py``; the
-other FaceChain nodes are in ``facechain.py``.
+other FaceChain nodes are in ``chain.py`` and ``tagging.py``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import comfy.utils
 import numpy as np
 import torch
 
-from ..py.facechain import fusion, swap
-from ..py.faces import align
-from . import model_cache
-from .common import (
+from ...py.facechain import fusion, swap
+from ...py.faces import align
+from .. import model_cache
+from ..common import (
     FACE_EMBEDS,
     FACES,
     Progress,
@@ -30,9 +30,9 @@ from .common import (
     seed_input,
     steps_input,
 )
-from .facechain import CATEGORY, check_faces, real_face
-from .faces import insightface_roots
-from .paths import finite_floats
+from ..faces.detect_embed import insightface_roots
+from ..paths import finite_floats
+from .chain import CATEGORY, check_faces, real_face
 
 log = logging.getLogger("facecond")
 

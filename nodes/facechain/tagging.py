@@ -17,15 +17,15 @@ import re
 import numpy as np
 from PIL import Image
 
-from ..py.facechain import tagging
-from ..py.faces import genderage
-from ..py.faces import onnx_pack as ifp
-from ..py.weights.manifest import WeightsError
-from . import model_cache
-from .common import FACES, Progress, image_to_numpy
-from .facechain import check_faces, real_face
-from .faces import insightface_file, insightface_roots
-from .paths import write_path
+from ...py.facechain import tagging
+from ...py.faces import genderage
+from ...py.faces import onnx_pack as ifp
+from ...py.weights.manifest import WeightsError
+from .. import model_cache
+from ..common import FACES, Progress, image_to_numpy
+from ..faces.detect_embed import insightface_file, insightface_roots
+from ..paths import write_path
+from .chain import check_faces, real_face
 
 log = logging.getLogger("facecond")
 

@@ -14,14 +14,14 @@ import os
 import folder_paths
 import numpy as np
 
-from ..py.faces import crop, detect, draw, embed, similarity
-from ..py.faces import onnx_pack as ifp
-from ..py.faces.types import FaceEmbeds, Faces
-from ..py.weights import manifest as weights
-from . import model_cache
-from .common import FACE_EMBEDS, FACES, Progress, image_to_numpy, numpy_to_image, require_embeds, require_faces
-from .model_paths import resolve_weight, verify_user_file
-from .paths import finite_floats
+from ...py.faces import crop, detect, draw, embed, similarity
+from ...py.faces import onnx_pack as ifp
+from ...py.faces.types import FaceEmbeds, Faces
+from ...py.weights import manifest as weights
+from .. import model_cache
+from ..common import FACE_EMBEDS, FACES, Progress, image_to_numpy, numpy_to_image, require_embeds, require_faces
+from ..model_paths import resolve_weight, verify_user_file
+from ..paths import finite_floats
 
 log = logging.getLogger("facecond")
 

@@ -2,14 +2,14 @@
 
 IP-Adapter: Ye et al. 2023 (arXiv 2308.06721). The maths lives in ``py/ipadapter/adapter.py`` (projections,
 the attn2 patch: decoupled attention); these classes check inputs, call it and wrap the results. The aggregation
-node (AggregateEmbeds) is in ``ipadapter_aggregate.py``. CLIP vision comes from ComfyUI's own CLIPVisionLoader
+node (AggregateEmbeds) is in ``aggregate.py``. CLIP vision comes from ComfyUI's own CLIPVisionLoader
 (``comfy.clip_vision.load``).
 
 The patch is ComfyUI's ``set_model_attn2_replace`` on a clone, one per UNet cross-attention, keyed
 (block, number, transformer index): input blocks, then output blocks, then the middle block, which is the
 order of the file's ``ip_adapter.{1,3,5,...}`` weights. Applying the node again (another person, another
 region mask) stacks: the new patch holds both terms; a foreign attn2 replace that was there stays the base. A FaceID
-file's LoRA goes on the same clone as weight patches (``ipadapter_lora.py``), once per model.
+file's LoRA goes on the same clone as weight patches (``lora.py``), once per model.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import comfy.ldm.modules.attention as comfy_attention
 import folder_paths
 import torch
 
-from ..py.ipadapter import adapter as ipa
-from ..py.ipadapter import aggregate as agg
-from ..py.ipadapter import lora as ipa_lora
-from . import model_cache
-from .common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds
-from .ipadapter_lora import apply_lora
-from .paths import finite_floats, load_file, read_path
+from ...py.ipadapter import adapter as ipa
+from ...py.ipadapter import aggregate as agg
+from ...py.ipadapter import lora as ipa_lora
+from .. import model_cache
+from ..common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds
+from ..paths import finite_floats, load_file, read_path
+from .lora import apply_lora
 
 log = logging.getLogger("facecond")
 

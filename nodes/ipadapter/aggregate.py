@@ -11,10 +11,10 @@ import logging
 
 import folder_paths
 
-from ..py.ipadapter import aggregate as agg
-from . import model_cache
-from .common import REF_EMBEDS, seed_input
-from .ipadapter import CATEGORY, drop_unusable
+from ...py.ipadapter import aggregate as agg
+from .. import model_cache
+from ..common import REF_EMBEDS, seed_input
+from .adapter import CATEGORY, drop_unusable
 
 log = logging.getLogger("facecond")
 

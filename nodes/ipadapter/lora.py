@@ -14,8 +14,8 @@ import logging
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.lora
 
-from ..py.ipadapter import adapter as ipa
-from ..py.ipadapter import lora as ipa_lora
+from ...py.ipadapter import adapter as ipa
+from ...py.ipadapter import lora as ipa_lora
 
 log = logging.getLogger("facecond")
 

@@ -5,8 +5,8 @@ Useful for headless setups: queue it once per weight to fetch everything a workf
 
 from __future__ import annotations
 
-from ..py.weights import manifest as weights
-from . import model_paths
+from ...py.weights import manifest as weights
+from .. import model_paths
 
 
 class FacecondFetchWeights:

@@ -8,7 +8,7 @@ and everything else frozen; they differ only in what produces the vectors (an ML
 celebrity-name basis, or free/log-norm vectors). One step (``word_loss``) draws, from the step's generator and
 in this order: the image i, the template t, (augmentation), σ, ε.
 
-Pure torch: the host (ComfyUI, see ``nodes/training.py``) comes in as a ``WordModel`` of plain callables.
+Pure torch: the host (ComfyUI, see ``nodes/celebbasis/training.py``) comes in as a ``WordModel`` of plain callables.
 """
 
 from __future__ import annotations

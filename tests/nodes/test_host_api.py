@@ -17,7 +17,7 @@ def _params(fn) -> list[str]:
     return list(inspect.signature(fn).parameters)
 
 
-# --- guider internals (nodes/face0.py: Guider_Face0ThreeWay) ----------------------------------------------------
+# --- guider internals (nodes/face0/guidance.py: Guider_Face0ThreeWay) -------------------------------------------------
 def test_cfg_guider_internals(tiny_model):
     import comfy.samplers
 
@@ -95,7 +95,7 @@ def test_sampling_helpers(tiny_model):
     assert out[0][1] == {"a": 1, "prompt_type": "positive"} and cond[0][1] == {"a": 1}  # a copy
 
 
-# --- tokenizer / text-encoder internals (nodes/pseudo_words.py, nodes/training.py) -------------------------------
+# --- tokenizer / text-encoder internals (nodes/celebbasis/pseudo_words.py, training.py) -------------------------------
 def test_tokenizer_internals(tiny_model):
     clip = tiny_model[1]
     cond, tok = clip.cond_stage_model, clip.tokenizer
@@ -148,7 +148,7 @@ def test_cast_to_and_attention_for_device():
     assert attn(q, q, q, 2, mask).shape == (1, 5, 8)
 
 
-# --- attention patch keys (nodes/ipadapter.py) ------------------------------------------------------------------
+# --- attention patch keys (nodes/ipadapter/adapter.py) ----------------------------------------------------------------
 def test_attn2_replace_keys_and_extra_options(tiny_model):
     """set_model_attn2_replace stores the patch under transformer_options/patches_replace/attn2/(block, n, i) and
     ComfyUI calls it with (q, k, v, extra_options) holding the keys the IP-Adapter patch reads."""
@@ -189,7 +189,7 @@ def test_attn2_replace_keys_and_extra_options(tiny_model):
     assert "attn_precision" in first
 
 
-# --- model management, sampling objects, patchers (nodes/faces.py, nodes/training.py, nodes/ipadapter.py) --------
+# --- model management, sampling objects, patchers (nodes/faces, celebbasis, ipadapter) --------------------------------
 def test_model_management_and_sampling_objects(tiny_model):
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -213,7 +213,7 @@ def test_model_management_and_sampling_objects(tiny_model):
     assert patcher.model is net
     clone = model.clone()
     key = next(k for k in clone.model.state_dict() if k.endswith("attn2.to_k.weight"))
-    clone.add_weight_wrapper(key, lambda w: w)  # nodes/training.py's grad_safe wraps every weight this way
+    clone.add_weight_wrapper(key, lambda w: w)  # nodes/celebbasis/training.py's grad_safe wraps every weight this way
     assert key in clone.weight_wrapper_patches
 
 

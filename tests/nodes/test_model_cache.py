@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from facecond.nodes import model_cache
-from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+from facecond.nodes.faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
 from facecond.py.face0.projection import ProjectionInfo, load_projection, random_projection, save_projection
 from facecond.py.faces.onnx_pack import SessionModule
 
@@ -146,7 +146,7 @@ def test_onnx_sessions_are_bounded(shared_data, monkeypatch):
 
 def test_a_freed_adapter_held_by_a_node_output_is_taken_back(tiny_model):
     """An IPADAPTER output outlives a model unload in ComfyUI's output cache; applying it again re-registers it."""
-    from facecond.nodes.ipadapter import ApplyIPAdapter, IPAdapterEncode, LoadIPAdapter, cross_attention_layers
+    from facecond.nodes.ipadapter.adapter import ApplyIPAdapter, IPAdapterEncode, LoadIPAdapter, cross_attention_layers
     from facecond.py.faces.types import FaceEmbeds
     from facecond_dev.random_weights import random_state_dict
 

@@ -1,4 +1,4 @@
-"""nodes/model_paths.py and FacecondFetchWeights against the real in-process ComfyUI folder_paths."""
+"""nodes/model_paths.py against the real in-process ComfyUI folder_paths (FetchWeights: tests/nodes/weights/)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import folder_paths
 import pytest
 
 from facecond.nodes import model_paths
-from facecond.nodes.weights_nodes import FacecondFetchWeights
 from facecond.py.weights import manifest as weights
 
 EXPECTED = {
@@ -126,18 +125,6 @@ def test_verify_user_file_checks_known_names_only():
     finally:
         for name in ("pnet.pt", "rnet.pt", "my_own.pt"):
             (folder / name).unlink(missing_ok=True)
-
-
-def test_fetch_weights_node_reports_path_and_status():
-    pytest.importorskip("facenet_pytorch")
-    import facecond
-
-    assert facecond.NODE_CLASS_MAPPINGS["FacecondFetchWeights"] is FacecondFetchWeights
-    inputs = FacecondFetchWeights.INPUT_TYPES()["required"]
-    assert "buffalo_l" in inputs["weight"][0] and all("tooltip" in opts for _, opts in inputs.values())
-    out = FacecondFetchWeights().fetch("mtcnn_pnet", allow_download=False)
-    path, status = out["result"]
-    assert Path(path).name == "pnet.pt" and "verified" in status and out["ui"]["text"] == [status]
 
 
 def test_manifest_names_real_nodes():

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     host.install_stand_in_models(base)
     import numpy as np, torch
     from PIL import Image
-    from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+    from facecond.nodes.faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
     img = np.asarray(Image.open(host.shared_data() / "faces/obama/obama.jpg").convert("RGB"), np.float32) / 255
     with torch.inference_mode():
         faces = FacecondFaceDetectCrop().detect(torch.from_numpy(img)[None], detector="mtcnn", select="largest",

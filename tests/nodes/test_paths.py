@@ -13,8 +13,8 @@ import torch
 
 import facecond
 from facecond.nodes import paths
-from facecond.nodes.embeddings import LoadFaceEmbeds, SaveFaceEmbeds
-from facecond.nodes.faces import FacecondFaceDetectCrop
+from facecond.nodes.face0.embeddings import LoadFaceEmbeds, SaveFaceEmbeds
+from facecond.nodes.faces.detect_embed import FacecondFaceDetectCrop
 from facecond.py.face0.embeds_io import save_embeds
 from facecond.py.faces.types import FaceEmbeds
 

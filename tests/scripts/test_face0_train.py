@@ -115,7 +115,7 @@ def test_two_processes_agree(shards, tmp_path):
 
 def test_exports_load_in_comfyui_nodes(lora_run, shards, comfy_base, tiny_model):
     import nodes
-    from facecond.nodes.face0_projection import LoadFace0Projection, ProjectToContext
+    from facecond.nodes.face0.projection import LoadFace0Projection, ProjectToContext
 
     model, clip, _ = tiny_model
     (comfy_base / "models" / "facecond" / "face0").mkdir(parents=True, exist_ok=True)

@@ -83,8 +83,8 @@ def test_train_aggregator_cli_paper_adapter_files_load_in_the_nodes(cli_base, sh
     W'_k, W'_v trained, its other tensors carried over), the aggregator file in AggregateEmbeds (paper mode)."""
     import folder_paths
 
-    from facecond.nodes.ipadapter import IPAdapterEncode, LoadIPAdapter, cross_attention_layers
-    from facecond.nodes.ipadapter_aggregate import AggregateEmbeds
+    from facecond.nodes.ipadapter.adapter import IPAdapterEncode, LoadIPAdapter, cross_attention_layers
+    from facecond.nodes.ipadapter.aggregate import AggregateEmbeds
     from facecond.py.faces.types import FaceEmbeds
     from facecond.py.ipadapter import aggregate as agg
     from facecond_dev.random_weights import random_state_dict

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from facecond.nodes.ipadapter import cross_attention_layers
+from facecond.nodes.ipadapter.adapter import cross_attention_layers
 from facecond.py.celebbasis.coeffs import BasisFacts, CelebCoeffs, save_coeffs
 from facecond.py.face0.embeds_io import save_embeds
 from facecond.py.face0.projection import ProjectionInfo, random_projection, save_projection

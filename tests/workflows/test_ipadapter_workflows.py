@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from facecond.nodes.ipadapter import cross_attention_layers
+from facecond.nodes.ipadapter.adapter import cross_attention_layers
 from facecond_dev import host
 from facecond_dev.random_weights import random_state_dict
 

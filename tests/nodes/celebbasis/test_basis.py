@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import nodes
-from facecond.nodes.celebbasis import CelebBasisCoeffs, TrainCelebBasis, basis_for
-from facecond.nodes.celebbasis_files import LoadCelebCoeffs, SaveCelebCoeffs
-from facecond.nodes.pseudo_words import text_encoder
-from facecond.nodes.training import encode_with, template_tokens
+from facecond.nodes.celebbasis.basis import CelebBasisCoeffs, TrainCelebBasis, basis_for
+from facecond.nodes.celebbasis.files import LoadCelebCoeffs, SaveCelebCoeffs
+from facecond.nodes.celebbasis.pseudo_words import text_encoder
+from facecond.nodes.celebbasis.training import encode_with, template_tokens
 from facecond.py.celebbasis import basis as cb
 from facecond.py.celebbasis.coeffs import BasisFacts, CelebCoeffs, load_mlp
 from facecond.py.faces.types import FaceEmbeds
@@ -152,7 +152,7 @@ def test_trainer_end_to_end(tiny_model, train_inputs, basis):
 
 def test_training_loss_falls_on_fixed_batch(tiny_model, train_inputs, basis):
     """Gradients reach the MLP through CLIP and the UNet; a few Adam steps on one batch lower its loss."""
-    from facecond.nodes.training import encode_images, model_denoiser
+    from facecond.nodes.celebbasis.training import encode_images, model_denoiser
     from facecond.py.celebbasis.coeffs import new_mlp
     from facecond.py.train.core import TrainConfig, Trainer
 
@@ -183,7 +183,7 @@ def test_training_loss_falls_on_fixed_batch(tiny_model, train_inputs, basis):
 def test_trainer_loss_is_the_denoising_loss_of_its_draws(tiny_model, train_inputs, basis):
     """The node's first recorded loss, recomputed by hand from step 0's generator: image i, template t, σ, ε
     in that order, person ids[i]'s mean embedding through the seeded MLP, the word at the template's {}."""
-    from facecond.nodes.training import encode_images, model_denoiser
+    from facecond.nodes.celebbasis.training import encode_images, model_denoiser
     from facecond.py.celebbasis.coeffs import new_mlp
     from facecond.py.train.core import read_state
 
@@ -237,7 +237,7 @@ def paper_names(shared_data):
 
 
 def test_names_inputs_resolve_and_refuse_bad_lists(paper_names):
-    from facecond.nodes.celebbasis_files import resolve_names
+    from facecond.nodes.celebbasis.files import resolve_names
 
     spec = TrainCelebBasis.INPUT_TYPES()["optional"]
     assert spec["names_list"][0][0] == "bundled" and "paper40.txt" in spec["names_list"][0]
@@ -294,7 +294,7 @@ def test_custom_name_list_trains_and_builds_its_own_basis(tiny_model, train_inpu
 
 
 def add_pseudo_word_for(clip, vectors):
-    from facecond.nodes.pseudo_words import add_pseudo_word
+    from facecond.nodes.celebbasis.pseudo_words import add_pseudo_word
 
     return add_pseudo_word(clip, "<ann>", vectors, "t")
 
@@ -307,7 +307,9 @@ def test_differentiable_encode_matches_comfy(tiny_model, layer_idx):
     tokens = template_tokens(clip, ["a close-up photo of {} smiling"], "t")[0]
     vec = torch.randn(2, 768, generator=torch.Generator().manual_seed(0)) * 0.02
     ours = encode_with(clip, tokens, vec)
-    from facecond.nodes.pseudo_words import add_pseudo_word  # ComfyUI's own path: the vectors as an embedding
+    from facecond.nodes.celebbasis.pseudo_words import (
+        add_pseudo_word,  # ComfyUI's own path: the vectors as an embedding
+    )
 
     ref = _encode(add_pseudo_word(clip, "<zed>", vec, "t"), "a close-up photo of <zed> smiling")
     assert torch.allclose(ours, ref, atol=1e-5)

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 
 import nodes
-from facecond.nodes.inversion import TrainFaceTI
-from facecond.nodes.pseudo_words import add_pseudo_word, text_encoder
-from facecond.nodes.training import encode_images, encode_with, model_denoiser, template_tokens
+from facecond.nodes.celebbasis.inversion import TrainFaceTI
+from facecond.nodes.celebbasis.pseudo_words import add_pseudo_word, text_encoder
+from facecond.nodes.celebbasis.training import encode_images, encode_with, model_denoiser, template_tokens
 from facecond.py.celebbasis import inversion as inv
 from facecond.py.faces.types import FaceEmbeds
 from facecond.py.train.core import TrainConfig, Trainer, denoising_loss, sample_noise, sample_sigmas, step_generator
@@ -142,7 +142,7 @@ def test_bad_inputs(tiny_model, photos):
 def test_precompute_generates_detects_and_says_when_the_model_draws_no_faces(tiny_model, stand_in_models):
     """The precompute loop really samples each name and runs detection on it; the tiny random model draws no
     faces, which must end in the clear error (its success path needs a model that draws faces: not here)."""
-    from facecond.nodes.inversion import precompute_celeb_faces
+    from facecond.nodes.celebbasis.inversion import precompute_celeb_faces
     from facecond_dev import host
 
     model, clip, vae = tiny_model
@@ -154,7 +154,7 @@ def test_precompute_generates_detects_and_says_when_the_model_draws_no_faces(tin
 def test_training_resolution_defaults_to_the_model_native_size(tiny_model):
     """resolution 0 = the model's native side (the tiny checkpoint is SD1.5: 512); a given side is used as is;
     crops are the centred square, resized."""
-    from facecond.nodes.training import native_resolution, training_images
+    from facecond.nodes.celebbasis.training import native_resolution, training_images
 
     model = tiny_model[0]
     assert native_resolution(model) == 512
@@ -193,8 +193,8 @@ def celeb_folder(shared_data, stand_in_models):
 
 
 def _embed_photo(path):
-    from facecond.nodes.celeb_photos import _load
-    from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+    from facecond.nodes.celebbasis.celeb_photos import _load
+    from facecond.nodes.faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
     from facecond_dev import host
 
     faces = FacecondFaceDetectCrop().detect(_load(str(path)), detector="mtcnn", select="largest", face_index=0,
@@ -207,7 +207,7 @@ def test_celeb_photo_faces_id_init_and_filter(tiny_model, celeb_folder, shared_d
     """CelebPhotoFaces: a name's row is the cosine centroid of its photos' FaceEmbed embeddings (recomputed here
     photo by photo); TrainFaceTI init='id' then starts from the closest name's two tokens; the filter drops a
     name whose 'generated portrait' is not that person."""
-    from facecond.nodes.celeb_photos import CelebPhotoFaces
+    from facecond.nodes.celebbasis.celeb_photos import CelebPhotoFaces
     from facecond_dev import host
 
     faces, report = CelebPhotoFaces().embed("celeb_test", "mtcnn", host.STAND_IN_RECOGNISER, 0.3)
@@ -248,7 +248,7 @@ def test_celeb_photo_faces_id_init_and_filter(tiny_model, celeb_folder, shared_d
 
 
 def test_celeb_photo_folder_must_stay_inside_the_input_folder(celeb_folder):
-    from facecond.nodes.celeb_photos import CelebPhotoFaces
+    from facecond.nodes.celebbasis.celeb_photos import CelebPhotoFaces
     from facecond_dev import host
 
     node = CelebPhotoFaces()

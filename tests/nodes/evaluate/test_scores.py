@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from facecond.nodes.evaluate import FacecondCLIPScore, FacecondEvalAggregate, FacecondIdentityScore
-from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed
+from facecond.nodes.evaluate.scores import FacecondCLIPScore, FacecondEvalAggregate, FacecondIdentityScore
+from facecond.nodes.faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
 from facecond.py.evaluate.clip_score import ClipScorer
 from facecond_dev.tiny_clip import write_tiny_clip
 

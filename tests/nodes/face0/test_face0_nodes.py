@@ -12,9 +12,9 @@ from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAd
 from comfy_extras.nodes_model_advanced import RescaleCFG
 
 import nodes
-from facecond.nodes.embeddings import EmbeddingInterpolate, LoadFaceEmbeds, RandomIdentity, SaveFaceEmbeds
-from facecond.nodes.face0 import Guider_Face0ThreeWay, ThreeWayCFGSampler, ThreeWayGuider
-from facecond.nodes.face0_projection import LoadFace0Projection, ProjectToContext
+from facecond.nodes.face0.embeddings import EmbeddingInterpolate, LoadFaceEmbeds, RandomIdentity, SaveFaceEmbeds
+from facecond.nodes.face0.guidance import Guider_Face0ThreeWay, ThreeWayCFGSampler, ThreeWayGuider
+from facecond.nodes.face0.projection import LoadFace0Projection, ProjectToContext
 from facecond.py.face0.projection import ProjectionInfo, random_projection, save_projection
 from facecond.py.faces.types import FaceEmbeds
 

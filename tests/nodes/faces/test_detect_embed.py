@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from facecond.nodes.faces import FacecondFaceDetectCrop, FacecondFaceEmbed, FacecondFaceSimilarity
+from facecond.nodes.faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed, FacecondFaceSimilarity
 from facecond.py.faces.types import FaceEmbeds, Faces
 
 REC = "testpack/mobilefacenet_128.onnx"

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import save_file
 
 import nodes
-from facecond.nodes.ipadapter import (
+from facecond.nodes.ipadapter.adapter import (
     ApplyIPAdapter,
     IPAdapterEncode,
     LoadIPAdapter,
     cross_attention_layers,
 )
-from facecond.nodes.ipadapter_aggregate import AggregateEmbeds
+from facecond.nodes.ipadapter.aggregate import AggregateEmbeds
 from facecond.py.faces.types import FaceEmbeds
 from facecond.py.ipadapter import aggregate as agg
 from facecond_dev.random_weights import random_state_dict

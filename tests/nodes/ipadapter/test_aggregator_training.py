@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from facecond.nodes.ipadapter import LoadIPAdapter, cross_attention_layers
+from facecond.nodes.ipadapter.adapter import LoadIPAdapter, cross_attention_layers
 from facecond.py.ipadapter import finetune
 from facecond.py.ipadapter.aggregate import ATTENTION_MODES, SelfAttentionAggregator
 from facecond_dev.random_weights import random_state_dict

@@ -22,8 +22,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from safetensors.torch import save_file
 
 import nodes
-from facecond.nodes.ipadapter import ApplyIPAdapter, IPAdapterEncode, LoadIPAdapter, cross_attention_layers
-from facecond.nodes.ipadapter_lora import transformer_blocks
+from facecond.nodes.ipadapter.adapter import ApplyIPAdapter, IPAdapterEncode, LoadIPAdapter, cross_attention_layers
+from facecond.nodes.ipadapter.lora import transformer_blocks
 from facecond.py.faces.types import FaceEmbeds
 from facecond.py.ipadapter import lora as ipa_lora
 from facecond_dev.random_weights import random_state_dict

@@ -1,0 +1,3 @@
+"""Evaluation nodes: IdentityScore, CLIPScore and EvalAggregate (``scores.py``); the maths lives in
+``py/evaluate/``, the command-line harness in ``scripts/evaluate.py``.
+"""
