@@ -13,12 +13,18 @@ e.g. an IPADAPTER in the executor cache, goes with ComfyUI's own ``free_memory``
 
 At most ``MAX_ENTRIES`` models and ``MAX_SESSIONS`` ONNX sessions are kept; the least recently used is unloaded
 from ComfyUI and dropped. ``GET /facecond/models`` lists the entries (kind, file, device, bytes).
+
+Threads: the executor thread loads and unloads while ``GET /facecond/models`` reads from the server's event loop
+(in a worker thread, so a long unload never stalls the server). One re-entrant lock guards the entries; it is never
+held while a model is built (``build`` may take seconds and is the executor's alone).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +61,7 @@ _ENTRIES: OrderedDict[tuple, Entry] = OrderedDict()
 # Entries ComfyUI has just unloaded. Dropped at our next call, once ComfyUI has taken them off its list: freeing a
 # module inside ComfyUI's free_memory loop would run its finalizer (cleanup_models) on a half-updated list.
 _RETIRED: list[Entry] = []
+_LOCK = threading.RLock()  # guards _ENTRIES and _RETIRED (re-entrant: ComfyUI's unload calls _on_detach inside _unload)
 
 
 def _release(module: torch.nn.Module) -> None:
@@ -66,19 +73,21 @@ def _on_detach(patcher, unpatch_all=True) -> None:
     """ComfyUI unloaded the patcher (moved to the offload device, out of ``current_loaded_models``): forget it."""
     if not unpatch_all:
         return
-    for key, e in list(_ENTRIES.items()):
-        if e.patcher is patcher:
-            _ENTRIES.pop(key)
-            _release(e.module)
-            _RETIRED.append(e)
-            log.debug("[facecond] %s unloaded by ComfyUI; dropped from the model cache", key[0])
+    with _LOCK:
+        for key, e in list(_ENTRIES.items()):
+            if e.patcher is patcher:
+                _ENTRIES.pop(key)
+                _release(e.module)
+                _RETIRED.append(e)
+                log.debug("[facecond] %s unloaded by ComfyUI; dropped from the model cache", key[0])
 
 
 def _purge() -> None:
     """Let go of unloaded entries that ComfyUI no longer lists (then nothing of ours holds them)."""
-    if _RETIRED:
-        listed = {id(lm.model) for lm in mm.current_loaded_models}
-        _RETIRED[:] = [e for e in _RETIRED if id(e.patcher) in listed]
+    with _LOCK:
+        if _RETIRED:
+            listed = {id(lm.model) for lm in list(mm.current_loaded_models)}
+            _RETIRED[:] = [e for e in _RETIRED if id(e.patcher) in listed]
 
 
 def _new_patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
@@ -90,28 +99,31 @@ def _new_patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
 
 def _unload(e: Entry) -> None:
     """Take an entry out of ComfyUI's loaded models (as its own unload does) and release it."""
-    for lm in list(mm.current_loaded_models):
-        if lm.model is e.patcher:
-            lm.model_unload()  # detach: moves it to the offload device, runs _on_detach
-            mm.current_loaded_models.remove(lm)
-    _ENTRIES.pop(e.key, None)
-    _release(e.module)
-    _purge()
+    with _LOCK:
+        for lm in list(mm.current_loaded_models):
+            if lm.model is e.patcher:
+                lm.model_unload()  # detach: moves it to the offload device, runs _on_detach
+                mm.current_loaded_models.remove(lm)
+        _ENTRIES.pop(e.key, None)
+        _release(e.module)
+        _purge()
 
 
 def _bound() -> None:
-    while len(_ENTRIES) > MAX_ENTRIES:
-        _unload(next(iter(_ENTRIES.values())))
-    sessions = [e for e in _ENTRIES.values() if isinstance(e.module, SessionModule)]
-    for e in sessions[:max(0, len(sessions) - MAX_SESSIONS)]:
-        _unload(e)
+    with _LOCK:
+        while len(_ENTRIES) > MAX_ENTRIES:
+            _unload(next(iter(_ENTRIES.values())))
+        sessions = [e for e in _ENTRIES.values() if isinstance(e.module, SessionModule)]
+        for e in sessions[:max(0, len(sessions) - MAX_SESSIONS)]:
+            _unload(e)
 
 
 def _add(key: tuple, model, module: torch.nn.Module) -> Entry:
     setattr(module, _ATTR, key)
     e = Entry(key, model, module, _new_patcher(module))
-    _ENTRIES[key] = e
-    _bound()
+    with _LOCK:
+        _ENTRIES[key] = e
+        _bound()
     return e
 
 
@@ -127,12 +139,13 @@ def load(kind: str, path: str | os.PathLike | tuple, build: Callable[[str], obje
     unloads it or the file changes. Not moved yet: call ``to_device(module)`` before running it."""
     _purge()
     key = file_key(kind, path)
-    e = _ENTRIES.get(key)
-    if e is not None and e.model is not None:
-        _ENTRIES.move_to_end(key)
-        return e.model
-    for old in [x for x in _ENTRIES.values() if x.kind == kind and x.key[1] == key[1]]:
-        _unload(old)  # the same file changed on disk (the old model is stale), or a module taken back by to_device
+    with _LOCK:
+        e = _ENTRIES.get(key)
+        if e is not None and e.model is not None:
+            _ENTRIES.move_to_end(key)
+            return e.model
+        for old in [x for x in _ENTRIES.values() if x.kind == kind and x.key[1] == key[1]]:
+            _unload(old)  # the file changed on disk (the old model is stale), or a module taken back by to_device
     log.info("[facecond] loading %s model %s", kind, path)
     model = build(path)
     _add(key, model, module_of(model))
@@ -158,20 +171,22 @@ def to_device(module: torch.nn.Module) -> torch.device:
     back into the cache under its old key."""
     _purge()
     key = getattr(module, _ATTR, None) or ("module", id(module))
-    e = _ENTRIES.get(key)
-    if e is not None and e.module is not module:  # the file was loaded anew; this is an older copy
-        key = (*key, id(module))
+    with _LOCK:
         e = _ENTRIES.get(key)
-    if e is None:
-        e = _add(key, None, module)  # model None: load() builds a fresh one rather than hand out a bare module
-    _ENTRIES.move_to_end(key)
+        if e is not None and e.module is not module:  # the file was loaded anew; this is an older copy
+            key = (*key, id(module))
+            e = _ENTRIES.get(key)
+        if e is None:
+            e = _add(key, None, module)  # model None: load() builds a fresh one rather than hand out a bare module
+        _ENTRIES.move_to_end(key)
     mm.load_models_gpu([e.patcher])
     return e.patcher.load_device
 
 
 def entries() -> list[Entry]:
     _purge()
-    return list(_ENTRIES.values())
+    with _LOCK:
+        return list(_ENTRIES.values())
 
 
 def _device(m: torch.nn.Module) -> str:
@@ -186,9 +201,11 @@ def _device(m: torch.nn.Module) -> str:
 def describe() -> list[dict]:
     """What the cache holds: kind, file, device, bytes (tensors; file size for ONNX), loaded in ComfyUI."""
     _purge()
-    loaded = {id(lm.model) for lm in mm.current_loaded_models if lm.model is not None}
+    with _LOCK:  # a snapshot: the executor thread may load or unload meanwhile
+        held = list(_ENTRIES.values())
+        loaded = {id(lm.model) for lm in list(mm.current_loaded_models) if lm.model is not None}
     out = []
-    for e in _ENTRIES.values():
+    for e in held:
         size = os.path.getsize(e.key[1]) if isinstance(e.module, SessionModule) and os.path.isfile(e.key[1]) \
             else sum(t.numel() * t.element_size() for t in [*e.module.parameters(), *e.module.buffers()])
         out.append({"kind": e.kind, "file": str(e.key[1]), "device": _device(e.module), "bytes": int(size),
@@ -198,8 +215,9 @@ def describe() -> list[dict]:
 
 def clear() -> None:
     """Unload and drop every entry (tests; ComfyUI's own unload does the same through the detach callback)."""
-    for e in list(_ENTRIES.values()):
-        _unload(e)
+    with _LOCK:
+        for e in list(_ENTRIES.values()):
+            _unload(e)
     _purge()
 
 
@@ -216,4 +234,6 @@ def register_routes() -> None:
 
     @inst.routes.get("/facecond/models")
     async def _models(request):
-        return web.json_response({"models": describe()})
+        # in a worker thread: the executor may hold the cache's lock while ComfyUI unloads a model
+        models = await asyncio.get_running_loop().run_in_executor(None, describe)
+        return web.json_response({"models": models})

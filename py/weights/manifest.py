@@ -270,6 +270,8 @@ def load_state_dict(path: str | os.PathLike, label: str = "weights file", writer
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for any non-allow-listed global
+        if packfile.out_of_memory(e):
+            raise
         raise WeightsError(f"{path}: refusing to load: it is not a plain tensor state dict ({e}). "
                            f"Use a .safetensors file or a state dict saved with torch.save(model.state_dict())."
                            ) from e

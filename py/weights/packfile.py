@@ -63,6 +63,20 @@ class PackFileError(ValueError):
         super().__init__(f"{self.path}: {what}{facts}. {self.fix}")
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation failure rather than a bad file: Python's MemoryError, torch's out-of-memory error (CUDA, MPS,
+    XPU) or the CPU allocator's. Loaders pass these through untouched, so ComfyUI's executor reports and handles
+    them as its own (it unloads models on an out-of-memory error)."""
+    import torch
+
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    if isinstance(e, (MemoryError, *oom_types)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
 def describe_kind(kind: str | None) -> str:
     if kind is None:
         return "no facecond.kind metadata (not a facecond file: a model or file from elsewhere?)"
@@ -167,6 +181,8 @@ def read(path: str | os.PathLike, *, kind: str | None = None, label: str | None 
     except PackFileError:
         raise
     except Exception as e:  # whatever safetensors still finds wrong (dtype, overlapping offsets, ...)
+        if out_of_memory(e):
+            raise
         raise PackFileError(path, "not_safetensors", f"unreadable safetensors file ({type(e).__name__}: {e})",
                             label=label, writer=writer) from None
     return meta, tensors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +15,9 @@ from pathlib import Path
 _SEED_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 _PRIMITIVE_WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 _UI_ONLY_NODES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+# Seconds one HTTP request may take. A busy server on shared cores answers late, not never (CI once timed out a
+# GET /history at a fixed 30 s): generous by default, FACECOND_HTTP_TIMEOUT overrides it.
+REQUEST_TIMEOUT = float(os.environ.get("FACECOND_HTTP_TIMEOUT", "300"))
 
 
 class PromptRejected(RuntimeError):
@@ -49,13 +53,15 @@ class Result:
 
 
 class ComfyClient:
-    def __init__(self, url: str, base_dir: Path | None = None):
+    def __init__(self, url: str, base_dir: Path | None = None, request_timeout: float | None = None):
         self.url = url.rstrip("/")
         self.base_dir = Path(base_dir) if base_dir else None
         self.client_id = uuid.uuid4().hex
+        self.request_timeout = REQUEST_TIMEOUT if request_timeout is None else request_timeout
         self._object_info: dict | None = None
 
-    def _request(self, path: str, payload: dict | None = None, timeout: float = 30.0):
+    def _request(self, path: str, payload: dict | None = None, timeout: float | None = None):
+        timeout = self.request_timeout if timeout is None else timeout
         data = json.dumps(payload).encode() if payload is not None else None
         req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -63,7 +69,7 @@ class ComfyClient:
 
     def object_info(self, refresh: bool = False) -> dict:
         if self._object_info is None or refresh:
-            self._object_info = self._request("/object_info", timeout=120)
+            self._object_info = self._request("/object_info")
         return self._object_info
 
     def queue(self, prompt: dict) -> str:
@@ -80,7 +86,12 @@ class ComfyClient:
     def wait(self, prompt_id: str, timeout: float = 300.0) -> Result:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            entry = self._request(f"/history/{prompt_id}").get(prompt_id)
+            try:
+                entry = self._request(f"/history/{prompt_id}").get(prompt_id)
+            except (TimeoutError, urllib.error.URLError) as e:  # a slow answer from a busy server: ask again
+                if isinstance(e, urllib.error.URLError) and not isinstance(e.reason, TimeoutError):
+                    raise  # refused, unreachable: the server is gone
+                continue
             if entry and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
                 if status.get("status_str") in ("success", "error"):

@@ -170,3 +170,36 @@ def test_a_freed_adapter_held_by_a_node_output_is_taken_back(tiny_model):
     assert model_cache.entries() == []
     again = terms()
     assert len(model_cache.entries()) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_describe_is_safe_while_another_thread_loads_and_unloads(tmp_path):
+    """GET /facecond/models runs on the server's event-loop thread while the executor thread loads models: listing
+    must never see the cache half-changed (it raised 'OrderedDict mutated during iteration')."""
+    import threading
+
+    paths = []
+    for i in range(model_cache.MAX_ENTRIES + 4):
+        paths.append(tmp_path / f"p{i}.safetensors")
+        _projection_file(paths[-1], seed=i)
+    errors, stop = [], threading.Event()
+
+    def lister():
+        while not stop.is_set():
+            try:
+                for row in model_cache.describe():
+                    assert row["kind"] == "face0-projection" and row["bytes"] > 0
+            except Exception as e:  # collected and reported below
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=lister)
+    t.start()
+    try:
+        for _ in range(15):
+            for p in paths:  # more files than MAX_ENTRIES: every load also evicts one
+                model_cache.load("face0-projection", p, load_projection, lambda m: m)
+            model_cache.clear()
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, f"describe() failed while the cache changed: {errors[0]!r}"

@@ -76,3 +76,32 @@ def test_every_float_widget_is_validated_and_nothing_else():
         if fn:
             assert inspect.getfullargspec(fn).varkw is None, node_id
             assert fn(**dict.fromkeys(floats, math.nan)).startswith(facecond.NODE_DISPLAY_NAME_MAPPINGS[node_id])
+
+
+def test_out_of_memory_while_loading_reaches_comfyui_as_itself(comfy_base):
+    """ComfyUI's executor recognises an out-of-memory error by its type (unloads models, says so): load_file must
+    not turn it into "pick a file of the right kind"."""
+    import comfy.model_management as mm
+
+    folder = folder_paths.get_folder_paths("facecond_embeds")[0]
+    os.makedirs(folder, exist_ok=True)
+    save_embeds(FaceEmbeds(torch.ones(2, 4), "t", False, (0, 1)), os.path.join(folder, "paths_oom.safetensors"))
+
+    def cpu_oom(path):  # a real allocation failure: 2**50 bytes on the CPU
+        return torch.empty(2**50, dtype=torch.uint8)
+
+    def cuda_oom(path):  # the type ComfyUI's executor checks (comfy.model_management.OOM_EXCEPTION)
+        raise mm.OOM_EXCEPTION("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.raises(RuntimeError, match=r"can't allocate memory|out of memory") as info:
+        paths.load_file("LoadFaceEmbeds", "embeds_name", "facecond_embeds", "paths_oom.safetensors", cpu_oom)
+    assert "right kind" not in str(info.value) and not isinstance(info.value, ValueError)
+    with pytest.raises(mm.OOM_EXCEPTION) as info:
+        paths.load_file("LoadFaceEmbeds", "embeds_name", "facecond_embeds", "paths_oom.safetensors", cuda_oom)
+    assert "right kind" not in str(info.value)
+
+    def python_oom(path):
+        raise MemoryError
+
+    with pytest.raises(MemoryError):
+        paths.load_file("LoadFaceEmbeds", "embeds_name", "facecond_embeds", "paths_oom.safetensors", python_oom)

@@ -58,3 +58,25 @@ def test_bad_inputs_do_not_crash_the_server(faces_server, shared_data):
     prompt["2"]["inputs"]["no_face"] = "passthrough"
     ok = faces_server.run(prompt)
     assert not ok.error, ok.error
+
+
+def test_model_list_answers_while_the_executor_loads(faces_server):
+    """GET /facecond/models from another client while prompts load and unload the pack's models: every answer is a
+    complete list (it failed with 'OrderedDict mutated during iteration'), and the server's models end up listed."""
+    import json
+    import urllib.request
+
+    faces_server._request("/free", {"unload_models": True, "free_memory": True})  # start with nothing loaded
+    ids = [faces_server.queue(quick_prompt(WORKFLOW, faces_server.object_info(), faces_server.base_dir))
+           for _ in range(2)]
+    answers = 0
+    while faces_server._request(f"/history/{ids[-1]}").get(ids[-1]) is None:
+        with urllib.request.urlopen(faces_server.url + "/facecond/models", timeout=300) as r:
+            assert r.status == 200
+            models = json.loads(r.read())["models"]
+        assert all({"kind", "file", "device", "bytes"} <= set(m) for m in models)
+        answers += 1
+    for pid in ids:
+        assert not faces_server.wait(pid).error
+    kinds = {m["kind"] for m in faces_server._request("/facecond/models")["models"]}
+    assert answers > 0 and kinds, kinds

@@ -167,3 +167,14 @@ def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path):
     meta, tensors = packfile.read(path, kind="face_embeds")
     assert meta["facecond.kind"] == "face_embeds"
     assert torch.equal(tensors["x"], torch.arange(6, dtype=torch.float32))
+
+
+def test_out_of_memory_is_told_apart_from_a_bad_file():
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # a real CPU allocation failure
+    except RuntimeError as e:
+        cpu = e
+    assert packfile.out_of_memory(cpu) and packfile.out_of_memory(MemoryError())
+    assert packfile.out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not packfile.out_of_memory(RuntimeError("Error(s) in loading state_dict: size mismatch"))
+    assert not packfile.out_of_memory(ValueError("header too large"))
