@@ -10,21 +10,29 @@ The patch is ComfyUI's ``set_model_attn2_replace`` on a clone, one per UNet cros
 order of the file's ``ip_adapter.{1,3,5,...}`` weights. Applying the node again (another person, another
 region mask) stacks: the new patch holds both terms; a foreign attn2 replace that was there stays the base. A FaceID
 file's LoRA goes on the same clone as weight patches (``lora.py``), once per model.
+
+ComfyUI keeps one attn2 replace per key: another pack's patch set *after* this one replaces it (last wins). The clone
+carries an ON_PRE_RUN callback (copied to later clones) that logs a warning at sampling when that happened. With an
+attn_mask it also carries a ``calc_cond_batch`` wrapper that hands the areas of area conditionings to the patch
+(``py/ipadapter/regions.py``), so the mask is cut to the area ComfyUI samples the conditioning on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
 import folder_paths
 import torch
 
 from ...py.ipadapter import adapter as ipa
 from ...py.ipadapter import aggregate as agg
 from ...py.ipadapter import lora as ipa_lora
+from ...py.ipadapter import regions
 from .. import model_cache
 from ..common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds
 from ..paths import finite_floats, load_file, read_path
@@ -96,6 +104,45 @@ def cross_attention_layers(model) -> list[tuple[tuple, int, int]]:
                         if tb.attn2 is not None:
                             out.append(((name, i, j), tb.attn2.to_k.out_features, tb.attn2.to_k.in_features))
     return out
+
+
+HOOK_KEY = "facecond_ipadapter"  # key of the pack's wrapper and callback on the patched clone
+
+
+def _areas_wrapper(executor, model, conds, x_in, timestep, model_options):
+    """``calc_cond_batch`` wrapper: the areas of area conditionings (by cond uuid) into transformer_options, where the
+    attn2 patch reads them (``regions.AREAS_KEY``). Without area conds, model_options pass through unchanged."""
+    areas = regions.cond_areas(conds, tuple(x_in.shape[-2:]))
+    if areas:
+        to = {**model_options.get("transformer_options", {}), regions.AREAS_KEY: areas}
+        model_options = {**model_options, "transformer_options": to}
+    return executor(model, conds, x_in, timestep, model_options)
+
+
+def _holds_ours(patch) -> bool:
+    """Ours, or a foreign patch that keeps ours as an attribute (to call it: the patch chains)."""
+    return isinstance(patch, ipa.IPAttentionPatch) or \
+        any(isinstance(v, ipa.IPAttentionPatch) for v in getattr(patch, "__dict__", {}).values())
+
+
+def _qualname(obj) -> str:
+    """module.name of a function, or of an object's class."""
+    named = obj if hasattr(obj, "__qualname__") else type(obj)
+    return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"
+
+
+def check_not_replaced(patcher, keys: tuple) -> list:
+    """ON_PRE_RUN callback: warn when another attn2 replace was set over ours at ``keys`` after ApplyIPAdapter
+    (ComfyUI keeps the last one per key). Returns the replaced keys. One dict lookup per layer, once per sampling."""
+    attn2 = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    lost = [k for k in keys if not _holds_ours(attn2.get(k))]
+    if lost:
+        by = sorted({_qualname(attn2[k]) for k in lost if k in attn2})
+        log.warning("[facecond] ApplyIPAdapter: the IP-Adapter attn2 patch is gone from %d of %d cross-attentions "
+                    "(replaced by %s): a patch set after ApplyIPAdapter replaces it, and the image term is off there. "
+                    "Put ApplyIPAdapter after the other node (it keeps a patch that was there before as its base).",
+                    len(lost), len(keys), ", ".join(by) or "nothing: removed")
+    return lost
 
 
 class LoadIPAdapter:
@@ -206,9 +253,11 @@ class IPAdapterEncode:
 class ApplyIPAdapter:
     DESCRIPTION = ("Adds the image prompt to every cross-attention of a clone of the model: Z = Attention(Q,K,V) + "
                    "weight·Attention(Q,K',V') (IP-Adapter, Ye et al. 2023), between start_at and end_at, inside "
-                   "attn_mask. Apply it again for a second person in another region; it stacks with other patches. "
-                   "Several reference rows are used side by side; AggregateEmbeds makes them one. A FaceID file's "
-                   "LoRA goes on the clone's attention weights with lora_strength.")
+                   "attn_mask (cut to each area of an area conditioning). Apply it again for a second person in "
+                   "another region (the terms stack). Another pack's attn2 patch set before it stays its base; one "
+                   "set after it replaces it (a warning at sampling says so). Several reference rows are used side "
+                   "by side; AggregateEmbeds makes them one. A FaceID file's LoRA goes on the clone's attention "
+                   "weights with lora_strength.")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
@@ -229,12 +278,18 @@ class ApplyIPAdapter:
                        "λ: strength of the image term (0: no image term, 1: as trained). A FaceID file's LoRA "
                        "has its own lora_strength."}),
             "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                         "Fraction of the schedule where the image term starts (0: first step)."}),
+                         "Start of the sigma range where the image term is active, as ComfyUI's start_percent "
+                         "(ControlNetApplyAdvanced): 0 = the model's highest sigma. A sigma percent, not a share of "
+                         "the steps: how many steps it covers depends on the scheduler."}),
             "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                       "Fraction of the schedule where it stops (1: last step). Outside, the patch costs nothing."}),
+                       "End of the sigma range where the image term is active, as ComfyUI's end_percent: 1 = sigma "
+                       "0 (to the last step). On 20 steps, 0.5 covers 10 steps with normal, 7 with exponential, 11 "
+                       "with beta. Outside the range the patch costs nothing."}),
         }, "optional": {
-            "attn_mask": ("MASK", {"tooltip": "Where the image term applies (1) and not (0), image-sized; for two "
-                          "people in two regions, apply the node twice with complementary masks."}),
+            "attn_mask": ("MASK", {"tooltip": "Where the image term applies (1) and not (0), over the whole image "
+                          "(image-sized is exact; another aspect is stretched, with a warning). One mask, or one per "
+                          "latent batch image. With area conditionings (ConditioningSetArea) it is cut to each area. "
+                          "For two people in two regions, apply the node twice with complementary masks."}),
             "lora_strength": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 2.0, "step": 0.05, "tooltip":
                               "FaceID files only: strength of the LoRA the file holds for the U-Net's attention "
                               "(1: as trained, 0: off), on every step (start_at/end_at time the image term only). "
@@ -280,6 +335,12 @@ class ApplyIPAdapter:
             patch = old.with_term(term) if isinstance(old, ipa.IPAttentionPatch) else \
                 ipa.IPAttentionPatch((term,), previous=old, attention=comfy_optimized_attention)
             m.set_model_attn2_replace(patch, *key)
+        keys = tuple(key for key, _, _ in layers)
+        if not m.get_callbacks(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, HOOK_KEY):  # copied by clone: once
+            m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, HOOK_KEY,
+                                    functools.partial(check_not_replaced, keys=keys))
+        if mask is not None and not m.get_wrappers(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, HOOK_KEY):
+            m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, HOOK_KEY, _areas_wrapper)
         return (m,)
 
 

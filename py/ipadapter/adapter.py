@@ -31,6 +31,7 @@ from torch import nn
 
 from ..weights.manifest import load_state_dict
 from .lora import lora_weights
+from .regions import chunk_windows, layer_grid, window_mask
 
 # What each variant consumes: a CLIP image embedding (projected, e.g. 1024 for ViT-H), the CLIP penultimate
 # hidden states (257 x 1280 for ViT-H), or a face-recognition embedding (512 for insightface buffalo_l).
@@ -200,7 +201,7 @@ class IPTerm:
     weight: float
     sigma_start: float  # active while sigma_end <= sigma <= sigma_start
     sigma_end: float
-    mask: torch.Tensor | None = None  # (1 or B, H, W) in [0, 1]: where the term applies
+    mask: torch.Tensor | None = None  # (1 or B, H, W) in [0, 1] over the full image: where the term applies
     cache: dict = None  # device/dtype/batch copies, filled on use (derived data only)
 
     def __post_init__(self):
@@ -218,26 +219,14 @@ class IPTerm:
             self.cache[key] = tuple(torch.cat(t).to(like.device, like.dtype) for t in (ks, vs))
         return self.cache[key]
 
-    def mask_tokens(self, hw: tuple[int, int], chunks: int, rows: int, like: torch.Tensor):
-        """The mask resized to the layer's (h, w) grid as (B or 1, h*w, 1)."""
-        key = ("mask", hw, chunks, rows, like.device, like.dtype)
+    def mask_tokens(self, hw: tuple[int, int], windows: tuple, rows: int, like: torch.Tensor):
+        """The mask under each chunk's latent window (whole latent or an area conditioning's area, see
+        ``regions.py``) on the layer's (h, w) grid: (chunks*rows, h*w, 1)."""
+        key = ("mask", hw, windows, rows, like.device, like.dtype)
         if key not in self.cache:
-            m = self.mask if self.mask.shape[0] in (1, rows) else self.mask[:1]
-            m = F.interpolate(m[:, None].float(), size=hw, mode="bilinear", align_corners=False).flatten(1)[..., None]
-            self.cache[key] = (m if m.shape[0] == 1 else m.repeat(chunks, 1, 1)).to(like.device, like.dtype)
+            m = window_mask(self.mask, windows, hw, rows)
+            self.cache[key] = m.to(like.device, like.dtype)
         return self.cache[key]
-
-
-def layer_grid(tokens: int, extra_options: dict) -> tuple[int, int]:
-    """(h, w) of the latent grid a layer's ``tokens`` query tokens come from."""
-    shape = extra_options.get("activations_shape")
-    if shape is not None and len(shape) == 4 and shape[2] * shape[3] == tokens:
-        return int(shape[2]), int(shape[3])
-    h, w = extra_options["original_shape"][-2:]
-    for f in (1, 2, 4, 8, 16, 32, 64):
-        if math.ceil(h / f) * math.ceil(w / f) == tokens:
-            return math.ceil(h / f), math.ceil(w / f)
-    raise ValueError(f"IP-Adapter mask: cannot place {tokens} tokens on the {h}x{w} latent")
 
 
 _SIGMA: list = [None, 0.0]  # the sigmas tensor of the current model call and its value (held: no id reuse)
@@ -280,11 +269,12 @@ class IPAttentionPatch:
         cond_or_uncond = tuple(extra_options.get("cond_or_uncond") or (0,))
         chunks = len(cond_or_uncond)
         rows = q.shape[0] // chunks
+        windows = chunk_windows(extra_options, chunks) if any(t.mask is not None for t in live) else None
         for t in live:
             k_ip, v_ip = t.kv(cond_or_uncond, rows, q)
             extra = self.attention(q, k_ip, v_ip, heads, **kw)
             if t.mask is not None:
-                extra = extra * t.mask_tokens(layer_grid(q.shape[1], extra_options), chunks, rows, q)
+                extra = extra * t.mask_tokens(layer_grid(q.shape[1], extra_options), windows, rows, q)
             out = out + extra * t.weight
         return out
 
