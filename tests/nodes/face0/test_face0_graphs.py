@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 
+import comfy.sample
 import comfy.samplers
+import comfy_extras.nodes_post_processing  # noqa: F401 (first: on 0.28 it and nodes_latent import each other)
 import pytest
 import torch
 from comfy_extras.nodes_apg import APG, project
