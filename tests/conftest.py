@@ -102,6 +102,14 @@ def tiny_model(tiny_ckpt):
 
 
 @pytest.fixture(scope="session")
+def tiny_controlnet(comfy_base):
+    """CONTROL_NET: the tiny random SD1.5 ControlNet (tiny_model.py), loaded by ComfyUI's own loader."""
+    import comfy.controlnet
+
+    return comfy.controlnet.load_controlnet(str(host.tiny_controlnet_path()))
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory) -> ComfyClient:
     """A headless ComfyUI server with the pack, for the whole session; a client bound to it.
 

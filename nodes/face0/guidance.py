@@ -6,6 +6,15 @@ arXiv 2306.06638): the three-way guidance as a guider and as a KSampler-like nod
 
 The three-way guider combines ComfyUI's denoised (x0) predictions; the combination is affine with weights
 summing to 1, hence identical to combining ε (see py/face0/guidance.py).
+
+In a graph (issue 21): the mixed conditional ε̃ takes the place of positive's prediction everywhere ComfyUI's CFG
+looks at it. Pre-CFG hooks (LatentApplyOperationCFG, APG, ...) get ``[ε̃, ε(∅)]`` with conds ``[positive,
+negative]``, CFG patches (RescaleCFG, ...) and post-CFG hooks get ε̃ as ``cond_denoised``, exactly as
+``comfy.samplers.sampling_function`` / ``cfg_function`` hand them cond and uncond (same code in 0.3.75 and 0.28).
+What the conditioning carries (ControlNet / T2I-Adapter, GLIGEN, area, mask, strength, hooks, timestep range) on
+positive also reaches text_only and face_only, copied (rule and reasons in ``branches.py``); negative keeps its own.
+So a graph wired as for KSampler (ControlNetApplyAdvanced on positive and negative, regional prompts combined into
+positive) is right at every c, and at c = 1 it is KSampler's result bit for bit.
 """
 
 from __future__ import annotations
@@ -19,9 +28,10 @@ import comfy.utils
 import latent_preview
 import node_helpers
 
-from ...py.face0.guidance import branch_weights, three_way_cfg
+from ...py.face0.guidance import branch_weights, combine_conditional
 from ..common import denoise_input, sampler_inputs, seed_input, steps_input
 from ..paths import finite_floats
+from .branches import conditional_branch
 
 log = logging.getLogger("facecond")
 
@@ -32,10 +42,11 @@ class Guider_Face0ThreeWay(comfy.samplers.CFGGuider):
     """Face0's three-way guidance (py/face0/guidance.py) as a ComfyUI guider.
 
     Every branch with a non-zero weight is evaluated in one ``calc_cond_batch`` call, in the order
-    [positive (d,f), negative (∅), text_only (d), face_only (f)] so that hooks reading ``conds_out[0]``/``[1]``
-    see cond/uncond as under plain CFG; ``three_way_cfg`` combines them, handing ε̃ to ComfyUI's own
-    ``cfg_function`` (so ``sampler_cfg_function`` patches and post-CFG hooks run as under KSampler). Pre-CFG hooks
-    are run here, as Guider_PerpNeg does, because ``sampling_function`` is skipped.
+    [positive (d,f), negative (∅), text_only (d), face_only (f)] (a ``sampler_calc_cond_batch_function`` gets that
+    list). ``combine_conditional`` mixes ε̃; then, as ``sampling_function`` does for [cond, uncond], the pre-CFG hooks
+    run on ``[ε̃, ε(∅)]`` (here, as Guider_PerpNeg does, because ``sampling_function`` is skipped) and ComfyUI's own
+    ``cfg_function`` finishes (``sampler_cfg_function`` patches, post-CFG hooks). text_only / face_only are
+    registered completed with positive's extras (``branches.conditional_branch``).
 
     ``set_cfg(cfg, c, a)`` and ``set_conds(positive, negative, text_only, face_only)`` may come in either order:
     whichever comes second registers the text_only / face_only conditionings that the weights need (only those,
@@ -49,7 +60,7 @@ class Guider_Face0ThreeWay(comfy.samplers.CFGGuider):
 
     def set_conds(self, positive, negative, text_only=None, face_only=None):
         self.inner_set_conds({"positive": positive, "negative": negative})
-        self.extra_conds = {"text_only": text_only, "face_only": face_only}
+        self.extra_conds = {"positive": positive, "text_only": text_only, "face_only": face_only}
         self._register_branches()
 
     def set_cfg(self, cfg, c=1.0, a=0.0):
@@ -68,12 +79,14 @@ class Guider_Face0ThreeWay(comfy.samplers.CFGGuider):
                 if cond is None:
                     raise ValueError(f"ThreeWayCFG: c={self.c:g}, a={self.a:g} give the {key} branch weight "
                                      f"{getattr(self.weights, weight):g}; connect ProjectToContext's {key} output.")
+                cond = conditional_branch(self.extra_conds["positive"], cond)  # positive's extras, copied
                 self.inner_set_conds({key: node_helpers.conditioning_set_values(cond, {"prompt_type": "positive"})})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
         need = self.weights.needed(skip_uncond_at_cfg1=not model_options.get("disable_cfg1_optimization", False))
         positive = self.conds.get("positive")
-        conds = [positive if need["text_face"] else None, self.conds.get("negative") if need["uncond"] else None,
+        uncond = self.conds.get("negative") if need["uncond"] else None
+        conds = [positive if need["text_face"] else None, uncond,
                  self.conds.get("text_only") if need["text"] else None,
                  self.conds.get("face_only") if need["face"] else None]
         while len(conds) > 2 and conds[-1] is None:
@@ -84,18 +97,19 @@ class Guider_Face0ThreeWay(comfy.samplers.CFGGuider):
             out = model_options["sampler_calc_cond_batch_function"](args)
         else:
             out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
-        for fn in model_options.get("sampler_pre_cfg_function", []):
-            args = {"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
-                    "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
-            out = fn(args)
         out = list(out) + [None] * (4 - len(out))
         preds = [o if cnd is not None else None for o, cnd in zip(out, [*conds, None, None])]
-
-        def cfg_function(cond_pred, uncond_pred):
-            return comfy.samplers.cfg_function(self.inner_model, cond_pred, uncond_pred, self.cfg, x, timestep,
-                                               model_options=model_options, cond=positive, uncond=conds[1])
-
-        return three_way_cfg(self.weights, preds[0], preds[2], preds[3], out[1], cfg_function=cfg_function)
+        # ε̃ first; then everything after is comfy.samplers.sampling_function / cfg_function (0.3.75 and 0.28 alike)
+        # with ε̃ as the cond prediction and positive as the cond it stands for: pre-CFG hooks get [ε̃, ε(∅)]
+        # (LatentApplyOperationCFG, APG ... read conds_out[0] - conds_out[1] as the guidance direction).
+        out = [combine_conditional(self.weights, preds[0], preds[2], preds[3]), out[1]]
+        hook_conds = [positive, uncond]
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            args = {"conds": hook_conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
+                    "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            out = fn(args)
+        return comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
+                                           model_options=model_options, cond=positive, uncond=uncond)
 
 
 def _guidance_inputs():
@@ -112,11 +126,21 @@ def _guidance_inputs():
 
 
 _CONDS_TOOLTIPS = {
-    "positive": "text + face (ProjectToContext positive).",
-    "negative": "empty text + zero face (ProjectToContext negative): the unconditional.",
-    "text_only": "text + zero face (ProjectToContext text_only); needed when (1-c)(1-a) != 0.",
-    "face_only": "empty text + face (ProjectToContext face_only); needed when (1-c)a != 0.",
+    "positive": "text + face (ProjectToContext positive). Wire it as for KSampler: ControlNet, areas, masks, "
+                "hooks and other prompts combined in also reach text_only and face_only.",
+    "negative": "empty text + zero face (ProjectToContext negative): the unconditional. Wire it as for KSampler "
+                "(e.g. ControlNetApplyAdvanced's negative).",
+    "text_only": "text + zero face (ProjectToContext text_only, straight, no ControlNet/area needed: it gets "
+                 "positive's); needed when (1-c)(1-a) != 0.",
+    "face_only": "empty text + face (ProjectToContext face_only, straight: it gets positive's ControlNet, areas, "
+                 "masks...); needed when (1-c)a != 0.",
 }
+
+_GRAPH_RULE = (" In a graph: wire positive and negative as for KSampler. text_only and face_only get positive's "
+               "ControlNet/T2I-Adapter, GLIGEN, area/mask/strength, hooks and timestep range (copied; what they "
+               "carry themselves is kept), and other prompts combined into positive (regional prompts) are shared "
+               "by them. Pre-CFG patches (LatentApplyOperationCFG, APG) and CFG patches (RescaleCFG) act on the "
+               "mix e~ and e(0) as they act on cond and uncond under KSampler.")
 
 
 class ThreeWayGuider:
@@ -144,7 +168,7 @@ class ThreeWayGuider:
     FUNCTION = "get_guider"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Face0 three-way guidance: e~ = c·e(d,f) + (1-c)(a·e(f) + (1-a)·e(d)), "
-                   "e^ = w·e~ + (1-w)·e(0). Zero-weight branches are not evaluated.")
+                   "e^ = w·e~ + (1-w)·e(0). Zero-weight branches are not evaluated." + _GRAPH_RULE)
 
     def get_guider(self, model, positive, negative, cfg, c, a, text_only=None, face_only=None):
         guider = Guider_Face0ThreeWay(model)
@@ -181,7 +205,7 @@ class ThreeWayCFGSampler:
     FUNCTION = "sample"
     CATEGORY = CATEGORY
     DESCRIPTION = ("KSampler with Face0's three-way guidance. c = 1 gives KSampler's result at KSampler's cost; "
-                   "c < 1 adds the text-only and/or face-only branches.")
+                   "c < 1 adds the text-only and/or face-only branches." + _GRAPH_RULE)
 
     def sample(self, model, seed, steps, cfg, c, a, sampler_name, scheduler, positive, text_only, face_only,
                negative, latent_image, denoise=1.0):

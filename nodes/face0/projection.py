@@ -16,6 +16,7 @@ import torch
 from ...py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, override_tokens
 from .. import model_cache
 from ..common import FACE0_PROJECTION, FACE_EMBEDS, require_embeds
+from .branches import mark_entries
 
 log = logging.getLogger("facecond")
 
@@ -142,6 +143,7 @@ class ProjectToContext:
         text_only = apply_face_tokens(conditioning, None, k, chunks, node)
         face_only = apply_face_tokens(empty_conditioning, tokens, k, chunks, node)
         negative = apply_face_tokens(empty_conditioning, None, k, chunks, node)
+        mark_entries(positive, text_only, face_only, negative)  # the guider pairs the entries by this mark
         return (positive, text_only, face_only, negative)
 
 

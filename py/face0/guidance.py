@@ -14,8 +14,9 @@ it is applied to noise predictions ε or to denoised predictions x0 = x − σ·
 around): Σ wᵢ·(x − σ·εᵢ) = x − σ·Σ wᵢ·εᵢ when Σ wᵢ = 1. ComfyUI's guiders therefore combine x0.
 
 Written as ε̂ = ε(∅) + w·(ε̃ − ε(∅)), it is ordinary CFG between the *combined* conditional ε̃ and the
-unconditional: the guider feeds ε̃ to ComfyUI's ``cfg_function`` as ``cond_denoised`` so that
-CFG patches (RescaleCFG, ...) and post-CFG hooks see the same thing they see under plain CFG.
+unconditional: the guider runs the pre-CFG hooks on [ε̃, ε(∅)] and feeds ε̃ to ComfyUI's ``cfg_function`` as
+``cond_denoised``, so pre-CFG hooks (LatentApplyOperationCFG, APG), CFG patches (RescaleCFG, ...) and post-CFG
+hooks see the same thing they see under plain CFG.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 # Order of branches everywhere in the pack (guider, tests, bench). Positions 0 and 1 are ComfyUI's
-# cond/uncond positions, so pre-CFG hooks that read ``conds_out[0]``/``[1]`` keep working.
+# cond/uncond positions (what a ``sampler_calc_cond_batch_function`` sees first).
 BRANCHES = ("text_face", "uncond", "text", "face")
 
 

@@ -89,6 +89,13 @@ def tiny_checkpoint_path() -> Path:
     return write_tiny_checkpoint(HOST_DIR / "cache" / "tiny_sd15.safetensors", taesd_dir=taesd)
 
 
+def tiny_controlnet_path() -> Path:
+    """The tiny SD1.5 ControlNet (random weights), generated once into the host cache (about 1 s, 21 MB)."""
+    from .tiny_model import write_tiny_controlnet
+
+    return write_tiny_controlnet(HOST_DIR / "cache" / "tiny_sd15_controlnet.safetensors")
+
+
 def prepare_base(base: Path, pack_dir: Path | None = REPO, pack_name: str = "facecond", *,
                  tiny_checkpoint: bool = True) -> Path:
     """Lay out a throw-away ``--base-directory``: the pack linked into custom_nodes, the tiny checkpoint

@@ -5,6 +5,10 @@ block, one transformer, no middle block (13.6M params). CLIP: full CLIP-L text-e
 ``sd1_clip_config.json``). VAE: TAESD keys, so ComfyUI decodes with TAESD; the real TAESD weights are
 used when given, random ones otherwise. Everything else is filled with seeded random values, so the
 same seed always writes the same file. Must run with ComfyUI importable (``host.import_comfy``).
+
+The tiny ControlNet (``write_tiny_controlnet``) is ComfyUI's own ``comfy.cldm.cldm.ControlNet`` on the same layout
+(hint: 3-channel image), seeded random weights (zero convs included, so it has an effect), in the original
+``control_model.`` key format that ``comfy.controlnet.load_controlnet`` detects as an SD1.5 ControlNet.
 """
 
 from __future__ import annotations
@@ -98,4 +102,30 @@ def write_tiny_checkpoint(path: str | os.PathLike, taesd_dir: str | os.PathLike 
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"facecond": "tiny random SD1.5"})
     os.replace(tmp, path)
     log.info("wrote tiny SD1.5 checkpoint %s (%d tensors)", path, len(sd))
+    return path
+
+
+def build_controlnet_state_dict(seed: int = 1) -> dict[str, torch.Tensor]:
+    import comfy.ops
+    from comfy.cldm.cldm import ControlNet
+
+    config = {k: v for k, v in UNET_CONFIG.items() if k != "out_channels"}  # as comfy.controlnet builds it
+    net = _meta_state(lambda: ControlNet(**config, hint_channels=3, dtype=torch.float16, device="meta",
+                                         operations=comfy.ops.disable_weight_init))
+    return {f"control_model.{k}": v for k, v in _fill(net, torch.Generator().manual_seed(seed), torch.float16).items()}
+
+
+def write_tiny_controlnet(path: str | os.PathLike, seed: int = 1) -> Path:
+    """Write the tiny ControlNet (10.5M params, 21 MB) to ``path`` (atomically) unless a file is already there."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    sd = build_controlnet_state_dict(seed)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"facecond": "tiny random SD1.5 cnet"})
+    os.replace(tmp, path)
+    log.info("wrote tiny SD1.5 ControlNet %s (%d tensors)", path, len(sd))
     return path

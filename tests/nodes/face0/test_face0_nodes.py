@@ -179,8 +179,12 @@ def test_guider_output_is_the_formula_of_its_branches(tiny_model, conds):
         per_step.append(dict(zip(args["cond_or_uncond"], out.chunk(len(args["cond_or_uncond"])))))
         return out
 
-    def pre_cfg(args):
-        assert len(args["conds_out"]) == 4 and args["cond_scale"] == w
+    def pre_cfg(args):  # as under plain CFG: [cond, uncond] = [ε̃, ε(∅)], conds [positive, negative] (issue 21)
+        br = per_step[-1]
+        tilde = c * br[0] + (1 - c) * (a * br[3] + (1 - a) * br[2])
+        assert len(args["conds_out"]) == 2 and args["cond_scale"] == w and len(args["conds"]) == 2
+        torch.testing.assert_close(args["conds_out"][0], tilde)
+        torch.testing.assert_close(args["conds_out"][1], br[1])
         return args["conds_out"]
 
     def post_cfg(args):
