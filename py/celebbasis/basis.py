@@ -31,28 +31,48 @@ _CACHE: dict[tuple[str, str, int], CelebBasis] = {}
 _CACHE_SIZE = 4
 
 
+MAX_NAMES, MAX_NAME_CHARS = 10_000, 100  # a name list (README "Limits"; the paper's has 691 names, the pack's ~600)
+MAX_NAMES_BYTES = 1 << 20  # a names file or names_text: 1 MB (10,000 names of 100 characters)
+
+
 def parse_names(text: str, source: str = "names text") -> list[str]:
     """Names from text (one per line, ``#`` comments), whitespace-normalised, case-insensitive dedup.
-    ValueError naming ``source`` when no name is left (an empty list cannot span a basis)."""
+    ValueError naming ``source`` when fewer than 2 names are left (fewer cannot span a basis), or when the text
+    or a name is longer than the bounds (``MAX_NAMES_BYTES``, ``MAX_NAMES``, ``MAX_NAME_CHARS``)."""
+    if len(text) > MAX_NAMES_BYTES:
+        raise ValueError(f"celebrity name list {source} is {len(text):,} characters long; at most "
+                         f"{MAX_NAMES_BYTES:,} ({MAX_NAMES:,} names of at most {MAX_NAME_CHARS} characters)")
     seen, out = set(), []
-    for line in text.splitlines():
+    for i, line in enumerate(text.splitlines()):
         name = " ".join(line.split())
         if not name or name.startswith("#") or name.lower() in seen:
             continue
+        if len(name) > MAX_NAME_CHARS:
+            raise ValueError(f"celebrity name list {source}: line {i + 1} is {len(name):,} characters long "
+                             f"({name[:40]!r}...); a name has at most {MAX_NAME_CHARS}: one name per line")
         seen.add(name.lower())
         out.append(name)
-    if not out:
-        raise ValueError(f"celebrity name list {source} has no names: write one name per line (e.g. 'Tom Hanks'); "
-                         "lines starting with # are comments")
+        if len(out) > MAX_NAMES:
+            raise ValueError(f"celebrity name list {source} has more than {MAX_NAMES:,} names; give at most "
+                             f"{MAX_NAMES:,} (the paper's list has 691)")
+    if len(out) < 2:
+        got = "no names" if not out else f"only 1 name ({out[0][:40]!r})"
+        raise ValueError(f"celebrity name list {source} has {got}: write one name per line (e.g. 'Tom Hanks'), at "
+                         "least 2 (a basis needs 2; the pack's list has ~600); lines starting with # are comments")
     return out
 
 
 def load_names(path: str | Path | None = None) -> list[str]:
     """Names from a text file (see ``parse_names``); the pack's bundled list when ``path`` is None.
-    ValueError naming the file when it is missing, not UTF-8 text, or holds no names."""
+    ValueError naming the file when it is missing, larger than ``MAX_NAMES_BYTES``, not UTF-8 text, or holds
+    fewer than 2 names."""
     path = Path(path) if path else NAMES_FILE
     if not path.is_file():
         raise ValueError(f"celebrity name list {path} not found")
+    size = path.stat().st_size
+    if size > MAX_NAMES_BYTES:
+        raise ValueError(f"celebrity name list {path} is {size:,} bytes; at most {MAX_NAMES_BYTES:,} "
+                         f"({MAX_NAMES:,} names of at most {MAX_NAME_CHARS} characters): is it a name list?")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
