@@ -84,6 +84,26 @@ def load_names(path: str | Path | None = None) -> list[str]:
     return parse_names(text, str(path))
 
 
+MAX_TEMPLATES, MAX_TEMPLATE_CHARS = 256, 1000  # prompt templates of a trainer (README "Limits")
+
+
+def split_templates(text: str, node: str, input_name: str = "prompt_templates") -> list[str]:
+    """The non-empty lines of a trainer's prompt-template text, stripped; ValueError naming the node and input
+    when there are more than ``MAX_TEMPLATES`` or a line is longer than ``MAX_TEMPLATE_CHARS`` characters (a
+    template is encoded as one 77-token CLIP chunk: ~300 characters), checked before anything is tokenised."""
+    if len(text) > MAX_TEMPLATES * (MAX_TEMPLATE_CHARS + 1):
+        raise ValueError(f"{node}: {input_name} is {len(text):,} characters long; give at most {MAX_TEMPLATES} "
+                         f"templates of at most {MAX_TEMPLATE_CHARS} characters, one a line.")
+    lines = [t.strip() for t in text.splitlines() if t.strip()]
+    long = next((i for i, t in enumerate(lines) if len(t) > MAX_TEMPLATE_CHARS), None)
+    if len(lines) > MAX_TEMPLATES or long is not None:
+        what = f"has {len(lines):,} templates" if long is None else \
+            f"template {long + 1} is {len(lines[long]):,} characters long ({lines[long][:40]!r}...)"
+        raise ValueError(f"{node}: {input_name} {what}; give at most {MAX_TEMPLATES} templates of at most "
+                         f"{MAX_TEMPLATE_CHARS} characters, one a line, each with {{}} where the person goes.")
+    return lines
+
+
 def names_hash(names: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:16]
 
