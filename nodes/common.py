@@ -123,12 +123,21 @@ class Progress:
 
 
 # --- IMAGE <-> numpy ----------------------------------------------------------------------------------------
+MAX_IMAGE_SIDE = 16384  # ComfyUI's own MAX_RESOLUTION
+MAX_IMAGE_PIXELS = 1 << 28  # B·H·W of one IMAGE input: 256 images of 1024², 3 GB as float32 RGB (README "Limits")
+
+
 def image_to_numpy(image: torch.Tensor, node: str, name: str = "image") -> np.ndarray:
     """A ComfyUI IMAGE as (B, H, W, 3) float32 in [0, 1]; greyscale/alpha/odd ranges handled, NaN refused."""
     if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
         raise ValueError(f"{node}: input '{name}' must be an IMAGE tensor (B, H, W, C); got "
                          f"{getattr(image, 'shape', type(image).__name__)}.")
     x = image if image.ndim == 4 else image.unsqueeze(0)
+    b, h, w = x.shape[:3]
+    if min(b, h, w) < 1 or max(h, w) > MAX_IMAGE_SIDE or b * h * w > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{node}: input '{name}' is {b} image(s) of {w}x{h}; the pack takes sides of 1 to "
+                         f"{MAX_IMAGE_SIDE} pixels and at most {MAX_IMAGE_PIXELS:,} pixels per batch (e.g. 256 images "
+                         "of 1024x1024). Resize the images (ImageScale) or split the batch.")
     x = x.detach().float().cpu()
     c = x.shape[-1]
     if c in (1, 2):  # greyscale (+ alpha)

@@ -22,7 +22,7 @@ from typing import TypeVar
 import folder_paths
 
 from ..py.weights.manifest import WeightsError
-from ..py.weights.packfile import PackFileError, out_of_memory
+from ..py.weights.packfile import PackFileError, clip, out_of_memory
 from ..py.weights.safe_paths import join_under, name_problem
 
 T = TypeVar("T")
@@ -99,12 +99,12 @@ def load_file(node: str, input_name: str, folder: str, name: str, loader: Callab
     try:
         return loader(path)
     except (PackFileError, WeightsError) as e:  # these carry the path, the problem and the fix already
-        raise ValueError(f"{node}: {input_name} {name!r}: {e}") from None
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        raise ValueError(f"{node}: {input_name} {name!r}: {clip(e, 1500)}") from None
+    except Exception as e:  # any other loader failure (TypeError, ZeroDivisionError ...): the same one message
         if out_of_memory(e):
             raise  # as it is: ComfyUI's executor reports it and unloads models (is_oom / OOM_EXCEPTION)
-        raise ValueError(f"{node}: {input_name} {name!r} ({path}) cannot be used: {e}. Pick a file of the "
-                         "right kind for this node.") from None
+        raise ValueError(f"{node}: {input_name} {name!r} ({path}) cannot be used: {type(e).__name__}: "
+                         f"{clip(e, 300)}. Pick a file of the right kind for this node.") from None
 
 
 def finite_floats(cls, node: str, **values) -> bool | str:

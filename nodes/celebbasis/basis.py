@@ -49,7 +49,11 @@ DEFAULT_TEMPLATES = "a photo of {}\na depiction of {}\na close-up photo of {}\na
 # --- basis for a CLIP ----------------------------------------------------------------------------------------
 def basis_for(clip, names: list[str], p: int, node: str) -> tuple[cb.CelebBasis, TextEncoder]:
     enc = text_encoder(clip, node)
-    return cb.cached_basis(enc.table(), names, enc.tokenize, p), enc
+    try:
+        return cb.cached_basis(enc.table(), names, enc.tokenize, p), enc
+    except ValueError as e:  # e.g. fewer than 2 names of two or more tokens
+        raise ValueError(f"{node}: {e}. Give at least 2 celebrity names of two or more tokens each (names_list / "
+                         "names_text, or the list the coefficient MLP was trained with).") from None
 
 
 def _mean_face(node: str, fe: FaceEmbeds, mlp: CelebMLP) -> torch.Tensor:
@@ -148,7 +152,7 @@ def train_celeb_mlp(model, clip, vae, images, face_embeds: FaceEmbeds, *, identi
         raise ValueError(f"{node}: {n} images but {len(face_embeds)} face embeddings; give one face per image "
                          "(FaceDetectCrop select=largest, no_face=error).")
     ids = parse_identities(identities, n, node)
-    templates = [t.strip() for t in prompt_templates.splitlines() if t.strip()]
+    templates = cb.split_templates(prompt_templates, node)
     names = list(names) if names is not None else cb.load_names()
     images, size = training_images(model, images, resolution, node)
     basis, _ = basis_for(clip, names, p, node)

@@ -192,7 +192,7 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
         raise ValueError(f"{node}: init must be one of {inv.INIT_MODES}, got {init!r}.")
     if reparam not in inv.REPARAM:
         raise ValueError(f"{node}: reparam must be one of {list(inv.REPARAM)}, got {reparam!r}.")
-    templates = [t.strip() for t in prompt_templates.splitlines() if t.strip()]
+    templates = cb.split_templates(prompt_templates, node)
     if not templates:
         raise ValueError(f"{node}: prompt_templates is empty; give at least one line with {{}}.")
     enc = text_encoder(clip, node)

@@ -31,28 +31,48 @@ _CACHE: dict[tuple[str, str, int], CelebBasis] = {}
 _CACHE_SIZE = 4
 
 
+MAX_NAMES, MAX_NAME_CHARS = 10_000, 100  # a name list (README "Limits"; the paper's has 691 names, the pack's ~600)
+MAX_NAMES_BYTES = 1 << 20  # a names file or names_text: 1 MB (10,000 names of 100 characters)
+
+
 def parse_names(text: str, source: str = "names text") -> list[str]:
     """Names from text (one per line, ``#`` comments), whitespace-normalised, case-insensitive dedup.
-    ValueError naming ``source`` when no name is left (an empty list cannot span a basis)."""
+    ValueError naming ``source`` when fewer than 2 names are left (fewer cannot span a basis), or when the text
+    or a name is longer than the bounds (``MAX_NAMES_BYTES``, ``MAX_NAMES``, ``MAX_NAME_CHARS``)."""
+    if len(text) > MAX_NAMES_BYTES:
+        raise ValueError(f"celebrity name list {source} is {len(text):,} characters long; at most "
+                         f"{MAX_NAMES_BYTES:,} ({MAX_NAMES:,} names of at most {MAX_NAME_CHARS} characters)")
     seen, out = set(), []
-    for line in text.splitlines():
+    for i, line in enumerate(text.splitlines()):
         name = " ".join(line.split())
         if not name or name.startswith("#") or name.lower() in seen:
             continue
+        if len(name) > MAX_NAME_CHARS:
+            raise ValueError(f"celebrity name list {source}: line {i + 1} is {len(name):,} characters long "
+                             f"({name[:40]!r}...); a name has at most {MAX_NAME_CHARS}: one name per line")
         seen.add(name.lower())
         out.append(name)
-    if not out:
-        raise ValueError(f"celebrity name list {source} has no names: write one name per line (e.g. 'Tom Hanks'); "
-                         "lines starting with # are comments")
+        if len(out) > MAX_NAMES:
+            raise ValueError(f"celebrity name list {source} has more than {MAX_NAMES:,} names; give at most "
+                             f"{MAX_NAMES:,} (the paper's list has 691)")
+    if len(out) < 2:
+        got = "no names" if not out else f"only 1 name ({out[0][:40]!r})"
+        raise ValueError(f"celebrity name list {source} has {got}: write one name per line (e.g. 'Tom Hanks'), at "
+                         "least 2 (a basis needs 2; the pack's list has ~600); lines starting with # are comments")
     return out
 
 
 def load_names(path: str | Path | None = None) -> list[str]:
     """Names from a text file (see ``parse_names``); the pack's bundled list when ``path`` is None.
-    ValueError naming the file when it is missing, not UTF-8 text, or holds no names."""
+    ValueError naming the file when it is missing, larger than ``MAX_NAMES_BYTES``, not UTF-8 text, or holds
+    fewer than 2 names."""
     path = Path(path) if path else NAMES_FILE
     if not path.is_file():
         raise ValueError(f"celebrity name list {path} not found")
+    size = path.stat().st_size
+    if size > MAX_NAMES_BYTES:
+        raise ValueError(f"celebrity name list {path} is {size:,} bytes; at most {MAX_NAMES_BYTES:,} "
+                         f"({MAX_NAMES:,} names of at most {MAX_NAME_CHARS} characters): is it a name list?")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -62,6 +82,26 @@ def load_names(path: str | Path | None = None) -> list[str]:
         raise ValueError(f"celebrity name list {path} contains NUL bytes (a binary file?); give a text file, "
                          "one name per line")
     return parse_names(text, str(path))
+
+
+MAX_TEMPLATES, MAX_TEMPLATE_CHARS = 256, 1000  # prompt templates of a trainer (README "Limits")
+
+
+def split_templates(text: str, node: str, input_name: str = "prompt_templates") -> list[str]:
+    """The non-empty lines of a trainer's prompt-template text, stripped; ValueError naming the node and input
+    when there are more than ``MAX_TEMPLATES`` or a line is longer than ``MAX_TEMPLATE_CHARS`` characters (a
+    template is encoded as one 77-token CLIP chunk: ~300 characters), checked before anything is tokenised."""
+    if len(text) > MAX_TEMPLATES * (MAX_TEMPLATE_CHARS + 1):
+        raise ValueError(f"{node}: {input_name} is {len(text):,} characters long; give at most {MAX_TEMPLATES} "
+                         f"templates of at most {MAX_TEMPLATE_CHARS} characters, one a line.")
+    lines = [t.strip() for t in text.splitlines() if t.strip()]
+    long = next((i for i, t in enumerate(lines) if len(t) > MAX_TEMPLATE_CHARS), None)
+    if len(lines) > MAX_TEMPLATES or long is not None:
+        what = f"has {len(lines):,} templates" if long is None else \
+            f"template {long + 1} is {len(lines[long]):,} characters long ({lines[long][:40]!r}...)"
+        raise ValueError(f"{node}: {input_name} {what}; give at most {MAX_TEMPLATES} templates of at most "
+                         f"{MAX_TEMPLATE_CHARS} characters, one a line, each with {{}} where the person goes.")
+    return lines
 
 
 def names_hash(names: Sequence[str]) -> str:

@@ -16,6 +16,7 @@ Files (safetensors; metadata are strings):
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..weights import packfile
-from .basis import CelebBasis
+from .basis import MAX_NAME_CHARS, MAX_NAMES, CelebBasis
 
 MLP_KIND = "celeb_mlp"
 COEFFS_KIND = "celeb_coeffs"
@@ -86,23 +87,41 @@ def save_mlp(mlp: CoeffMLP, path: str | os.PathLike, basis: CelebBasis, *, embed
                "bias": mlp.fc.bias.detach().cpu().float().contiguous()}, str(path), metadata=meta)
 
 
+MAX_P, MAX_EMBED_DIM = 8192, 8192  # bounds on the metadata numbers of MLP and coefficient files (README "Limits")
+
+
+def _names_ok(v) -> bool:
+    return isinstance(v, list) and 2 <= len(v) <= MAX_NAMES and all(
+        isinstance(n, str) and 0 < len(n) <= MAX_NAME_CHARS for n in v)
+
+
 def load_mlp(path: str | os.PathLike) -> tuple[CoeffMLP, dict]:
-    """(MLP, info): info has embedder, embed_dim, names (list), facts (BasisFacts), steps.
-    A wrong or unreadable file raises ``packfile.PackFileError`` (a ValueError) with the path and the fix."""
-    meta, t = packfile.read(path, kind=MLP_KIND)
-    try:
-        p, d = int(meta["p"]), int(meta["embed_dim"])
-        scale, names = json.loads(meta["scale"]), json.loads(meta["names"])
-        facts = BasisFacts(p, meta["table_hash"], meta["names_hash"])
-        info = {"embedder": meta["embedder"], "embed_dim": d, "names": names, "facts": facts,
-                "steps": int(meta.get("steps", 0))}
-    except (KeyError, ValueError) as e:
-        raise packfile.metadata_error(path, repr(e), kind=MLP_KIND) from None
-    expected = {"weight": (2 * p, d), "bias": (2 * p,)}
-    found = {k: tuple(v.shape) for k, v in t.items()}
-    if found != expected or len(scale) != 2:
-        raise packfile.shape_error(path, f"{expected} for p={p}, embed_dim={d}", found, kind=MLP_KIND)
-    mlp = CoeffMLP(d, p, torch.tensor(scale))
+    """(MLP, info): info has embedder, embed_dim, names (list), facts (BasisFacts), steps. The metadata numbers
+    within their bounds and the tensor shapes they call for are checked from the header before any tensor is
+    read; float weights only, all finite. A wrong or unreadable file raises ``packfile.PackFileError`` (a
+    ValueError) with the path and the fix."""
+    info: dict = {}
+
+    def plan(meta, specs):
+        p = packfile.meta_int(path, meta, "p", 1, MAX_P, kind=MLP_KIND)
+        d = packfile.meta_int(path, meta, "embed_dim", 1, MAX_EMBED_DIM, kind=MLP_KIND)
+        expected = {"weight": (2 * p, d), "bias": (2 * p,)}
+        found = {k: shape for k, (_, shape) in specs.items()}
+        if found != expected:
+            raise packfile.shape_error(path, f"{expected} for p={p}, embed_dim={d}", found, kind=MLP_KIND)
+        scale = packfile.meta_json(path, meta, "scale", lambda v: isinstance(v, list) and len(v) == 2 and all(
+            type(x) in (int, float) and math.isfinite(x) and x > 0 for x in v), "a JSON list of 2 positive numbers",
+            kind=MLP_KIND)
+        names = packfile.meta_json(path, meta, "names", _names_ok, f"a JSON list of 2 to {MAX_NAMES:,} names of at "
+                                   f"most {MAX_NAME_CHARS} characters", kind=MLP_KIND)
+        facts = BasisFacts(p, *(packfile.meta_text(path, meta, k, kind=MLP_KIND) for k in ("table_hash", "names_hash")))
+        info.update(embedder=packfile.meta_text(path, meta, "embedder", kind=MLP_KIND), embed_dim=d, names=names,
+                    facts=facts, steps=packfile.meta_int(path, meta, "steps", 0, 10**9, default=0, kind=MLP_KIND),
+                    scale=scale)
+
+    _, t = packfile.read(path, kind=MLP_KIND, plan=plan)
+    scale = info.pop("scale")
+    mlp = CoeffMLP(info["embed_dim"], info["facts"].p, torch.tensor(scale, dtype=torch.float32))
     with torch.no_grad():
         mlp.fc.weight.copy_(t["weight"].float())
         mlp.fc.bias.copy_(t["bias"].float())
@@ -125,17 +144,20 @@ def save_coeffs(c: CelebCoeffs, path: str | os.PathLike, word: str = "") -> None
 
 
 def load_coeffs(path: str | os.PathLike) -> CelebCoeffs:
-    meta, t = packfile.read(path, kind=COEFFS_KIND)
-    try:
-        p = int(meta["p"])
-        facts = BasisFacts(p, meta["table_hash"], meta["names_hash"], {"word": meta.get("word")})
-    except (KeyError, ValueError) as e:
-        raise packfile.metadata_error(path, repr(e), kind=COEFFS_KIND) from None
-    x = t.get("coeffs")
-    if x is None or tuple(x.shape) != (2, p):
-        raise packfile.shape_error(path, f"'coeffs' (2, {p})", {k: tuple(v.shape) for k, v in t.items()},
-                                   kind=COEFFS_KIND)
-    return CelebCoeffs(x.float(), facts, meta.get("source", ""))
+    """A saved identity: ``coeffs`` (2, p), 1 <= p <= ``MAX_P`` as its metadata says (checked from the header
+    before it is read); float values only, all finite. ``packfile.PackFileError`` otherwise."""
+    facts: list[BasisFacts] = []
+
+    def plan(meta, specs):
+        p = packfile.meta_int(path, meta, "p", 1, MAX_P, kind=COEFFS_KIND)
+        facts.append(BasisFacts(p, *(packfile.meta_text(path, meta, k, kind=COEFFS_KIND)
+                                     for k in ("table_hash", "names_hash")), {"word": meta.get("word")}))
+        found = {k: shape for k, (_, shape) in specs.items()}
+        if found.get("coeffs") != (2, p):
+            raise packfile.shape_error(path, f"'coeffs' (2, {p})", found, kind=COEFFS_KIND)
+
+    meta, t = packfile.read(path, kind=COEFFS_KIND, plan=plan)
+    return CelebCoeffs(t["coeffs"].float(), facts[0], packfile.clip(meta.get("source", "")))
 
 
 def fp16_exact(x: torch.Tensor) -> torch.Tensor:

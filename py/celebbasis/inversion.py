@@ -205,7 +205,8 @@ def save_celeb_faces(c: CelebFaces, path: str | os.PathLike) -> None:
 
 
 def load_celeb_faces(path: str | os.PathLike) -> CelebFaces:
-    meta, t = packfile.read(path, kind=FACES_KIND)
+    meta, t = packfile.read(path, kind=FACES_KIND, dtypes={"found": ("U8", "BOOL")},
+                            finite=False)  # NaN rows: celebrities without a detected face
     try:
         names = tuple(json.loads(meta["names"]))
         model_hash, embedder = meta["model_hash"], meta["embedder"]

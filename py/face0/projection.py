@@ -43,6 +43,11 @@ TOKENS_PER_CHUNK = 77  # CLIP context length; ComfyUI concatenates one 77-token 
 # Projection shapes (hidden width h, Linear layers L). "small": the paper's stated width 768 (3.35M parameters at
 # D = 512); "paper": its stated size, ~10M (see the module docstring for why the width differs).
 PRESETS = {"small": {"hidden": 768, "depth": 4}, "paper": {"hidden": 1536, "depth": 4}}
+# Bounds on the metadata numbers of a file (checked before anything is built; README "Limits"): the largest file
+# they allow holds ~1.1G parameters, and its tensors must be in the file for it to load.
+BOUNDS = {"embed_dim": (1, 8192), "tokens": (1, TOKENS_PER_CHUNK), "context_dim": (1, 8192), "hidden": (1, 8192),
+          "depth": (1, 16)}
+DEFAULTS = {"hidden": 768, "depth": 4}  # files written before these keys existed
 
 
 def parameter_count(embed_dim: int, hidden: int = 768, depth: int = 4, tokens: int = 3, context_dim: int = 768) -> int:
@@ -88,18 +93,19 @@ class ProjectionInfo:
         return meta
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], where: str) -> ProjectionInfo:
+    def from_metadata(cls, meta: dict[str, str], where: str | os.PathLike) -> ProjectionInfo:
+        """The facts of a projection file's metadata, every number within ``BOUNDS`` (checked before anything is
+        built: a file cannot make the loader allocate more than its bounded shapes); ``packfile.PackFileError``
+        ("bad_metadata") naming the key, the bounds and the value (clipped) otherwise."""
         packfile.require_kind(where, meta, KIND)
-        try:
-            norm = meta.get("embed_normalized")
-            return cls(embedder=meta["embedder"], embed_dim=int(meta["embed_dim"]), tokens=int(meta["tokens"]),
-                       context_dim=int(meta["context_dim"]), hidden=int(meta.get("hidden", 768)),
-                       depth=int(meta.get("depth", 4)),
-                       base_model=meta.get("base_model", "unknown"),
-                       embed_normalized=None if norm is None else norm == "true",
-                       extra=json.loads(meta.get("extra", "{}")))
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{where}: malformed Face0 projection metadata ({e!r})") from None
+        n = {k: packfile.meta_int(where, meta, k, lo, hi, default=DEFAULTS.get(k), kind=KIND)
+             for k, (lo, hi) in BOUNDS.items()}
+        extra = packfile.meta_json(where, meta, "extra", lambda v: isinstance(v, dict), "a JSON object",
+                                   kind=KIND) if "extra" in meta else {}
+        norm = meta.get("embed_normalized")
+        return cls(embedder=packfile.meta_text(where, meta, "embedder", kind=KIND), **n,
+                   base_model=packfile.meta_text(where, meta, "base_model", default="unknown", kind=KIND),
+                   embed_normalized=None if norm is None else norm == "true", extra=extra)
 
 
 class Face0Projection(nn.Module):
@@ -153,24 +159,24 @@ def save_projection(proj: Face0Projection, path: str | os.PathLike) -> None:
 
 
 def load_projection(path: str | os.PathLike) -> Face0Projection:
-    """Load a projection file; D, K, W and the hidden width come from the metadata and must match the tensors.
-    Any unreadable file raises ``packfile.PackFileError`` (a ValueError) with the path, the problem and the fix."""
-    meta, state = packfile.read(path, kind=KIND)
-    try:
-        info = ProjectionInfo.from_metadata(meta, f"Face0 projection {os.path.basename(str(path))}")
-    except ValueError as e:
-        raise packfile.metadata_error(path, str(e).split(": ", 1)[-1], kind=KIND) from None
-    proj = Face0Projection(info)
-    expected = {k: tuple(v.shape) for k, v in proj.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != found:
-        raise packfile.shape_error(path, expected, found, kind=KIND,
-                                   what=f"the tensors do not match its metadata (D={info.embed_dim}, "
-                                   f"K={info.tokens}, W={info.context_dim}, hidden={info.hidden}, depth={info.depth})")
-    proj.load_state_dict({k: v.float() for k, v in state.items()})
-    for p in proj.parameters():
-        p.requires_grad_(False)
-    return proj.eval()
+    """Load a projection file; D, K, W, the hidden width and depth come from the metadata (within ``BOUNDS``) and
+    the tensor shapes they call for are compared with the file's header before any tensor is read or any module
+    built. Any unusable file (also: NaN/inf or non-float weights) raises ``packfile.PackFileError`` (a ValueError)
+    with the path, the problem and the fix."""
+    facts: list[ProjectionInfo] = []
+
+    def what(info):
+        return (f"the tensors do not match its metadata (D={info.embed_dim}, K={info.tokens}, W={info.context_dim}, "
+                f"hidden={info.hidden}, depth={info.depth})")
+
+    def plan(meta, specs):
+        facts.append(ProjectionInfo.from_metadata(meta, path))
+        packfile.build(path, lambda: Face0Projection(facts[0]), packfile.meta_tensors(specs), what=what(facts[0]),
+                       kind=KIND)
+
+    _, state = packfile.read(path, kind=KIND, plan=plan)
+    proj = packfile.build(path, lambda: Face0Projection(facts[0]), state, what=what(facts[0]), kind=KIND)
+    return proj.eval().requires_grad_(False)
 
 
 def override_tokens(context: torch.Tensor, tokens: torch.Tensor, chunks: str = "each") -> torch.Tensor:

@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..weights import packfile
 from ..weights.manifest import load_state_dict
+from ..weights.packfile import clip
 from .lora import lora_weights
 from .regions import chunk_windows, layer_grid, window_mask
 
@@ -51,9 +53,32 @@ class Variant:
         return INPUT_KINDS[self.name]
 
 
+# Bounds on what a file's shapes may declare (README "Limits"; SD1.5 files: 1024-d input, 16 tokens, 768-d tokens,
+# a 4-layer Resampler, 16 cross-attention layers): checked before any module is built.
+MAX_WIDTH, MAX_TOKENS, MAX_DEPTH, MAX_LAYERS = 8192, 1024, 64, 256
+LABEL, WRITER = "IP-Adapter file", "its publisher (h94/IP-Adapter on Hugging Face)"
+
+
 def detect_variant(proj: dict[str, torch.Tensor]) -> Variant:
-    """The projection variant from the ``image_proj`` keys (prefix stripped) and their shapes."""
-    if "latents" in proj and "proj_in.weight" in proj:  # Resampler (IP-Adapter plus)
+    """The projection variant from the ``image_proj`` keys (prefix stripped) and their shapes; ValueError when the
+    layout is unknown or its shapes are outside ``MAX_WIDTH``/``MAX_TOKENS``."""
+    try:
+        v = _variant(proj)
+    except (IndexError, ZeroDivisionError):  # a tensor of too few dimensions or a zero width
+        v = None
+    if v is None:
+        raise ValueError(f"unsupported IP-Adapter image projection (keys {clip(sorted(proj)[:8])}...): supported "
+                         "are the SD1.5 plain (proj + norm), plus (Resampler: latents, proj_in, layers) and FaceID "
+                         "(proj.0/2 + norm) layouts; FaceID-plus and full-face files are not.")
+    if not (1 <= v.input_dim <= MAX_WIDTH and 1 <= v.tokens <= MAX_TOKENS and 1 <= v.cross_dim <= MAX_WIDTH):
+        raise ValueError(f"IP-Adapter image projection of {v.input_dim}-d input, {v.tokens} tokens of width "
+                         f"{v.cross_dim}: outside the sizes the pack loads (widths 1..{MAX_WIDTH}, 1..{MAX_TOKENS} "
+                         "tokens); the file is damaged or not an SD IP-Adapter.")
+    return v
+
+
+def _variant(proj: dict[str, torch.Tensor]) -> Variant | None:
+    if "latents" in proj and "proj_in.weight" in proj and "proj_out.weight" in proj:  # Resampler (IP-Adapter plus)
         width, tokens = proj["proj_in.weight"].shape[1], proj["latents"].shape[1]
         return Variant("plus", width, tokens, proj["proj_out.weight"].shape[0])
     if "proj.weight" in proj and "norm.weight" in proj:  # Linear + LayerNorm (plain)
@@ -62,9 +87,7 @@ def detect_variant(proj: dict[str, torch.Tensor]) -> Variant:
     if {"proj.0.weight", "proj.2.weight", "norm.weight"} <= proj.keys() and "proj.3.weight" not in proj:
         cross = proj["norm.weight"].shape[0]  # MLPProjModel (FaceID): Linear, GELU, Linear, LayerNorm
         return Variant("faceid", proj["proj.0.weight"].shape[1], proj["proj.2.weight"].shape[0] // cross, cross)
-    raise ValueError(f"unsupported IP-Adapter image projection (keys {sorted(proj)[:8]}...): supported are the SD1.5 "
-                     "plain (proj + norm), plus (Resampler: latents, proj_in, layers) and FaceID (proj.0/2 + norm) "
-                     "layouts; FaceID-plus and full-face files are not.")
+    return None
 
 
 class LinearProj(nn.Module):
@@ -154,23 +177,49 @@ class IPAdapter:
 
 
 def read_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Flat ``image_proj.*`` / ``ip_adapter.*`` tensors of a .safetensors or a .bin (nested dicts, weights_only)."""
-    return load_state_dict(path, "IP-Adapter file", "its publisher (h94/IP-Adapter on Hugging Face)")
+    """Flat ``image_proj.*`` / ``ip_adapter.*`` tensors of a .safetensors or a .bin (nested dicts, weights_only).
+    Before the tensor data is read, the layout is checked on meta-device stand-ins (``from_state_dict``); float16,
+    bfloat16 and float32 tensors only, all finite (``packfile.PackFileError`` otherwise)."""
+    def plan(_meta, specs):
+        from_state_dict(packfile.meta_tensors(specs), Path(path).name)
+
+    return load_state_dict(path, LABEL, WRITER, dtypes=packfile.ALL_FLOAT, plan=plan)
+
+
+def _resampler_depth(proj: dict[str, torch.Tensor], name: str) -> None:
+    idx = {k.split(".")[1] for k in proj if k.startswith("layers.")}
+    if not idx or not all(i.isdigit() and len(i) <= 3 for i in idx) or max(map(int, idx)) >= MAX_DEPTH \
+            or not {"layers.0.0.to_q.weight", "layers.0.1.1.weight"} <= proj.keys():
+        raise ValueError(f"{name}: the Resampler's layers {clip(sorted(idx)[:6])} are not numbered 0..n-1 with "
+                         f"n <= {MAX_DEPTH} (layers.0.0.to_q / layers.0.1.1 present); the file is damaged")
 
 
 def from_state_dict(sd: dict[str, torch.Tensor], name: str = "") -> IPAdapter:
+    """The adapter of a flat state dict. The modules are built on the meta device and their shapes compared with
+    the tensors' before the tensors are assigned (so meta-device stand-ins check a file without reading it)."""
     proj = {k[len("image_proj."):]: v for k, v in sd.items() if k.startswith("image_proj.")}
     if not proj or not any(k.startswith("ip_adapter.") for k in sd):
         raise ValueError(f"{name or 'IP-Adapter'}: not an IP-Adapter file (needs image_proj.* and ip_adapter.* keys)")
     v = detect_variant(proj)
-    module = Resampler(proj, v) if v.name == "plus" else LinearProj(v)
-    module.load_state_dict(proj, strict=True)
-    ids = sorted({int(k.split(".")[1]) for k in sd if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")})
-    if ids != list(range(1, 2 * len(ids), 2)):
-        raise ValueError(f"{name}: ip_adapter layers {ids[:6]}... are not numbered 1, 3, 5, ... (diffusers order)")
-    kv = tuple((sd[f"ip_adapter.{i}.to_k_ip.weight"].float(), sd[f"ip_adapter.{i}.to_v_ip.weight"].float())
-               for i in ids)
-    return IPAdapter(v, module.float().eval().requires_grad_(False), kv, name, lora_weights(sd))
+    if v.name == "plus":
+        _resampler_depth(proj, name)
+    module = packfile.build(name, (lambda: Resampler(proj, v)) if v.name == "plus" else (lambda: LinearProj(v)), proj,
+                            what=f"its image projection does not have the shapes of an IP-Adapter {v.name} "
+                            "projection", label=LABEL, writer=WRITER)
+    ids = sorted({int(k.split(".")[1]) for k in sd if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")
+                  and k.split(".")[1].isdigit() and len(k.split(".")[1]) <= 4})
+    if not ids or ids != list(range(1, 2 * len(ids), 2)) or len(ids) > MAX_LAYERS:
+        raise ValueError(f"{name}: ip_adapter layers {ids[:6]}... are not numbered 1, 3, 5, ... (diffusers order; "
+                         f"at most {MAX_LAYERS})")
+    kv = []
+    for i in ids:
+        pair = tuple(sd.get(f"ip_adapter.{i}.to_{x}_ip.weight") for x in "kv")
+        if any(t is None or t.ndim != 2 or t.shape[1] != v.cross_dim or not 1 <= t.shape[0] <= MAX_WIDTH
+               for t in pair):
+            raise ValueError(f"{name}: ip_adapter.{i}.to_k_ip / to_v_ip must be (inner, {v.cross_dim}) weights with "
+                             f"inner <= {MAX_WIDTH}; found {[None if t is None else tuple(t.shape) for t in pair]}")
+        kv.append(tuple(t.float() for t in pair))
+    return IPAdapter(v, module.eval().requires_grad_(False), tuple(kv), name, lora_weights(sd))
 
 
 def load(path: str | Path) -> IPAdapter:

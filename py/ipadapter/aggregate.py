@@ -43,7 +43,7 @@ from torch import nn
 
 from ..weights import packfile
 from ..weights.manifest import load_state_dict
-from ..weights.packfile import PackFileError, shape_error
+from ..weights.packfile import PackFileError, clip, shape_error
 
 METHODS = ("mean", "max", "norm-mean", "self-attention")
 ATTENTION_MODES = ("residual", "paper")  # see the module docstring; files without metadata: residual
@@ -148,35 +148,66 @@ def aggregator_tensors(agg: SelfAttentionAggregator, prefix: str = "") -> dict[s
     return {prefix + k: t.detach().cpu().contiguous() for k, t in agg.state_dict().items()}
 
 
+MAX_DIM, MAX_REFS = 8192, 1024  # bounds on an aggregator file (README "Limits"; the paper: D = 512..1280, N = 9)
+
+
 def load_aggregator(path: str | Path) -> SelfAttentionAggregator:
     """An aggregator file, or the ``aggregator.*`` part of a full IP-Adapter file; the mode from the metadata
-    (``attention``; absent: residual, what files from before the mode existed are)."""
+    (``attention``; absent: residual, what files from before the mode existed are). The tensor names and shapes
+    are checked against the mode before any tensor is read (safetensors: from the header), then n_refs
+    (1..``MAX_REFS``) and heads (dividing D); float weights only, all finite."""
     label, writer = "self-attention aggregator", "scripts/train_aggregator.py"
+    modes: list[str] = []
+
+    def plan(meta, specs):
+        mode = meta.get("attention", "residual")
+        if mode not in ATTENTION_MODES:
+            raise PackFileError(path, "bad_metadata", f"unknown self-attention mode {clip(repr(mode), 80)}",
+                                expected=f"attention one of {ATTENTION_MODES}", label=label, writer=writer)
+        modes.append(mode)
+        _check_layout(path, mode, _own(packfile.meta_tensors(specs)), label, writer)
+
+    ints = {k: packfile.INT_DTYPES for k in ("n_refs", "heads", FILE_PREFIX + "n_refs", FILE_PREFIX + "heads")}
     if Path(path).suffix == ".safetensors":
-        meta, sd = packfile.read(path, label=label, writer=writer)
+        meta, sd = packfile.read(path, label=label, writer=writer, plan=plan, dtypes=ints)
     else:  # a torch file (weights only) has no metadata: residual
-        meta, sd = {}, load_state_dict(path, label, writer)
-    if "q.weight" not in sd and FILE_PREFIX + "q.weight" in sd:  # inside a full IP-Adapter file
-        sd = {k[len(FILE_PREFIX):]: v for k, v in sd.items() if k.startswith(FILE_PREFIX)}
-    mode = meta.get("attention", "residual")
-    if mode not in ATTENTION_MODES:
-        raise PackFileError(path, "bad_metadata", f"unknown self-attention mode {mode!r}", expected=
-                            f"attention one of {ATTENTION_MODES}", found=repr(mode), label=label, writer=writer)
+        meta, sd = {}, load_state_dict(path, label, writer, dtypes=ints, plan=plan)
+    sd = _own(sd)
+    dim, mode = _check_layout(path, modes[0], sd, label, writer), modes[0]
+    n_refs, heads = int(sd["n_refs"]), int(sd["heads"])
+    if not (1 <= n_refs <= MAX_REFS and 1 <= heads <= dim and dim % heads == 0):
+        raise PackFileError(path, "wrong_shape", "its n_refs or heads are out of range",
+                            expected=f"n_refs 1..{MAX_REFS}, heads dividing D={dim}",
+                            found=f"n_refs={n_refs}, heads={heads}", label=label, writer=writer)
+    agg = packfile.build(path, lambda: SelfAttentionAggregator(dim, n_refs, heads, mode), sd, label=label,
+                         writer=writer, what=f"its tensors do not make one aggregator ({mode} mode)")
+    agg.trained_with = clip(meta.get("ipadapter", ""), 120)
+    return agg.eval().requires_grad_(False)
+
+
+def _own(sd: dict) -> dict:
+    """The aggregator's tensors: the file's, or the ``aggregator.*`` part of a full IP-Adapter file."""
+    if "q.weight" not in sd and FILE_PREFIX + "q.weight" in sd:
+        return {k[len(FILE_PREFIX):]: v for k, v in sd.items() if k.startswith(FILE_PREFIX)}
+    return sd
+
+
+def _check_layout(path, mode: str, sd: dict, label: str, writer: str) -> int:
+    """D, when ``sd`` (tensors or meta stand-ins) has exactly the names and shapes of a ``mode`` aggregator."""
     need = {"q.weight", "k.weight", "v.weight", "out.weight", "n_refs", "heads"} | \
         ({"out.bias"} if mode == "residual" else set())
     if not need <= sd.keys():
         raise PackFileError(path, "wrong_kind", f"not a {label} ({mode} mode)", expected=f"tensors {sorted(need)}",
                             found=f"no {sorted(need - sd.keys())}", label=label, writer=writer)
-    try:
-        agg = SelfAttentionAggregator(sd["q.weight"].shape[1], int(sd["n_refs"]), int(sd["heads"]), mode)
-        agg.load_state_dict(sd)
-    except (RuntimeError, ValueError, IndexError) as e:  # inconsistent widths, heads or extra tensors
-        raise shape_error(path, f"square (D, D) q/k/v/out weights, {'out.bias (D,), ' * (mode == 'residual')}"
-                          f"n_refs and heads ({mode} mode)", {k: tuple(v.shape) for k, v in sd.items()}, label=label,
-                          writer=writer, what=f"its tensors do not make one aggregator ({str(e).splitlines()[0]})"
-                          ) from None
-    agg.trained_with = str(meta.get("ipadapter", ""))
-    return agg.float().eval().requires_grad_(False)
+    q = sd["q.weight"]
+    dim = q.shape[1] if q.ndim == 2 else 0
+    if not 1 <= dim <= MAX_DIM:
+        raise shape_error(path, f"q.weight (D, D) with 1 <= D <= {MAX_DIM}", f"q.weight {tuple(q.shape)}",
+                          label=label, writer=writer, what="its width is not one an aggregator has")
+    packfile.build(path, lambda: SelfAttentionAggregator(dim, 1, 1, mode), packfile.meta_tensors(
+        {k: (packfile.torch_dtype_name(v), tuple(v.shape)) for k, v in sd.items()}), label=label, writer=writer,
+        what=f"its tensors do not make one aggregator ({mode} mode)")
+    return dim
 
 
 def aggregate(x: torch.Tensor, method: str, aggregator: SelfAttentionAggregator | None = None,

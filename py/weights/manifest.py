@@ -251,13 +251,16 @@ def find_existing(entry: WeightEntry, folders: Sequence[str | os.PathLike]) -> P
     return None
 
 
-def load_state_dict(path: str | os.PathLike, label: str = "weights file", writer: str = "its publisher") -> dict:
+def load_state_dict(path: str | os.PathLike, label: str = "weights file", writer: str = "its publisher", *,
+                    dtypes=None, plan=None) -> dict:
     """A flat ``{name: tensor}`` dict from .safetensors or a torch file, never unpickling arbitrary objects.
 
     Nested dicts of tensors (IP-Adapter's ``.bin``: ``{"image_proj": {...}, "ip_adapter": {...}}``) are
     flattened to dotted keys; a ``{"state_dict": {...}}`` wrapper is unwrapped. A missing, empty, truncated or
     non-weights file raises ``packfile.PackFileError`` (``label``/``writer`` name it in the fix); a torch file
-    holding anything but tensors raises ``WeightsError``.
+    holding anything but tensors raises ``WeightsError``. Tensors with NaN/inf are refused (``PackFileError``);
+    ``dtypes`` (``packfile.read``'s: ``ALL_FLOAT`` = float16/bfloat16/float32 only; None: any) and ``plan``
+    (called with {} and ``{name: (dtype, shape)}`` before tensor data is used) are checked for both formats.
     """
     import torch
 
@@ -265,10 +268,15 @@ def load_state_dict(path: str | os.PathLike, label: str = "weights file", writer
 
     path = Path(path)
     if path.suffix == ".safetensors":
-        return packfile.read(path, label=label, writer=writer)[1]
+        return packfile.read(path, label=label, writer=writer, dtypes=dtypes, plan=plan)[1]
     packfile.check_torch_file(path, label, writer)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: the checks below read shapes without loading the data (zip format only)
+            sd, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd, mapped = torch.load(path, map_location="cpu", weights_only=True), False  # legacy (pre-1.6) format
     except Exception as e:  # UnpicklingError for any non-allow-listed global
         if packfile.out_of_memory(e):
             raise
@@ -293,5 +301,16 @@ def load_state_dict(path: str | os.PathLike, label: str = "weights file", writer
 
     walk(sd, "")
     if bad:
-        raise WeightsError(f"{path}: not a plain state dict; non-tensor entries: {bad[:5]}")
+        raise WeightsError(f"{path}: not a plain state dict; non-tensor entries: {packfile.clip(bad[:5])}")
+    if len(flat) > packfile.MAX_TENSORS:
+        raise packfile.PackFileError(path, "too_large", f"it holds {len(flat):,} tensors",
+                                     expected=f"at most {packfile.MAX_TENSORS}", label=label, writer=writer)
+    specs = {k: (packfile.torch_dtype_name(v), tuple(v.shape)) for k, v in flat.items()}
+    if dtypes is not None:
+        packfile.check_dtypes(path, {k: dt for k, (dt, _) in specs.items()}, dtypes, label=label, writer=writer)
+    if plan is not None:
+        plan({}, specs)
+    if mapped:  # checked: now read into memory (no open mapping of the user's file is kept)
+        flat = {k: v.clone() for k, v in flat.items()}
+    packfile.check_finite(path, flat, label=label, writer=writer)
     return flat

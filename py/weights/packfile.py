@@ -10,7 +10,14 @@ readable instead of ``header too large``:
 - not a safetensors file at all (random bytes, text, an image): the 8-byte header length or the JSON
   header does not make sense;
 - truncated: the header, or the tensor data it describes, runs past the end of the file;
-- the wrong kind of file (``facecond.kind`` metadata) or tensors of the wrong shape (``shape_error``).
+- the wrong kind of file (``facecond.kind`` metadata) or tensors of the wrong shape (``shape_error``);
+- checked before anything is allocated (``read``): the header at most ``MAX_PACK_HEADER`` bytes and
+  ``MAX_TENSORS`` tensors, every tensor's dtype (floats: ``FLOAT_DTYPES``) and shape from the header, the
+  loader's ``plan`` (shapes derived from the metadata, numbers within their bounds: ``meta_int``); then, once
+  read, every float tensor finite (no NaN/inf: ``check_finite``). Modules are built on the meta device and the
+  checked tensors assigned (``build``), so a refused file costs the server no more than its header.
+
+Text from a file (metadata values, tensor names) appears in messages clipped to ``MAX_QUOTE`` characters.
 
 Safetensors layout: 8 bytes little-endian header length N, N bytes of JSON header
 (``{name: {dtype, shape, data_offsets: [start, end]}, "__metadata__": {...}}``), then the tensor data.
@@ -21,8 +28,23 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import TypeVar
+
+T = TypeVar("T")
 
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+MAX_PACK_HEADER = 4 << 20  # a pack file's header (its metadata included): the largest real one, a 10,000-name
+# Celeb Basis MLP, is ~0.3 MB; an IP-Adapter's ~0.05 MB. Parsing 4 MB of JSON costs < 0.1 s and < 60 MB.
+MAX_TENSORS = 4096  # tensors in one file (an IP-Adapter FaceID file with its LoRA has ~ 300)
+MAX_DIMS = 8  # dimensions of one tensor
+MAX_QUOTE = 200  # characters of file text (metadata values, names) quoted in a message
+FLOAT_DTYPES = ("F16", "BF16", "F32")  # what weights may be stored as (loaded as float32)
+INT_DTYPES = ("I64", "I32")  # integer scalars (the aggregator's n_refs, heads)
+ALL_FLOAT = MappingProxyType({})  # ``read(dtypes=...)``: every tensor float (None: any dtype, for others' files)
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 PICKLE_PROTOCOLS = (2, 3, 4, 5)
 
 # facecond.kind -> (what it is called, what writes it)
@@ -48,7 +70,23 @@ FIXES = {
     "wrong_shape": "The file does not fit what a {label} holds: write it again with {writer}, or pick the file "
                    "made for this model.",
     "bad_metadata": "Its metadata is damaged or from an older tool: write it again with {writer}.",
+    "wrong_dtype": "Weights are read from float16, bfloat16 or float32 tensors only (integer or float8 tensors are "
+                   "not cast silently): write it again with {writer}, or convert its tensors to float32.",
+    "non_finite": "The weights are broken (NaN/inf: a diverged training run or a damaged copy) and would give black "
+                  "or noise images: train again (lower the learning rate) or use an earlier file from {writer}.",
+    "too_large": "This is not a {label} of a size the pack uses (see README, Limits): pick the file made by "
+                 "{writer}.",
 }
+
+
+def clip(text, limit: int = MAX_QUOTE) -> str:
+    """``text`` (str() of it) cut to ``limit`` characters with the full length said: what a message may quote of
+    a file's own text."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 40]}... ({len(text):,} characters in all)"
+
 
 
 class PackFileError(ValueError):
@@ -56,6 +94,7 @@ class PackFileError(ValueError):
 
     def __init__(self, path: str | os.PathLike, problem: str, what: str, *, expected: str | None = None,
                  found: str | None = None, label: str = "facecond file", writer: str = "the facecond pack"):
+        what, expected, found = clip(what, 2 * MAX_QUOTE), expected and clip(expected, 300), found and clip(found, 300)
         self.path, self.problem, self.what = str(path), problem, what
         self.expected, self.found = expected, found
         self.fix = FIXES[problem].format(label=label, writer=writer)
@@ -101,9 +140,10 @@ def _looks_like_pickle(head: bytes, size: int) -> str | None:
     return None
 
 
-def check_safetensors(path: str | os.PathLike, label: str = "facecond file", writer: str = "the facecond pack"
-                      ) -> dict:
-    """The parsed JSON header of a well-formed safetensors file; ``PackFileError`` saying what is wrong otherwise."""
+def check_safetensors(path: str | os.PathLike, label: str = "facecond file", writer: str = "the facecond pack",
+                      max_header: int = MAX_HEADER) -> dict:
+    """The parsed JSON header of a well-formed safetensors file; ``PackFileError`` saying what is wrong otherwise.
+    A header longer than ``max_header`` bytes is refused before it is read."""
 
     def fail(problem, what, **kw):
         return PackFileError(path, problem, what, label=label, writer=writer, **kw)
@@ -129,11 +169,14 @@ def check_safetensors(path: str | os.PathLike, label: str = "facecond file", wri
         if 8 + n > size:
             raise fail("truncated", "the file ends inside its safetensors header",
                        expected=f"a header of {n} bytes", found=f"{size - 8} bytes after the length")
+        if n > max_header:
+            raise fail("too_large", f"its safetensors header (metadata included) is {n:,} bytes",
+                       expected=f"at most {max_header:,} bytes", found=f"{n:,} bytes")
         f.seek(8)
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise fail("not_safetensors", f"not a safetensors file: the header is not JSON ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise fail("not_safetensors", f"not a safetensors file: the header is not JSON ({clip(e)})") from None
     if not isinstance(header, dict):
         raise fail("not_safetensors", "not a safetensors file: the header is not a JSON object")
     try:
@@ -160,32 +203,201 @@ def require_kind(path: str | os.PathLike, meta: dict[str, str] | None, kind: str
     return meta
 
 
-def read(path: str | os.PathLike, *, kind: str | None = None, label: str | None = None, writer: str | None = None
+def tensor_specs(path: str | os.PathLike, header: dict, label: str = "facecond file",
+                 writer: str = "the facecond pack") -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors header, every entry checked (at most ``MAX_TENSORS`` tensors of
+    at most ``MAX_DIMS`` dimensions, known dtypes, data_offsets spanning exactly the shape's bytes) without
+    reading or allocating any tensor."""
+    def fail(what, problem="not_safetensors", **kw):
+        return PackFileError(path, problem, what, label=label, writer=writer, **kw)
+
+    names = [k for k in header if k != "__metadata__"]
+    if len(names) > MAX_TENSORS:
+        raise fail(f"it holds {len(names):,} tensors", "too_large", expected=f"at most {MAX_TENSORS}")
+    specs = {}
+    for k in names:
+        v = header[k]
+        dtype = v.get("dtype") if isinstance(v, dict) else None
+        shape = v.get("shape") if isinstance(v, dict) else None
+        offsets = v.get("data_offsets") if isinstance(v, dict) else None
+        if dtype not in _ITEM_BYTES or not isinstance(shape, list) or len(shape) > MAX_DIMS \
+                or not all(type(d) is int and d >= 0 for d in shape):
+            raise fail(f"not a safetensors file: tensor {clip(repr(k), 80)} has an invalid entry "
+                       f"{clip(json.dumps(v), 120)}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        start, end = [*offsets, None, None][:2] if isinstance(offsets, list) else (None, None)
+        if type(start) is not int or type(end) is not int or end - start != numel * _ITEM_BYTES[dtype]:
+            raise fail(f"not a safetensors file: tensor {clip(repr(k), 80)}'s data_offsets do not match its "
+                       f"shape {tuple(shape)} ({dtype})")
+        specs[k] = (dtype, tuple(shape))
+    return specs
+
+
+def check_dtypes(path: str | os.PathLike, dtypes: dict[str, str], allowed: Mapping[str, tuple[str, ...]] | None = None,
+                 *, label: str = "facecond file", writer: str = "the facecond pack") -> None:
+    """``dtypes`` ({tensor: safetensors dtype name}) all float (``FLOAT_DTYPES``), or what ``allowed`` names
+    for a tensor; else a "wrong_dtype" ``PackFileError`` naming the first tensor that is not."""
+    allowed = allowed or {}
+    for k, dt in dtypes.items():
+        ok = allowed.get(k, FLOAT_DTYPES)
+        if dt not in ok:
+            raise PackFileError(path, "wrong_dtype", f"tensor {clip(repr(k), 80)} is stored as {dt}",
+                                expected=" or ".join(ok), found=dt, label=label, writer=writer)
+
+
+def torch_dtype_name(t) -> str:
+    """A torch tensor's dtype as safetensors names it (``F32``, ``I8`` ...)."""
+    import torch
+
+    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+    return names.get(t.dtype, str(t.dtype).removeprefix("torch."))
+
+
+def check_finite(path: str | os.PathLike, tensors: dict, *, label: str = "facecond file",
+                 writer: str = "the facecond pack") -> None:
+    """Every floating-point tensor free of NaN/inf (checked in chunks of 16M values: no full-size copy); else a
+    "non_finite" ``PackFileError`` naming the tensor and how many of its values are not finite."""
+    import torch
+
+    for k, t in tensors.items():
+        if not t.is_floating_point() or t.device.type == "meta":
+            continue
+        flat = t.reshape(-1)
+        bad = sum(int((~torch.isfinite(flat[i:i + (1 << 24)])).sum()) for i in range(0, flat.numel(), 1 << 24))
+        if bad:
+            raise PackFileError(path, "non_finite", f"tensor {clip(repr(k), 80)} has {bad:,} NaN/inf values of "
+                                f"{flat.numel():,}", expected="finite numbers", found=f"{bad:,} NaN/inf",
+                                label=label, writer=writer)
+
+
+def read(path: str | os.PathLike, *, kind: str | None = None, label: str | None = None, writer: str | None = None,
+         plan: Callable[[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]], None] | None = None,
+         dtypes: Mapping[str, tuple[str, ...]] | None = ALL_FLOAT, finite: bool = True
          ) -> tuple[dict[str, str], dict]:
     """(metadata, {name: tensor}) of a pack safetensors file, on the CPU.
 
-    ``kind``: the ``facecond.kind`` the metadata must have (checked before any tensor is read); ``label`` and
-    ``writer`` name the file's purpose and its writer in messages (taken from ``KINDS`` for a known kind).
+    ``kind``: the ``facecond.kind`` the metadata must have; ``label`` and ``writer`` name the file's purpose and
+    its writer in messages (taken from ``KINDS`` for a known kind). Before any tensor is read: the header (at most
+    ``MAX_PACK_HEADER`` bytes), the kind, every tensor's dtype (float, or what ``dtypes`` allows for a tensor
+    name; ``dtypes=None``: unchecked) and ``plan(metadata, {name: (dtype, shape)})``, which raises when the
+    shapes or metadata numbers are not what the file's kind calls for. After: every float tensor finite
+    (``finite=False``: files where NaN marks a missing row, the celebrity-face cache).
     """
     from safetensors import safe_open
 
     label = label or KINDS.get(kind, ("facecond file",))[0]
     writer = writer or KINDS.get(kind, (None, "the facecond pack"))[1]
-    check_safetensors(path, label, writer)
+    header = check_safetensors(path, label, writer, max_header=MAX_PACK_HEADER)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise PackFileError(path, "not_safetensors", "not a safetensors file: its __metadata__ is not a map of "
+                            "strings", label=label, writer=writer)
+    specs = tensor_specs(path, header, label, writer)
+    with open(path, "rb") as f:
+        data = os.path.getsize(path) - 8 - int.from_bytes(f.read(8), "little")
+    described = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if data != described:  # safetensors' rule: the data is exactly what the header describes
+        raise PackFileError(path, "not_safetensors", "not a safetensors file: its header describes "
+                            f"{described:,} bytes of tensor data but {data:,} follow", label=label, writer=writer)
+    if kind is not None:
+        require_kind(path, meta, kind, label=label, writer=writer)
+    if dtypes is not None:
+        check_dtypes(path, {k: dt for k, (dt, _) in specs.items()}, dtypes, label=label, writer=writer)
+    if plan is not None:
+        plan(meta, specs)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if kind is not None:
-                require_kind(path, meta, kind, label=label, writer=writer)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except PackFileError:
-        raise
-    except Exception as e:  # whatever safetensors still finds wrong (dtype, overlapping offsets, ...)
+    except Exception as e:  # whatever safetensors still finds wrong (overlapping offsets, ...)
         if out_of_memory(e):
             raise
-        raise PackFileError(path, "not_safetensors", f"unreadable safetensors file ({type(e).__name__}: {e})",
+        raise PackFileError(path, "not_safetensors", f"unreadable safetensors file ({type(e).__name__}: {clip(e)})",
                             label=label, writer=writer) from None
+    if finite:
+        check_finite(path, tensors, label=label, writer=writer)
     return meta, tensors
+
+
+def meta_int(path: str | os.PathLike, meta: dict[str, str], key: str, lo: int, hi: int, *, default: int | None = None,
+             kind: str | None = None, label: str | None = None, writer: str | None = None) -> int:
+    """The metadata number ``key`` as an int within [lo, hi] (``default`` when absent, if given); else a
+    "bad_metadata" ``PackFileError`` quoting the value (clipped) and the bounds."""
+    raw = meta.get(key)
+    if raw is None and default is not None:
+        return default
+    text = raw.strip() if isinstance(raw, str) else ""
+    value = int(text) if len(text) <= 12 and text.lstrip("+-").isdigit() and text.lstrip("+-").isascii() else None
+    if value is None or not lo <= value <= hi:
+        found = "absent" if raw is None else clip(repr(raw), 80)
+        raise metadata_error(path, f"{key!r} must be a whole number from {lo} to {hi}", kind=kind, label=label,
+                             writer=writer, found=found)
+    return value
+
+
+def meta_json(path: str | os.PathLike, meta: dict[str, str], key: str, check: Callable[[object], bool], want: str, *,
+              kind: str | None = None, label: str | None = None, writer: str | None = None):
+    """The metadata value ``key`` parsed as JSON and accepted by ``check``; else "bad_metadata" saying ``want``."""
+    raw = meta.get(key)
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else None
+        ok = raw is not None and check(value)
+    except (ValueError, TypeError, RecursionError):
+        ok = False
+    if not ok:
+        found = "absent" if raw is None else clip(repr(raw), 80)
+        raise metadata_error(path, f"{key!r} must be {want}", kind=kind, label=label, writer=writer, found=found)
+    return value
+
+
+def meta_text(path: str | os.PathLike, meta: dict[str, str], key: str, *, default: str | None = None,
+              limit: int = MAX_QUOTE, kind: str | None = None, label: str | None = None,
+              writer: str | None = None) -> str:
+    """The metadata string ``key`` (an id: embedder, model, hash) of at most ``limit`` characters."""
+    raw = meta.get(key, default)
+    if raw is None or len(raw) > limit:
+        found = "absent" if raw is None else f"{len(raw):,} characters: {clip(repr(raw), 60)}"
+        raise metadata_error(path, f"{key!r} must be a text of at most {limit} characters", kind=kind, label=label,
+                             writer=writer, found=found)
+    return raw
+
+
+def meta_tensors(specs: dict[str, tuple[str, tuple[int, ...]]]) -> dict:
+    """Stand-ins on the meta device (shape and dtype, no storage) for a header's tensors: what ``build`` and the
+    loaders check before a byte of tensor data is read."""
+    import torch
+
+    to_torch = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+    return {k: torch.empty(shape, dtype=to_torch.get(dt, torch.uint8), device="meta") for k, (dt, shape) in
+            specs.items()}
+
+
+def build(path: str | os.PathLike, factory: Callable[[], T], state: dict, *, what: str, kind: str | None = None,
+          label: str | None = None, writer: str | None = None) -> T:
+    """``factory()`` built on the meta device (no memory), its tensor names and shapes compared with ``state``'s,
+    then ``state`` assigned (float tensors as float32). With meta stand-ins (``meta_tensors``) this is the check
+    alone. A mismatch is a "wrong_shape" ``PackFileError`` listing only the tensors that differ."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            module = factory()
+    except (IndexError, KeyError, ValueError, TypeError, RuntimeError, ZeroDivisionError) as e:
+        raise shape_error(path, "tensors that make one module", f"{type(e).__name__}: {clip(e)}", kind=kind,
+                          label=label, writer=writer, what=what) from None
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        raise shape_error(path, {k: v for k, v in expected.items() if found.get(k) != v},
+                          {k: v for k, v in found.items() if expected.get(k) != v}, kind=kind, label=label,
+                          writer=writer, what=what)
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
+    return module
 
 
 def shape_error(path: str | os.PathLike, expected, found, *, kind: str | None = None, label: str | None = None,
@@ -197,9 +409,12 @@ def shape_error(path: str | os.PathLike, expected, found, *, kind: str | None = 
                          expected=str(expected), found=str(found), label=label, writer=writer)
 
 
-def metadata_error(path: str | os.PathLike, detail: str, *, kind: str | None = None) -> PackFileError:
-    label, writer = KINDS.get(kind, ("facecond file", "the facecond pack"))
-    return PackFileError(path, "bad_metadata", f"malformed {label} metadata ({detail})", label=label, writer=writer)
+def metadata_error(path: str | os.PathLike, detail: str, *, kind: str | None = None, label: str | None = None,
+                   writer: str | None = None, found: str | None = None) -> PackFileError:
+    label = label or KINDS.get(kind, ("facecond file",))[0]
+    writer = writer or KINDS.get(kind, (None, "the facecond pack"))[1]
+    return PackFileError(path, "bad_metadata", f"malformed {label} metadata ({clip(detail)})", found=found,
+                         label=label, writer=writer)
 
 
 def check_torch_file(path: str | os.PathLike, label: str = "weights file", writer: str = "its publisher") -> None:
