@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
-from ..weights import packfile
+from ..weights import packfile, packmeta
 from .basis import MAX_NAME_CHARS, MAX_NAMES, CelebBasis
 
 MLP_KIND = "celeb_mlp"
@@ -103,20 +103,20 @@ def load_mlp(path: str | os.PathLike) -> tuple[CoeffMLP, dict]:
     info: dict = {}
 
     def plan(meta, specs):
-        p = packfile.meta_int(path, meta, "p", 1, MAX_P, kind=MLP_KIND)
-        d = packfile.meta_int(path, meta, "embed_dim", 1, MAX_EMBED_DIM, kind=MLP_KIND)
+        p = packmeta.meta_int(path, meta, "p", 1, MAX_P, kind=MLP_KIND)
+        d = packmeta.meta_int(path, meta, "embed_dim", 1, MAX_EMBED_DIM, kind=MLP_KIND)
         expected = {"weight": (2 * p, d), "bias": (2 * p,)}
         found = {k: shape for k, (_, shape) in specs.items()}
         if found != expected:
             raise packfile.shape_error(path, f"{expected} for p={p}, embed_dim={d}", found, kind=MLP_KIND)
-        scale = packfile.meta_json(path, meta, "scale", lambda v: isinstance(v, list) and len(v) == 2 and all(
+        scale = packmeta.meta_json(path, meta, "scale", lambda v: isinstance(v, list) and len(v) == 2 and all(
             type(x) in (int, float) and math.isfinite(x) and x > 0 for x in v), "a JSON list of 2 positive numbers",
             kind=MLP_KIND)
-        names = packfile.meta_json(path, meta, "names", _names_ok, f"a JSON list of 2 to {MAX_NAMES:,} names of at "
+        names = packmeta.meta_json(path, meta, "names", _names_ok, f"a JSON list of 2 to {MAX_NAMES:,} names of at "
                                    f"most {MAX_NAME_CHARS} characters", kind=MLP_KIND)
-        facts = BasisFacts(p, *(packfile.meta_text(path, meta, k, kind=MLP_KIND) for k in ("table_hash", "names_hash")))
-        info.update(embedder=packfile.meta_text(path, meta, "embedder", kind=MLP_KIND), embed_dim=d, names=names,
-                    facts=facts, steps=packfile.meta_int(path, meta, "steps", 0, 10**9, default=0, kind=MLP_KIND),
+        facts = BasisFacts(p, *(packmeta.meta_text(path, meta, k, kind=MLP_KIND) for k in ("table_hash", "names_hash")))
+        info.update(embedder=packmeta.meta_text(path, meta, "embedder", kind=MLP_KIND), embed_dim=d, names=names,
+                    facts=facts, steps=packmeta.meta_int(path, meta, "steps", 0, 10**9, default=0, kind=MLP_KIND),
                     scale=scale)
 
     _, t = packfile.read(path, kind=MLP_KIND, plan=plan)
@@ -149,8 +149,8 @@ def load_coeffs(path: str | os.PathLike) -> CelebCoeffs:
     facts: list[BasisFacts] = []
 
     def plan(meta, specs):
-        p = packfile.meta_int(path, meta, "p", 1, MAX_P, kind=COEFFS_KIND)
-        facts.append(BasisFacts(p, *(packfile.meta_text(path, meta, k, kind=COEFFS_KIND)
+        p = packmeta.meta_int(path, meta, "p", 1, MAX_P, kind=COEFFS_KIND)
+        facts.append(BasisFacts(p, *(packmeta.meta_text(path, meta, k, kind=COEFFS_KIND)
                                      for k in ("table_hash", "names_hash")), {"word": meta.get("word")}))
         found = {k: shape for k, (_, shape) in specs.items()}
         if found.get("coeffs") != (2, p):

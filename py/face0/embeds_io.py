@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..faces.types import FaceEmbeds
-from ..weights import packfile
+from ..weights import packfile, packmeta
 
 KIND = "face_embeds"
 FORMAT_VERSION = "1"
@@ -47,7 +47,7 @@ def load_embeds(path: str | os.PathLike) -> tuple[FaceEmbeds, dict[str, str]]:
         if "dim" in meta and meta["dim"] != str(shape[1]):
             raise packfile.shape_error(path, f"D={packfile.clip(meta['dim'], 40)} (its metadata)",
                                        f"'embeds' {shape}", kind=KIND)
-        packfile.meta_text(path, meta, "model", default="unknown", kind=KIND)
+        packmeta.meta_text(path, meta, "model", default="unknown", kind=KIND)
 
     meta, tensors = packfile.read(path, kind=KIND, plan=plan)
     x = tensors["embeds"].float()

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..weights import packfile
+from ..weights import packfile, packmeta
 
 KIND = "face0_projection"
 FORMAT_VERSION = "1"
@@ -98,13 +98,13 @@ class ProjectionInfo:
         built: a file cannot make the loader allocate more than its bounded shapes); ``packfile.PackFileError``
         ("bad_metadata") naming the key, the bounds and the value (clipped) otherwise."""
         packfile.require_kind(where, meta, KIND)
-        n = {k: packfile.meta_int(where, meta, k, lo, hi, default=DEFAULTS.get(k), kind=KIND)
+        n = {k: packmeta.meta_int(where, meta, k, lo, hi, default=DEFAULTS.get(k), kind=KIND)
              for k, (lo, hi) in BOUNDS.items()}
-        extra = packfile.meta_json(where, meta, "extra", lambda v: isinstance(v, dict), "a JSON object",
+        extra = packmeta.meta_json(where, meta, "extra", lambda v: isinstance(v, dict), "a JSON object",
                                    kind=KIND) if "extra" in meta else {}
         norm = meta.get("embed_normalized")
-        return cls(embedder=packfile.meta_text(where, meta, "embedder", kind=KIND), **n,
-                   base_model=packfile.meta_text(where, meta, "base_model", default="unknown", kind=KIND),
+        return cls(embedder=packmeta.meta_text(where, meta, "embedder", kind=KIND), **n,
+                   base_model=packmeta.meta_text(where, meta, "base_model", default="unknown", kind=KIND),
                    embed_normalized=None if norm is None else norm == "true", extra=extra)
 
 
@@ -171,11 +171,11 @@ def load_projection(path: str | os.PathLike) -> Face0Projection:
 
     def plan(meta, specs):
         facts.append(ProjectionInfo.from_metadata(meta, path))
-        packfile.build(path, lambda: Face0Projection(facts[0]), packfile.meta_tensors(specs), what=what(facts[0]),
+        packmeta.build(path, lambda: Face0Projection(facts[0]), packmeta.meta_tensors(specs), what=what(facts[0]),
                        kind=KIND)
 
     _, state = packfile.read(path, kind=KIND, plan=plan)
-    proj = packfile.build(path, lambda: Face0Projection(facts[0]), state, what=what(facts[0]), kind=KIND)
+    proj = packmeta.build(path, lambda: Face0Projection(facts[0]), state, what=what(facts[0]), kind=KIND)
     return proj.eval().requires_grad_(False)
 
 

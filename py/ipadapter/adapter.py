@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..weights import packfile
+from ..weights import packfile, packmeta
 from ..weights.manifest import load_state_dict
 from ..weights.packfile import clip
 from .lora import lora_weights
@@ -181,7 +181,7 @@ def read_file(path: str | Path) -> dict[str, torch.Tensor]:
     Before the tensor data is read, the layout is checked on meta-device stand-ins (``from_state_dict``); float16,
     bfloat16 and float32 tensors only, all finite (``packfile.PackFileError`` otherwise)."""
     def plan(_meta, specs):
-        from_state_dict(packfile.meta_tensors(specs), Path(path).name)
+        from_state_dict(packmeta.meta_tensors(specs), Path(path).name)
 
     return load_state_dict(path, LABEL, WRITER, dtypes=packfile.ALL_FLOAT, plan=plan)
 
@@ -203,7 +203,7 @@ def from_state_dict(sd: dict[str, torch.Tensor], name: str = "") -> IPAdapter:
     v = detect_variant(proj)
     if v.name == "plus":
         _resampler_depth(proj, name)
-    module = packfile.build(name, (lambda: Resampler(proj, v)) if v.name == "plus" else (lambda: LinearProj(v)), proj,
+    module = packmeta.build(name, (lambda: Resampler(proj, v)) if v.name == "plus" else (lambda: LinearProj(v)), proj,
                             what=f"its image projection does not have the shapes of an IP-Adapter {v.name} "
                             "projection", label=LABEL, writer=WRITER)
     ids = sorted({int(k.split(".")[1]) for k in sd if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")

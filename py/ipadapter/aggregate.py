@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..weights import packfile
+from ..weights import packfile, packmeta
 from ..weights.manifest import load_state_dict
 from ..weights.packfile import PackFileError, clip, shape_error
 
@@ -165,7 +165,7 @@ def load_aggregator(path: str | Path) -> SelfAttentionAggregator:
             raise PackFileError(path, "bad_metadata", f"unknown self-attention mode {clip(repr(mode), 80)}",
                                 expected=f"attention one of {ATTENTION_MODES}", label=label, writer=writer)
         modes.append(mode)
-        _check_layout(path, mode, _own(packfile.meta_tensors(specs)), label, writer)
+        _check_layout(path, mode, _own(packmeta.meta_tensors(specs)), label, writer)
 
     ints = {k: packfile.INT_DTYPES for k in ("n_refs", "heads", FILE_PREFIX + "n_refs", FILE_PREFIX + "heads")}
     if Path(path).suffix == ".safetensors":
@@ -179,7 +179,7 @@ def load_aggregator(path: str | Path) -> SelfAttentionAggregator:
         raise PackFileError(path, "wrong_shape", "its n_refs or heads are out of range",
                             expected=f"n_refs 1..{MAX_REFS}, heads dividing D={dim}",
                             found=f"n_refs={n_refs}, heads={heads}", label=label, writer=writer)
-    agg = packfile.build(path, lambda: SelfAttentionAggregator(dim, n_refs, heads, mode), sd, label=label,
+    agg = packmeta.build(path, lambda: SelfAttentionAggregator(dim, n_refs, heads, mode), sd, label=label,
                          writer=writer, what=f"its tensors do not make one aggregator ({mode} mode)")
     agg.trained_with = clip(meta.get("ipadapter", ""), 120)
     return agg.eval().requires_grad_(False)
@@ -204,7 +204,7 @@ def _check_layout(path, mode: str, sd: dict, label: str, writer: str) -> int:
     if not 1 <= dim <= MAX_DIM:
         raise shape_error(path, f"q.weight (D, D) with 1 <= D <= {MAX_DIM}", f"q.weight {tuple(q.shape)}",
                           label=label, writer=writer, what="its width is not one an aggregator has")
-    packfile.build(path, lambda: SelfAttentionAggregator(dim, 1, 1, mode), packfile.meta_tensors(
+    packmeta.build(path, lambda: SelfAttentionAggregator(dim, 1, 1, mode), packmeta.meta_tensors(
         {k: (packfile.torch_dtype_name(v), tuple(v.shape)) for k, v in sd.items()}), label=label, writer=writer,
         what=f"its tensors do not make one aggregator ({mode} mode)")
     return dim
