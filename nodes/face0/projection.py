@@ -13,7 +13,7 @@ import logging
 import folder_paths
 import torch
 
-from ...py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, override_tokens
+from ...py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, place_face_tokens, prompt_ends
 from .. import model_cache
 from ..common import FACE0_PROJECTION, FACE_EMBEDS, require_embeds
 
@@ -60,9 +60,13 @@ def _check_context(node: str, input_name: str, conditioning, proj) -> None:
                              f"{TOKENS_PER_CHUNK}; Face0 needs a CLIP text context (SD1.x, SD2.x, SDXL).")
 
 
-def apply_face_tokens(conditioning, tokens: torch.Tensor | None, k: int, chunks: str, node: str):
-    """A copy of ``conditioning`` whose context ends (per ``chunks``) with ``tokens`` (N, K, W), or zeros if None.
+def apply_face_tokens(conditioning, tokens: torch.Tensor | None, k: int, chunks: str, node: str,
+                      empty_chunk: torch.Tensor, is_empty: bool = False):
+    """A copy of ``conditioning`` with ``tokens`` (N, K, W), or zeros if None, placed by ``place_face_tokens``:
+    at the end of the chunks ``chunks`` names where that is padding, else in added chunks (``empty_chunk`` + face).
 
+    Where the prompt ends comes from ``prompt_ends`` (the pooled output); ``is_empty``: the conditioning is the
+    empty prompt (empty_conditioning's contract), whose EOS is token 2, when its pooled output does not show it.
     Batch rule per entry of batch B: B == N pairs row i with embedding i; B == 1 repeats the prompt for the
     N faces; N == 1 puts the one face into every row; anything else is an error. Other keys (pooled_output,
     masks, areas, hooks) are kept as they are; a batch-1 pooled output is broadcast by ComfyUI.
@@ -83,7 +87,17 @@ def apply_face_tokens(conditioning, tokens: torch.Tensor | None, k: int, chunks:
             else:
                 raise ValueError(f"{node}: {n} face embeddings for a conditioning batch of {b}. Give one face, "
                                  f"one prompt, or as many faces as prompts.")
-        out.append([override_tokens(base, tok, chunks), opts.copy()])
+        ends = prompt_ends(ctx, opts.get("pooled_output"))
+        if is_empty and ends == [None]:
+            ends = [1]
+        placed, added = place_face_tokens(base, tok, chunks, ends, empty_chunk)
+        if added and tokens is not None:
+            log.warning("[facecond] %s: the prompt (%d tokens of context) leaves no padding for the face at the end "
+                        "of %s; its tokens are kept and the face goes into %d added chunk%s (empty prompt + face), "
+                        "context now %d tokens.", node, ctx.shape[1],
+                        "a chunk" if added == 1 else f"{added} chunks", added, "" if added == 1 else "s",
+                        placed.shape[1])
+        out.append([placed, opts.copy()])
     return out
 
 
@@ -138,10 +152,11 @@ class ProjectToContext:
         with torch.inference_mode():
             tokens = face_tokens(projection, x).cpu()  # (N, K, W); zero rows → zero tokens
         k = projection.info.tokens
-        positive = apply_face_tokens(conditioning, tokens, k, chunks, node)
-        text_only = apply_face_tokens(conditioning, None, k, chunks, node)
-        face_only = apply_face_tokens(empty_conditioning, tokens, k, chunks, node)
-        negative = apply_face_tokens(empty_conditioning, None, k, chunks, node)
+        empty_chunk = empty_conditioning[0][0][:1, :TOKENS_PER_CHUNK]  # (1, 77, W): the empty prompt's encoding
+        positive = apply_face_tokens(conditioning, tokens, k, chunks, node, empty_chunk)
+        text_only = apply_face_tokens(conditioning, None, k, chunks, node, empty_chunk)
+        face_only = apply_face_tokens(empty_conditioning, tokens, k, chunks, node, empty_chunk, is_empty=True)
+        negative = apply_face_tokens(empty_conditioning, None, k, chunks, node, empty_chunk, is_empty=True)
         return (positive, text_only, face_only, negative)
 
 
