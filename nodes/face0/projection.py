@@ -4,6 +4,10 @@ arXiv 2306.06638): load a projection and put a face into the text context. The m
 
 Face0's unconditional input is *empty text + zero face*, its text-only input *text + zero face*: the projection
 was trained with the projected tokens zeroed 10% of the time, so "no face" means zero tokens.
+
+Long prompts: the face never replaces a prompt token or an end-of-text token. Where the prompt ends is read from the
+conditioning's pooled output (``prompt_ends``; exact for SD1.x at the default CLIP layer, first chunk); a chunk
+without visible padding at tokens 75-77 keeps its tokens and the face goes into an added chunk (``place_face_tokens``).
 """
 
 from __future__ import annotations
@@ -106,21 +110,27 @@ class ProjectToContext:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "conditioning": ("CONDITIONING", {"tooltip": "The text prompt (CLIPTextEncode). Its last K tokens "
-                                                  "are replaced by the projected face."}),
+                "conditioning": ("CONDITIONING", {"tooltip": "The text prompt (CLIPTextEncode). The projected face "
+                                                  "takes its padding at tokens 75-77 (the paper's positions) when "
+                                                  "the prompt leaves them free; its own tokens are never replaced."}),
                 "face_embeds": (FACE_EMBEDS, {"tooltip": "N face embeddings: N embeddings and a "
                                                 "one-prompt conditioning give a conditioning batch of N (use a latent "
                                                 "batch of N)."}),
                 "projection": (FACE0_PROJECTION, {"tooltip": "From LoadFace0Projection."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the empty prompt for face_only and negative (Face0's "
                                   "unconditional input is empty text + zero face)."}),
-                "chunks": (CHUNK_MODES, {"default": "each", "tooltip": "Prompts over 75 tokens are several 77-token "
-                           "chunks. each: the face ends every chunk (each chunk looks like a training context and "
-                           "the face keeps its share of attention); first / last: only that chunk."}),
+                "chunks": (CHUNK_MODES, {"default": "each", "tooltip": "Which 77-token chunks of the prompt get "
+                           "the face (prompts over 75 tokens are several chunks). each: one face per chunk (the face "
+                           "keeps its share of attention); first / last: one face, for that chunk. A chunk gets the "
+                           "face at its tokens 75-77 only where they are padding (at most 72 prompt tokens in it, and "
+                           "its end visible: SD1.x at the default CLIP layer, first chunk). Otherwise (a long prompt; "
+                           "SD2/SDXL or CLIP skip, whose end is unknown) the chunk stays whole and its face goes into "
+                           "an added chunk, the empty prompt + face, appended after the prompt (logged)."}),
             },
             "optional": {
                 "empty_conditioning": ("CONDITIONING", {"tooltip": "Optional: use this instead of encoding \"\" "
-                                       "with clip (e.g. an SDXL encode with size settings)."}),
+                                       "with clip (e.g. an SDXL encode with size settings). Must encode the empty "
+                                       "prompt: its first chunk is also the chunk added for long prompts."}),
             },
         }
 
@@ -131,10 +141,11 @@ class ProjectToContext:
     FUNCTION = "project"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Face0: overrides the last K (=3) tokens of each 77-token chunk of the text context with the projected "
-        "face embedding. A zero embedding (or the text_only / negative outputs) gives zero tokens, the training-"
-        "time 'no face' input. SDXL: needs a 2048-wide projection; the pooled output is left alone. Never edits "
-        "its inputs.")
+        "Face0: puts the projected face embedding into the text context as K (=3) tokens: tokens 75-77 of a "
+        "77-token chunk, as in the paper, where they are padding; a prompt too long for that (or whose end the "
+        "conditioning does not show: SD2, SDXL, CLIP skip) is kept whole and gets an added chunk (empty prompt + "
+        "face). A zero embedding (or the text_only / negative outputs) gives zero tokens, the training-time 'no "
+        "face' input. SDXL: needs a 2048-wide projection; the pooled output is left alone. Never edits its inputs.")
 
     def project(self, conditioning, face_embeds, projection, clip, chunks, empty_conditioning=None):
         node = "ProjectToContext"

@@ -5,6 +5,11 @@ hidden layer maps the face embedding to three 768-d vectors that replace tokens 
 Diffusion's 77-token CLIP context. It is trained jointly with the U-Net; 10% of the time the *projected*
 embedding is set to zero so that the model learns a "no face" input for guidance.
 
+Placement at sampling time (:func:`place_face_tokens`): the paper's positions where they are padding, never over a
+prompt token or the end-of-text token; a prompt that leaves no padding there keeps its tokens and the face goes into
+an added 77-token chunk (the empty prompt's encoding with the face at 75-77). Training uses :func:`override_tokens`,
+the paper's rule (one-chunk captions).
+
 This pack's convention (trainer and sampler share it through :func:`face_tokens`): a face embedding row that
 is all zeros means "no face" and yields all-zero tokens, exactly the training-time dropout input — not
 ``MLP(0)``, which would be the biases pushed through the network.
@@ -39,7 +44,8 @@ KIND = "face0_projection"
 FORMAT_VERSION = "1"
 # Context width of the cross-attention text context for each base-model family (Face0 targets SD1.x).
 CONTEXT_DIMS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
-TOKENS_PER_CHUNK = 77  # CLIP context length; ComfyUI concatenates one 77-token chunk per 75 prompt tokens
+TOKENS_PER_CHUNK = 77  # CLIP context length; ComfyUI concatenates 77-token chunks of BOS + up to 75 prompt tokens
+# + EOS + padding (comfy/sd1_clip.py, SDTokenizer.tokenize_with_weights)
 # Projection shapes (hidden width h, Linear layers L). "small": the paper's stated width 768 (3.35M parameters at
 # D = 512); "paper": its stated size, ~10M (see the module docstring for why the width differs).
 PRESETS = {"small": {"hidden": 768, "depth": 4}, "paper": {"hidden": 1536, "depth": 4}}
