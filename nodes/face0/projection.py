@@ -4,6 +4,10 @@ arXiv 2306.06638): load a projection and put a face into the text context. The m
 
 Face0's unconditional input is *empty text + zero face*, its text-only input *text + zero face*: the projection
 was trained with the projected tokens zeroed 10% of the time, so "no face" means zero tokens.
+
+Long prompts: the face never replaces a prompt token or an end-of-text token. Where the prompt ends is read from the
+conditioning's pooled output (``prompt_ends``; exact for SD1.x at the default CLIP layer, first chunk); a chunk
+without visible padding at tokens 75-77 keeps its tokens and the face goes into an added chunk (``place_face_tokens``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import folder_paths
 import torch
 
-from ...py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, override_tokens
+from ...py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projection, place_face_tokens, prompt_ends
 from .. import model_cache
 from ..common import FACE0_PROJECTION, FACE_EMBEDS, require_embeds
 from .branches import mark_entries
@@ -61,9 +65,13 @@ def _check_context(node: str, input_name: str, conditioning, proj) -> None:
                              f"{TOKENS_PER_CHUNK}; Face0 needs a CLIP text context (SD1.x, SD2.x, SDXL).")
 
 
-def apply_face_tokens(conditioning, tokens: torch.Tensor | None, k: int, chunks: str, node: str):
-    """A copy of ``conditioning`` whose context ends (per ``chunks``) with ``tokens`` (N, K, W), or zeros if None.
+def apply_face_tokens(conditioning, tokens: torch.Tensor | None, k: int, chunks: str, node: str,
+                      empty_chunk: torch.Tensor, is_empty: bool = False):
+    """A copy of ``conditioning`` with ``tokens`` (N, K, W), or zeros if None, placed by ``place_face_tokens``:
+    at the end of the chunks ``chunks`` names where that is padding, else in added chunks (``empty_chunk`` + face).
 
+    Where the prompt ends comes from ``prompt_ends`` (the pooled output); ``is_empty``: the conditioning is the
+    empty prompt (empty_conditioning's contract), whose EOS is token 2, when its pooled output does not show it.
     Batch rule per entry of batch B: B == N pairs row i with embedding i; B == 1 repeats the prompt for the
     N faces; N == 1 puts the one face into every row; anything else is an error. Other keys (pooled_output,
     masks, areas, hooks) are kept as they are; a batch-1 pooled output is broadcast by ComfyUI.
@@ -84,7 +92,17 @@ def apply_face_tokens(conditioning, tokens: torch.Tensor | None, k: int, chunks:
             else:
                 raise ValueError(f"{node}: {n} face embeddings for a conditioning batch of {b}. Give one face, "
                                  f"one prompt, or as many faces as prompts.")
-        out.append([override_tokens(base, tok, chunks), opts.copy()])
+        ends = prompt_ends(ctx, opts.get("pooled_output"))
+        if is_empty and ends == [None]:
+            ends = [1]
+        placed, added = place_face_tokens(base, tok, chunks, ends, empty_chunk)
+        if added and tokens is not None:
+            log.warning("[facecond] %s: the prompt (%d tokens of context) leaves no padding for the face at the end "
+                        "of %s; its tokens are kept and the face goes into %d added chunk%s (empty prompt + face), "
+                        "context now %d tokens.", node, ctx.shape[1],
+                        "a chunk" if added == 1 else f"{added} chunks", added, "" if added == 1 else "s",
+                        placed.shape[1])
+        out.append([placed, opts.copy()])
     return out
 
 
@@ -93,21 +111,27 @@ class ProjectToContext:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "conditioning": ("CONDITIONING", {"tooltip": "The text prompt (CLIPTextEncode). Its last K tokens "
-                                                  "are replaced by the projected face."}),
+                "conditioning": ("CONDITIONING", {"tooltip": "The text prompt (CLIPTextEncode). The projected face "
+                                                  "takes its padding at tokens 75-77 (the paper's positions) when "
+                                                  "the prompt leaves them free; its own tokens are never replaced."}),
                 "face_embeds": (FACE_EMBEDS, {"tooltip": "N face embeddings: N embeddings and a "
                                                 "one-prompt conditioning give a conditioning batch of N (use a latent "
                                                 "batch of N)."}),
                 "projection": (FACE0_PROJECTION, {"tooltip": "From LoadFace0Projection."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the empty prompt for face_only and negative (Face0's "
                                   "unconditional input is empty text + zero face)."}),
-                "chunks": (CHUNK_MODES, {"default": "each", "tooltip": "Prompts over 75 tokens are several 77-token "
-                           "chunks. each: the face ends every chunk (each chunk looks like a training context and "
-                           "the face keeps its share of attention); first / last: only that chunk."}),
+                "chunks": (CHUNK_MODES, {"default": "each", "tooltip": "Which 77-token chunks of the prompt get "
+                           "the face (prompts over 75 tokens are several chunks). each: one face per chunk (the face "
+                           "keeps its share of attention); first / last: one face, for that chunk. A chunk gets the "
+                           "face at its tokens 75-77 only where they are padding (at most 72 prompt tokens in it, and "
+                           "its end visible: SD1.x at the default CLIP layer, first chunk). Otherwise (a long prompt; "
+                           "SD2/SDXL or CLIP skip, whose end is unknown) the chunk stays whole and its face goes into "
+                           "an added chunk, the empty prompt + face, appended after the prompt (logged)."}),
             },
             "optional": {
                 "empty_conditioning": ("CONDITIONING", {"tooltip": "Optional: use this instead of encoding \"\" "
-                                       "with clip (e.g. an SDXL encode with size settings)."}),
+                                       "with clip (e.g. an SDXL encode with size settings). Must encode the empty "
+                                       "prompt: its first chunk is also the chunk added for long prompts."}),
             },
         }
 
@@ -118,10 +142,11 @@ class ProjectToContext:
     FUNCTION = "project"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Face0: overrides the last K (=3) tokens of each 77-token chunk of the text context with the projected "
-        "face embedding. A zero embedding (or the text_only / negative outputs) gives zero tokens, the training-"
-        "time 'no face' input. SDXL: needs a 2048-wide projection; the pooled output is left alone. Never edits "
-        "its inputs.")
+        "Face0: puts the projected face embedding into the text context as K (=3) tokens: tokens 75-77 of a "
+        "77-token chunk, as in the paper, where they are padding; a prompt too long for that (or whose end the "
+        "conditioning does not show: SD2, SDXL, CLIP skip) is kept whole and gets an added chunk (empty prompt + "
+        "face). A zero embedding (or the text_only / negative outputs) gives zero tokens, the training-time 'no "
+        "face' input. SDXL: needs a 2048-wide projection; the pooled output is left alone. Never edits its inputs.")
 
     def project(self, conditioning, face_embeds, projection, clip, chunks, empty_conditioning=None):
         node = "ProjectToContext"
@@ -139,10 +164,11 @@ class ProjectToContext:
         with torch.inference_mode():
             tokens = face_tokens(projection, x).cpu()  # (N, K, W); zero rows → zero tokens
         k = projection.info.tokens
-        positive = apply_face_tokens(conditioning, tokens, k, chunks, node)
-        text_only = apply_face_tokens(conditioning, None, k, chunks, node)
-        face_only = apply_face_tokens(empty_conditioning, tokens, k, chunks, node)
-        negative = apply_face_tokens(empty_conditioning, None, k, chunks, node)
+        empty_chunk = empty_conditioning[0][0][:1, :TOKENS_PER_CHUNK]  # (1, 77, W): the empty prompt's encoding
+        positive = apply_face_tokens(conditioning, tokens, k, chunks, node, empty_chunk)
+        text_only = apply_face_tokens(conditioning, None, k, chunks, node, empty_chunk)
+        face_only = apply_face_tokens(empty_conditioning, tokens, k, chunks, node, empty_chunk, is_empty=True)
+        negative = apply_face_tokens(empty_conditioning, None, k, chunks, node, empty_chunk, is_empty=True)
         mark_entries(positive, text_only, face_only, negative)  # the guider pairs the entries by this mark
         return (positive, text_only, face_only, negative)
 

@@ -5,6 +5,11 @@ hidden layer maps the face embedding to three 768-d vectors that replace tokens 
 Diffusion's 77-token CLIP context. It is trained jointly with the U-Net; 10% of the time the *projected*
 embedding is set to zero so that the model learns a "no face" input for guidance.
 
+Placement at sampling time (:func:`place_face_tokens`): the paper's positions where they are padding, never over a
+prompt token or the end-of-text token; a prompt that leaves no padding there keeps its tokens and the face goes into
+an added 77-token chunk (the empty prompt's encoding with the face at 75-77). Training uses :func:`override_tokens`,
+the paper's rule (one-chunk captions).
+
 This pack's convention (trainer and sampler share it through :func:`face_tokens`): a face embedding row that
 is all zeros means "no face" and yields all-zero tokens, exactly the training-time dropout input — not
 ``MLP(0)``, which would be the biases pushed through the network.
@@ -39,7 +44,8 @@ KIND = "face0_projection"
 FORMAT_VERSION = "1"
 # Context width of the cross-attention text context for each base-model family (Face0 targets SD1.x).
 CONTEXT_DIMS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
-TOKENS_PER_CHUNK = 77  # CLIP context length; ComfyUI concatenates one 77-token chunk per 75 prompt tokens
+TOKENS_PER_CHUNK = 77  # CLIP context length; ComfyUI concatenates 77-token chunks of BOS + up to 75 prompt tokens
+# + EOS + padding (comfy/sd1_clip.py, SDTokenizer.tokenize_with_weights)
 # Projection shapes (hidden width h, Linear layers L). "small": the paper's stated width 768 (3.35M parameters at
 # D = 512); "paper": its stated size, ~10M (see the module docstring for why the width differs).
 PRESETS = {"small": {"hidden": 768, "depth": 4}, "paper": {"hidden": 1536, "depth": 4}}
@@ -179,30 +185,111 @@ def load_projection(path: str | os.PathLike) -> Face0Projection:
     return proj.eval().requires_grad_(False)
 
 
+def _chunk_indices(where: str, chunks: str, n_chunks: int) -> list[int]:
+    if chunks == "each":
+        return list(range(n_chunks))
+    if chunks == "first":
+        return [0]
+    if chunks == "last":
+        return [n_chunks - 1]
+    raise ValueError(f"{where}: chunks must be 'each', 'first' or 'last', got {chunks!r}")
+
+
+def _check_fit(where: str, context: torch.Tensor, tokens: torch.Tensor) -> int:
+    """Number of 77-token chunks of ``context`` (B, 77·n, W); ``tokens`` must be (B, K, W)."""
+    b, length, width = context.shape
+    if tokens.shape[0] != b or tokens.shape[2] != width:
+        raise ValueError(f"{where}: tokens {tuple(tokens.shape)} do not fit context {tuple(context.shape)}")
+    if length % TOKENS_PER_CHUNK or length == 0:
+        raise ValueError(f"{where}: context length {length} is not a multiple of {TOKENS_PER_CHUNK}")
+    return length // TOKENS_PER_CHUNK
+
+
 def override_tokens(context: torch.Tensor, tokens: torch.Tensor, chunks: str = "each") -> torch.Tensor:
     """A new context whose last K tokens (of every 77-token chunk, or of the first/last one) are ``tokens``.
 
+    The paper's rule, used in training (captions are one chunk there). It overwrites whatever those positions
+    hold; at sampling time :func:`place_face_tokens` uses it only where they hold padding.
     context: (B, 77·n, W), not modified. tokens: (B, K, W), already matched to B. ``chunks``: ``"each"``,
     ``"first"`` or ``"last"``. Returns (B, 77·n, W) in the context's dtype/device.
     """
-    b, length, width = context.shape
+    n_chunks = _check_fit("override_tokens", context, tokens)
+    which = _chunk_indices("override_tokens", chunks, n_chunks)
     k = tokens.shape[1]
-    if tokens.shape[0] != b or tokens.shape[2] != width:
-        raise ValueError(f"override_tokens: tokens {tuple(tokens.shape)} do not fit context {tuple(context.shape)}")
-    n_chunks = length // TOKENS_PER_CHUNK
-    if length % TOKENS_PER_CHUNK or n_chunks == 0:
-        raise ValueError(f"override_tokens: context length {length} is not a multiple of {TOKENS_PER_CHUNK}")
-    if chunks == "each":
-        which = range(n_chunks)
-    elif chunks == "first":
-        which = [0]
-    elif chunks == "last":
-        which = [n_chunks - 1]
-    else:
-        raise ValueError(f"override_tokens: chunks must be 'each', 'first' or 'last', got {chunks!r}")
     out = context.clone()
     t = tokens.to(device=context.device, dtype=context.dtype)
     for i in which:
         end = (i + 1) * TOKENS_PER_CHUNK
         out[:, end - k:end, :] = t
     return out
+
+
+def prompt_ends(context: torch.Tensor, pooled: torch.Tensor | None) -> list[int | None]:
+    """Per 77-token chunk of a CLIP text context, the position of the chunk's end-of-text token, or None where the
+    context does not show it.
+
+    A text context carries no token count and no mask, and its padding cannot be recognised by comparing with the
+    empty prompt's encoding: CLIP's attention is causal, so every pad's output depends on the whole prompt before
+    it. One exact fact is there: the pooled output is the final layer's state at the first EOS of the first chunk
+    (ComfyUI comfy/clip_model.py, ``CLIPTextModel_.forward``: ``x[arange, argmax(tokens == eos)]``; and
+    comfy/sd1_clip.py, ``ClipTokenWeightEncoder.encode_token_weights``: ``first_pooled = pooled[0:1]``). Where the
+    context *is* that final layer (SD1.x at the default CLIP layer) the first-chunk row equal to it is the EOS.
+    SD1.x with CLIP skip, SD2.x (penultimate layer) and SDXL (CLIP-G's projected pooled output) show nothing, and
+    no chunk after the first does: None there.
+
+    context: (B, 77·n, W); pooled: (B or 1, W') or None. The end of chunk 0 is the latest over the B rows, None if
+    any row has no match. Returns a list of n entries.
+    """
+    n_chunks = context.shape[1] // TOKENS_PER_CHUNK
+    ends: list[int | None] = [None] * n_chunks
+    b, _, width = context.shape
+    if pooled is None or pooled.ndim != 2 or pooled.shape[1] != width or pooled.shape[0] not in (1, b):
+        return ends
+    first = context[:, :TOKENS_PER_CHUNK]
+    hits = (first == pooled.to(device=first.device, dtype=first.dtype)[:, None, :]).all(dim=-1)  # (B, 77)
+    hits[:, 0] = False  # position 0 is BOS
+    if hits.any(dim=1).all():
+        ends[0] = int(hits.int().argmax(dim=1).max())  # argmax: the first matching position of each row
+    return ends
+
+
+def place_face_tokens(context: torch.Tensor, tokens: torch.Tensor, chunks: str, ends: list[int | None],
+                      empty_chunk: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Put the face into a text context without overwriting a prompt token or an end-of-text token.
+
+    Each chunk that ``chunks`` names (``"each"``, ``"first"``, ``"last"``) gets the face at its last K positions,
+    the paper's tokens 75-77, when they are padding: its EOS position ``ends[i]`` is known and before them. That is
+    :func:`override_tokens`, bit for bit, so prompts of up to 77 - K - 2 tokens (72 for K = 3) are placed as in
+    the paper. Any other named chunk (the prompt fills it, or its end is unknown) is left whole, and the face goes
+    into an added chunk appended after the prompt: ``empty_chunk`` (the empty prompt's encoding: BOS, EOS,
+    padding) with the face at its tokens 75-77, the face-only context of training. ComfyUI concatenates chunks the
+    same way (comfy/sd1_clip.py, ``encode_token_weights``: ``torch.cat(output, dim=-2)``); cross-attention has no
+    position over the context, so where the added chunk sits does not matter to the U-Net.
+
+    context: (B, 77·n, W) and empty_chunk: (1 or B, 77, W), not modified; tokens: (B, K, W); ends: n entries (from
+    :func:`prompt_ends`). Returns (the new context (B, 77·(n + m), W), m the number of added chunks).
+    """
+    n_chunks = _check_fit("place_face_tokens", context, tokens)
+    which = _chunk_indices("place_face_tokens", chunks, n_chunks)
+    if len(ends) != n_chunks:
+        raise ValueError(f"place_face_tokens: {len(ends)} ends given; need one end per 77-token chunk ({n_chunks})")
+    b, _, width = context.shape
+    k = tokens.shape[1]
+    if empty_chunk.ndim != 3 or empty_chunk.shape[0] not in (1, b) or empty_chunk.shape[1:] != (TOKENS_PER_CHUNK,
+                                                                                                  width):
+        raise ValueError(f"place_face_tokens: empty_chunk {tuple(empty_chunk.shape)} is not one 77-token chunk of "
+                         f"width {width} (batch 1 or {b})")
+    if k > TOKENS_PER_CHUNK - 2:
+        raise ValueError(f"place_face_tokens: {k} face tokens do not fit after BOS and EOS of a 77-token chunk")
+    room = [i for i in which if ends[i] is not None and ends[i] < TOKENS_PER_CHUNK - k]
+    out = context.clone()
+    t = tokens.to(device=context.device, dtype=context.dtype)
+    for i in room:
+        end = (i + 1) * TOKENS_PER_CHUNK
+        out[:, end - k:end, :] = t
+    added = len(which) - len(room)
+    if added:
+        face_chunk = empty_chunk.to(device=context.device, dtype=context.dtype).expand(b, -1, -1).clone()
+        face_chunk[:, TOKENS_PER_CHUNK - k:, :] = t
+        out = torch.cat([out] + [face_chunk] * added, dim=1)
+    return out, added

@@ -10,6 +10,8 @@ from facecond.py.face0.projection import (
     face_tokens,
     load_projection,
     override_tokens,
+    place_face_tokens,
+    prompt_ends,
     random_projection,
     save_projection,
 )
@@ -129,3 +131,58 @@ def test_bad_shape_options_are_refused():
         _info(hidden=0)
     one = random_projection(_info(depth=1))  # depth 1: a single Linear D -> K·W
     assert [type(m).__name__ for m in one.mlp] == ["Linear"] and one.info.parameters == 129 * 2304
+
+
+def _chunked(n_chunks, width=8, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 77 * n_chunks, width, generator=g), torch.randn(1, 77, width, generator=g)
+
+
+def test_prompt_ends_from_the_pooled_output_row():
+    ctx, _ = _chunked(2)
+    pooled = ctx[:, 9].clone()  # SD1.x at the final layer: the pooled output is the context row of the first EOS
+    assert prompt_ends(ctx, pooled) == [9, None]  # later chunks: no pooled output, unknown
+    rows = ctx.clone()
+    rows[1, 30] = pooled[0]
+    assert prompt_ends(rows, pooled[:1]) == [30, None]  # one pooled row for the batch: the latest end of any row
+    assert prompt_ends(ctx, torch.randn(2, 8)) == [None, None]  # no row matches (CLIP skip, SD2, SDXL)
+    assert prompt_ends(ctx, torch.randn(2, 5)) == [None, None]  # another width (SDXL's 1280-d pooled output)
+    assert prompt_ends(ctx, None) == [None, None]
+    assert prompt_ends(ctx, ctx[:, 0]) == [None, None]  # position 0 is BOS, never an end
+    other = ctx.clone()
+    other[1, 9] += 1  # the second row's prompt ends elsewhere (not found): unknown
+    assert prompt_ends(other, pooled) == [None, None]
+
+
+def test_place_keeps_paper_positions_when_the_chunk_has_padding():
+    ctx, empty = _chunked(3)
+    orig = ctx.clone()
+    tok = torch.randn(2, 3, 8)
+    for mode in ("each", "first", "last"):
+        out, added = place_face_tokens(ctx, tok, mode, [73, 10, 40], empty)
+        assert added == 0 and torch.equal(out, override_tokens(ctx, tok, mode)) and torch.equal(ctx, orig)
+
+
+def test_place_adds_a_chunk_where_the_prompt_fills_the_chunk_or_its_end_is_unknown():
+    ctx, empty = _chunked(3)
+    orig, empty_orig = ctx.clone(), empty.clone()
+    tok = torch.randn(2, 3, 8)
+    face_chunk = empty.expand(2, -1, -1).clone()
+    face_chunk[:, 74:] = tok
+    ends = [74, 20, None]  # chunk 0 full (EOS at 74), chunk 1 room, chunk 2 unknown
+    out, added = place_face_tokens(ctx, tok, "each", ends, empty)
+    assert added == 2 and out.shape == (2, 77 * 5, 8)
+    expected = ctx.clone()
+    expected[:, 77 + 74:77 * 2] = tok
+    assert torch.equal(out, torch.cat([expected, face_chunk, face_chunk], dim=1))
+    out, added = place_face_tokens(ctx, tok, "first", ends, empty)
+    assert added == 1 and torch.equal(out, torch.cat([ctx, face_chunk], dim=1))
+    out, added = place_face_tokens(ctx, tok, "last", ends, empty)
+    assert added == 1 and torch.equal(out, torch.cat([ctx, face_chunk], dim=1))
+    assert torch.equal(ctx, orig) and torch.equal(empty, empty_orig)
+    with pytest.raises(ValueError, match="one end per 77-token chunk"):
+        place_face_tokens(ctx, tok, "each", [3], empty)
+    with pytest.raises(ValueError, match="empty_chunk"):
+        place_face_tokens(ctx, tok, "each", ends, torch.randn(1, 70, 8))
+    with pytest.raises(ValueError, match="chunks must be"):
+        place_face_tokens(ctx, tok, "middle", ends, empty)
