@@ -308,7 +308,7 @@ def _submit(server, prompt: dict) -> tuple[str, dict]:
     body = json.dumps({"prompt": prompt, "client_id": server.client_id}).encode()  # NaN/Infinity as literals
     req = urllib.request.Request(server.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=server.request_timeout) as r:
             answer = json.loads(r.read())
     except urllib.error.HTTPError as e:
         return "validation", json.loads(e.read() or b"{}")
