@@ -2,8 +2,10 @@
 kind of error, and float widgets that refuse NaN/inf at validation.
 
 - ``write_path`` / ``check_write_name``: a widget naming a file to write resolves inside its folder (ComfyUI's
-  output folder or a model folder); absolute paths, ``..``, NUL and overlong names are refused with the node,
-  the input and the allowed folder (the pure rule is ``py/weights/safe_paths.py``).
+  output folder or a model folder); absolute paths, ``..``, NUL, overlong names and names Windows cannot create
+  (CON, NUL..., ``< > : " | ? *``, a trailing dot or space) are refused with the node, the input, the reason and
+  a valid alternative; so is a name whose folder would have to replace an existing file (the pure rule is
+  ``py/weights/safe_paths.py``). ``write_dir``: the same for a folder to write into.
 - ``load_file``: a file picked in a widget, read by one of the pack's loaders; every failure (missing, empty,
   truncated, not safetensors, a pickle, wrong kind, wrong shape: ``py/weights/packfile.py``) comes back as one
   ``ValueError`` naming the node, the input, the file and the fix.
@@ -23,7 +25,7 @@ import folder_paths
 
 from ..py.weights.manifest import WeightsError
 from ..py.weights.packfile import PackFileError, clip, out_of_memory
-from ..py.weights.safe_paths import join_under, name_problem
+from ..py.weights.safe_paths import inside, join_under, name_problem, windows_alternative, windows_problem
 
 T = TypeVar("T")
 
@@ -40,23 +42,52 @@ def folder_root(folder: str) -> str:
     return folder_paths.get_folder_paths(folder)[0]
 
 
-def write_path(node: str, input_name: str, name: str, folder: str, suffix: str = "") -> str:
-    """Absolute path of ``name + suffix`` inside ``folder``'s root; ValueError naming node, input and folder."""
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= 80 else name[:60] + "..." + name[-12:])
+
+
+def write_path(node: str, input_name: str, name: str, folder: str, suffix: str = "", prefix: bool = False) -> str:
+    """Absolute path of ``name + suffix`` inside ``folder``'s root; ValueError naming node, input and folder.
+    ``prefix``: ``name`` is a ComfyUI filename_prefix (the alternative offered for ``%date:...%`` uses the
+    variables ``get_save_image_path`` expands)."""
     root = folder_root(folder)
     reason = name_problem(name)
     if reason is None:
         try:
-            return join_under(root, name + suffix)
+            path = join_under(root, name + suffix)
         except ValueError as e:
             reason = getattr(e, "reason", str(e))
-    shown = name if len(name) <= 80 else name[:60] + "..." + name[-12:]
-    raise ValueError(f"{node}: {input_name} {shown!r} {reason}. Files are only written inside {root}: give a "
-                     "plain relative name such as 'person' or 'subfolder/person'.")
+    if reason is not None:
+        raise ValueError(f"{node}: {input_name} {_shown(name)} {reason}. Files are only written inside {root}: give "
+                         "a plain relative name such as 'person' or 'subfolder/person'.")
+    reason = windows_problem(name + suffix)
+    if reason is not None:
+        raise ValueError(f"{node}: {input_name} {_shown(name)} {reason}. Use a name that works on every system, "
+                         f"e.g. {windows_alternative(name, prefix)!r}.")
+    parent = os.path.dirname(path)
+    while inside(root, parent):  # a folder on the way that is a file: os.makedirs would say "[Errno 17]/[20]"
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise ValueError(f"{node}: {input_name} {_shown(name)} needs the folder {parent}, but a file has that "
+                             "name. Give another name, or move that file away.")
+        parent = os.path.dirname(parent)
+    return path
+
+
+def write_dir(node: str, input_name: str, name: str, folder: str = "output") -> str:
+    """Absolute path of the folder ``name`` inside ``folder``'s root, to write files into: ``write_path``'s rule,
+    and not the name of an existing file."""
+    path = write_path(node, input_name, name, folder)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{node}: {input_name} {_shown(name)} names the file {path}, not a folder: files are "
+                         f"written into a folder of that name. Give another name (e.g. {name.rstrip('/')+'_set'!r}), "
+                         "or move that file away.")
+    return path
 
 
 def check_write_name(node: str, input_name: str, name: str, folder: str) -> None:
-    """The rule alone, for names that ComfyUI's ``get_save_image_path`` then turns into a path."""
-    write_path(node, input_name, name, folder)
+    """The rule alone, for a filename_prefix that ComfyUI's ``get_save_image_path`` then turns into
+    ``<prefix>_00001_.<ext>`` (checked as that file name)."""
+    write_path(node, input_name, name, folder, "_00001_", prefix=True)
 
 
 def read_path(node: str, input_name: str, folder: str, name: str) -> str:

@@ -14,6 +14,11 @@ A method is ``[LABEL=]WORKFLOW [photo=NODE.input,...] [prompt=NODE.text] [seed=N
 seed input, every SaveImage). Prompts use ``{}`` for the person: the method's subject in the workflow
 (default "a person"), ``--clip-subject`` for the CLIP score. Rerunning with the same --out resumes: finished images
 (runs.jsonl) are never generated again. --score-only rescores what is there.
+
+A slow server is waited for (--request-timeout seconds per HTTP request, --timeout per image); a server that stops
+answering (refused or reset, --retries times in a row) ends the run with one line, "the ComfyUI server at URL
+stopped answering (...); rerun with the same --out to resume", and exit status 1, as do a --url that is not ComfyUI
+and a --method file that is not a workflow.
 """
 
 from __future__ import annotations
@@ -31,7 +36,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # python -P does not put the script's folder on the path
 from facecond_dev import eval_jobs as ej
 from facecond_dev import host
-from facecond_dev.client import ComfyClient
+from facecond_dev.client import (
+    REQUEST_TIMEOUT,
+    RETRIES,
+    ComfyClient,
+    ServerError,
+    ServerGone,
+    WorkflowError,
+    load_workflow,
+)
 
 log = logging.getLogger("facecond.evaluate")
 PRESETS = host.REPO / "evaluation" / "presets"
@@ -73,6 +86,12 @@ def parse_args(argv):
     ap.add_argument("--stand-ins", action="store_true", help="host mode: stand-in face models (tests, demo)")
     ap.add_argument("--quick", action="store_true", help="64x64 images and 2 steps (tests, demo)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per image")
+    ap.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                    help="seconds one HTTP request to ComfyUI may take (default: FACECOND_HTTP_TIMEOUT or 300); a "
+                    "status poll that times out is asked again")
+    ap.add_argument("--retries", type=int, default=RETRIES,
+                    help="a refused or reset status poll is asked again this many times (after 1, 2, 4 ... s) "
+                    "before the run stops")
     ap.add_argument("--detector", default="mtcnn", help="mtcnn, or an SCRFD .onnx file")
     ap.add_argument("--recogniser", help="face recogniser: an insightface-format .onnx, or a FaceNet .pt")
     ap.add_argument("--reference-mode", default="mean", choices=("mean", "max", "centroid"))
@@ -166,9 +185,12 @@ def generate(args, out: Path, methods_specs, idents, prompts, seeds, sets) -> No
         url = server.server.url
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on a plain kill too
     try:
-        client = ComfyClient(url)
+        client = ComfyClient(url, request_timeout=args.request_timeout, retries=args.retries)
         info = client.object_info()
-        methods = [ej.bind_method(label, path, opts, info) for label, path, opts in methods_specs]
+        try:
+            methods = [ej.bind_method(label, path, opts, info) for label, path, opts in methods_specs]
+        except ValueError as e:  # a node the server lacks, a binding the workflow lacks
+            raise WorkflowError(str(e)) from None
         jobs = [ej.Job(m.label, ident, pi, seed) for m in methods for ident in idents
                 for pi in range(len(prompts)) for seed in seeds]
         ledger = ej.Ledger(out)
@@ -180,7 +202,8 @@ def generate(args, out: Path, methods_specs, idents, prompts, seeds, sets) -> No
         for n, job in enumerate(todo, 1):
             m = by_label[job.method]
             if job.identity not in uploaded:
-                uploaded[job.identity] = [ej.upload_image(url, p, f"{job.identity}_{k}{p.suffix.lower()}")
+                uploaded[job.identity] = [ej.upload_image(url, p, f"{job.identity}_{k}{p.suffix.lower()}",
+                                                          timeout=args.request_timeout)
                                           for k, p in enumerate(idents[job.identity])]
             text = prompts[job.prompt_index].replace("{}", m.subject)
             graph = ej.fill_prompt(m, uploaded[job.identity], text, job.seed)
@@ -188,7 +211,11 @@ def generate(args, out: Path, methods_specs, idents, prompts, seeds, sets) -> No
             if args.stand_ins and base is not None:
                 graph = host.use_stand_ins(graph, base)
             start = time.monotonic()
-            res = client.run(graph, timeout=args.timeout)
+            try:
+                res = client.run(graph, timeout=args.timeout)
+            except TimeoutError as e:
+                raise ServerError(url, f"{job.key}: {e} (--timeout {args.timeout:.0f}); rerun with the same --out "
+                                  "to resume, with a larger --timeout if the server is slow") from None
             if res.status != "success":
                 raise RuntimeError(f"{job.key}: ComfyUI reported an error: {json.dumps(res.error)[:1500]}")
             images = [img for nid in m.outputs for img in res.outputs.get(nid, {}).get("images", [])]
@@ -199,7 +226,7 @@ def generate(args, out: Path, methods_specs, idents, prompts, seeds, sets) -> No
                 rel = f"{job.stem()}_{k:02d}.png"
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 tmp = out / (rel + ".part")
-                tmp.write_bytes(ej.fetch_image(url, img))
+                tmp.write_bytes(ej.fetch_image(url, img, timeout=args.request_timeout))
                 os.replace(tmp, out / rel)
                 files.append(rel)
             total = time.monotonic() - start
@@ -215,6 +242,17 @@ def generate(args, out: Path, methods_specs, idents, prompts, seeds, sets) -> No
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Generate, score and report; a gone or wrong server and a file that is not a workflow end it with one line
+    (SystemExit, status 1) instead of a traceback."""
+    try:
+        return _main(argv)
+    except ServerGone as e:
+        raise SystemExit(f"evaluate.py: {e}; rerun with the same --out to resume") from None
+    except (ServerError, WorkflowError) as e:
+        raise SystemExit(f"evaluate.py: {e}") from None
+
+
+def _main(argv: list[str] | None) -> Path:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out).resolve()
@@ -229,6 +267,8 @@ def main(argv: list[str] | None = None) -> Path:
     specs = [ej.parse_method(s) for s in args.method]
     if not specs and not args.score_only:
         raise SystemExit("give at least one --method WORKFLOW")
+    for _, path, _ in specs:
+        load_workflow(path)  # before a server is started: WorkflowError for a file that is not one
     if not args.score_only:
         generate(args, out, specs, idents, prompts, seeds, overrides(args, preset))
     from facecond_dev import eval_score

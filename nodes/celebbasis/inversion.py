@@ -185,6 +185,7 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
     if not NAME_RE.match(save_name):
         raise ValueError(f"{node}: save_name {save_name!r} must be letters, digits, _ or - (it becomes the word "
                          "in embedding:NAME), at most 64 characters.")
+    path = write_path(node, "save_name", save_name, "embeddings", ".safetensors")  # before training: CON, NUL...
     if images is None or images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"{node}: images must be a batch of photos of the person (IMAGE), got "
                          f"{None if images is None else tuple(images.shape)}.")
@@ -222,7 +223,6 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
     wm = word_model(model, clip, vae, templates, node, k=num_vectors)
     final, losses = train_vectors(wm, normal_tensor(start), images, config, reparam=reparam, on_step=progress,
                                   check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-    path = write_path(node, "save_name", save_name, "embeddings", ".safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     inv.save_embedding(final, path, enc.key, {"init": what, "reparam": reparam, "steps": len(losses),
                                               "resolution": size,

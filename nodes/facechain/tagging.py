@@ -24,7 +24,7 @@ from ...py.weights.manifest import WeightsError
 from .. import model_cache
 from ..common import FACES, Progress, image_to_numpy
 from ..faces.detect_embed import insightface_file, insightface_roots
-from ..paths import write_path
+from ..paths import write_dir
 from .chain import check_faces, real_face
 
 log = logging.getLogger("facecond")
@@ -123,6 +123,7 @@ class FacecondFaceChainTagFaces:
 
     def tag(self, images, image, faces, genderage_model, trigger_word, token, dataset_name, epochs, batch_size):
         node = "FaceChainTagFaces"
+        folder = write_dir(node, "dataset_name", dataset_name.strip(), "output") if dataset_name.strip() else None
         crops = image_to_numpy(images, node, "images")
         photos = image_to_numpy(image, node)
         faces = check_faces(node, faces, photos)
@@ -157,8 +158,7 @@ class FacecondFaceChainTagFaces:
         captions = [text] * len(rows)
         steps = tagging.training_steps(len(rows), epochs, batch_size)
         lines.append(f"{len(rows)} image(s) x {epochs} epoch(s) / batch {batch_size} = {steps} steps")
-        if dataset_name.strip():
-            folder = write_path(node, "dataset_name", dataset_name.strip(), "output")
+        if folder is not None:
             write_dataset(folder, crops, captions)
             lines.append(f"wrote {len(rows)} image(s) + captions to {folder}")
         log.info("[facecond] %s: %s", node, lines[0])

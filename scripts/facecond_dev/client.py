@@ -1,7 +1,14 @@
-"""A small client for ComfyUI's HTTP API, and UI-format workflow → API-format prompt conversion."""
+"""A small client for ComfyUI's HTTP API, and UI-format workflow → API-format prompt conversion.
+
+A slow server is waited for: each request may take ``request_timeout`` seconds (FACECOND_HTTP_TIMEOUT, default
+300), and a /history poll that times out is asked again. A server that is gone (refused, reset) is asked again
+``retries`` times, backing off, then ``ServerGone``. A URL that answers but is not ComfyUI gives ``NotComfyUI``, a
+file that is not a workflow ``WorkflowError``; each says what was found in one line.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -18,6 +25,79 @@ _UI_ONLY_NODES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 # Seconds one HTTP request may take. A busy server on shared cores answers late, not never (CI once timed out a
 # GET /history at a fixed 30 s): generous by default, FACECOND_HTTP_TIMEOUT overrides it.
 REQUEST_TIMEOUT = float(os.environ.get("FACECOND_HTTP_TIMEOUT", "300"))
+RETRIES = 3  # a refused or reset /history poll is asked again this many times (after 1, 2, 4 s) before ServerGone
+
+
+class ServerError(RuntimeError):
+    """The server at ``url`` cannot be used; the message is one line that says why."""
+
+    def __init__(self, url: str, message: str):
+        self.url = url
+        super().__init__(message)
+
+
+class ServerGone(ServerError):
+    """The server stopped answering: connection refused or reset (``detail`` says which)."""
+
+    def __init__(self, url: str, detail: str):
+        self.detail = detail
+        super().__init__(url, f"the ComfyUI server at {url} stopped answering ({detail})")
+
+
+class NotComfyUI(ServerError):
+    """Nothing answers at the URL, or what answers is not ComfyUI's API."""
+
+
+class WorkflowError(ValueError):
+    """A file given as a workflow is not one (missing, not JSON, or JSON of another shape)."""
+
+
+def _why(err: BaseException) -> str:
+    """'connection refused' and the like, for a message."""
+    reason = getattr(err, "reason", err)
+    text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+    return text[:200].lower() if isinstance(reason, OSError) else f"{type(reason).__name__}: {text[:200]}"
+
+
+def http_call(url: str, req: urllib.request.Request, timeout: float) -> tuple[bytes, str]:
+    """(body, Content-Type) of ``req`` to the server at ``url``. ``TimeoutError`` for no answer within
+    ``timeout``, ``ServerGone`` for a refused or broken connection, ``urllib.error.HTTPError`` for an error status."""
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.read(), r.headers.get("Content-Type", "?")
+    except urllib.error.HTTPError:
+        raise
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise TimeoutError(f"{req.full_url}: no answer within {timeout:.0f}s") from None
+        raise ServerGone(url, _why(e)) from None
+    except (ConnectionError, http.client.HTTPException) as e:  # reset or cut off while reading the answer
+        raise ServerGone(url, _why(e)) from None
+
+
+def load_workflow(path: str | Path) -> dict:
+    """The workflow in ``path``: a UI-format one (a ``nodes`` list) or an API-format prompt (node id ->
+    ``{class_type, inputs}``); ``WorkflowError`` saying what the file is otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise WorkflowError(f"workflow {path} cannot be read: {_why(e)}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WorkflowError(f"{path} is not a ComfyUI workflow: it is not JSON ({e.msg} at line {e.lineno} column "
+                            f"{e.colno}). Save the workflow from ComfyUI (Workflow > Save, or Export (API)).") from None
+    if isinstance(raw, dict) and isinstance(raw.get("nodes"), list) and \
+            all(isinstance(n, dict) and "id" in n and "type" in n for n in raw["nodes"]) and raw["nodes"]:
+        return raw
+    if isinstance(raw, dict) and raw and all(isinstance(v, dict) and isinstance(v.get("class_type"), str)
+                                             and isinstance(v.get("inputs", {}), dict) for v in raw.values()):
+        return raw
+    kind = type(raw).__name__ if not isinstance(raw, dict) else f"an object with keys {sorted(raw)[:6]}"
+    raise WorkflowError(f"{path} is JSON but not a ComfyUI workflow ({kind}): expected a UI workflow (a 'nodes' "
+                        "list) or an API-format prompt (node id -> {class_type, inputs}). Save it from ComfyUI "
+                        "(Workflow > Save, or Export (API)).")
 
 
 class PromptRejected(RuntimeError):
@@ -53,23 +133,48 @@ class Result:
 
 
 class ComfyClient:
-    def __init__(self, url: str, base_dir: Path | None = None, request_timeout: float | None = None):
+    def __init__(self, url: str, base_dir: Path | None = None, request_timeout: float | None = None,
+                 retries: int = RETRIES):
         self.url = url.rstrip("/")
         self.base_dir = Path(base_dir) if base_dir else None
         self.client_id = uuid.uuid4().hex
         self.request_timeout = REQUEST_TIMEOUT if request_timeout is None else request_timeout
+        self.retries = retries
         self._object_info: dict | None = None
 
     def _request(self, path: str, payload: dict | None = None, timeout: float | None = None):
+        """The JSON answer. ``TimeoutError`` for a slow answer, ``ServerGone`` for a refused or broken
+        connection, ``urllib.error.HTTPError`` for an HTTP error status, ``NotComfyUI`` for an answer that is not
+        JSON."""
         timeout = self.request_timeout if timeout is None else timeout
         data = json.dumps(payload).encode() if payload is not None else None
         req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read() or b"null")
+        body, kind = http_call(self.url, req, timeout)
+        try:
+            return json.loads(body or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise NotComfyUI(self.url, f"{self.url} is not a ComfyUI server: {'POST' if data else 'GET'} {path} "
+                             f"answered {kind} ({body[:60]!r}), not JSON") from None
 
     def object_info(self, refresh: bool = False) -> dict:
+        """Every node's schema; ``NotComfyUI`` if nothing answers at the URL or what answers is not ComfyUI."""
         if self._object_info is None or refresh:
-            self._object_info = self._request("/object_info")
+            try:
+                info = self._request("/object_info")
+            except ServerGone as e:
+                raise NotComfyUI(self.url, f"no ComfyUI server answers at {self.url} ({e.detail}): start ComfyUI "
+                                 "there or give its URL") from None
+            except urllib.error.HTTPError as e:
+                raise NotComfyUI(self.url, f"{self.url} is not a ComfyUI server: GET /object_info answered HTTP "
+                                 f"{e.code} {e.reason}") from None
+            except TimeoutError:
+                raise NotComfyUI(self.url, f"the server at {self.url} gave no answer to GET /object_info within "
+                                 f"{self.request_timeout:.0f}s (raise --request-timeout if it is busy)") from None
+            if not isinstance(info, dict) or not info or \
+                    not all(isinstance(v, dict) and "input" in v for v in list(info.values())[:50]):
+                raise NotComfyUI(self.url, f"{self.url} is not a ComfyUI server: GET /object_info answered JSON "
+                                 "that is not a list of node schemas")
+            self._object_info = info
         return self._object_info
 
     def queue(self, prompt: dict) -> str:
@@ -77,21 +182,35 @@ class ComfyClient:
         try:
             answer = self._request("/prompt", {"prompt": prompt, "client_id": self.client_id})
         except urllib.error.HTTPError as e:
-            raise PromptRejected(json.loads(e.read() or b"{}")) from None
+            body = e.read() or b"{}"
+            try:
+                details = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise NotComfyUI(self.url, f"{self.url} is not a ComfyUI server: POST /prompt answered HTTP {e.code} "
+                                 f"{body[:60]!r}") from None
+            raise PromptRejected(details) from None
         if answer.get("node_errors"):
             # A "successful" answer that still dropped output nodes which failed validation: a failure here.
             raise PromptRejected(answer)
         return answer["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 300.0) -> Result:
+        """Poll /history until ``prompt_id`` finished. A slow answer is asked again; a refused or reset one again
+        after 1, 2, 4 ... s, ``retries`` times in a row, then ``ServerGone``. ``TimeoutError`` after ``timeout``."""
         deadline = time.monotonic() + timeout
+        gone = 0
         while time.monotonic() < deadline:
             try:
-                entry = self._request(f"/history/{prompt_id}").get(prompt_id)
-            except (TimeoutError, urllib.error.URLError) as e:  # a slow answer from a busy server: ask again
-                if isinstance(e, urllib.error.URLError) and not isinstance(e.reason, TimeoutError):
-                    raise  # refused, unreachable: the server is gone
+                entry = (self._request(f"/history/{prompt_id}") or {}).get(prompt_id)
+            except TimeoutError:  # a slow answer from a busy server: ask again
                 continue
+            except ServerGone:
+                gone += 1
+                if gone > self.retries:
+                    raise
+                time.sleep(2 ** (gone - 1))
+                continue
+            gone = 0
             if entry and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
                 if status.get("status_str") in ("success", "error"):
@@ -104,8 +223,9 @@ class ComfyClient:
         return self.wait(self.queue(prompt), timeout)
 
     def run_workflow(self, path: str | Path, timeout: float = 300.0) -> Result:
-        workflow = json.loads(Path(path).read_text())
-        return self.run(ui_to_api(workflow, self.object_info()), timeout)
+        workflow = load_workflow(path)
+        prompt = ui_to_api(workflow, self.object_info()) if "nodes" in workflow else workflow
+        return self.run(prompt, timeout)
 
     def output_images(self, result: Result) -> list[Path]:
         """Files of every image output of a finished prompt (needs ``base_dir``)."""

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import ui_to_api
+from .client import REQUEST_TIMEOUT, http_call, load_workflow, ui_to_api
 
 PHOTO_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 SEED_INPUTS = ("seed", "noise_seed")
@@ -74,7 +74,7 @@ def _prompt_source(api: dict) -> tuple[str, str] | None:
 
 
 def bind_method(label: str, path: Path, opts: dict[str, list[str]], object_info: dict) -> Method:
-    raw = json.loads(Path(path).read_text())
+    raw = load_workflow(path)
     api = ui_to_api(raw, object_info) if "nodes" in raw else raw
     titles = _titles(raw)
 
@@ -170,7 +170,8 @@ class Ledger:
             os.fsync(f.fileno())
 
 
-def upload_image(url: str, path: Path, name: str, subfolder: str = "facecond_eval") -> str:
+def upload_image(url: str, path: Path, name: str, subfolder: str = "facecond_eval",
+                 timeout: float = REQUEST_TIMEOUT) -> str:
     """POST /upload/image (multipart); returns the value LoadImage takes ("subfolder/name")."""
     boundary = uuid.uuid4().hex
     parts = []
@@ -181,16 +182,14 @@ def upload_image(url: str, path: Path, name: str, subfolder: str = "facecond_eva
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     req = urllib.request.Request(url.rstrip("/") + "/upload/image", data=body,
                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        answer = json.loads(r.read())
+    answer = json.loads(http_call(url, req, timeout)[0])
     return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
 
 
-def fetch_image(url: str, image: dict) -> bytes:
+def fetch_image(url: str, image: dict, timeout: float = REQUEST_TIMEOUT) -> bytes:
     q = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
                                 "type": image.get("type", "output")})
-    with urllib.request.urlopen(f"{url.rstrip('/')}/view?{q}", timeout=60) as r:
-        return r.read()
+    return http_call(url, urllib.request.Request(f"{url.rstrip('/')}/view?{q}"), timeout)[0]
 
 
 def exec_seconds(messages: list) -> float | None:

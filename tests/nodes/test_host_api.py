@@ -226,3 +226,17 @@ def test_aliases_the_pack_no_longer_uses_are_still_aliases():
         assert comfy.ops.cast_to is comfy.model_management.cast_to
     else:
         pytest.skip("comfy.ops.cast_to was removed (the pack does not use it)")
+
+
+def test_save_image_path_expands_the_server_variables_not_the_front_ends(tmp_path):
+    """SaveFaceEmbeds/SaveCelebCoeffs: ``get_save_image_path`` expands %year%...%second% (the alternative the name
+    rule offers); ``%date:...%`` is the front end's, expanded only for ComfyUI's own save nodes, and arrives as
+    typed (its ':' is refused by py/weights/safe_paths.windows_problem)."""
+    import re
+
+    import folder_paths
+
+    full, name, counter, sub, _ = folder_paths.get_save_image_path("ids/%year%-%month%-%day%", str(tmp_path))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", name) and sub == "ids" and counter == 1
+    assert full == str(tmp_path / "ids")
+    assert folder_paths.get_save_image_path("%date:yyyy-MM-dd%", str(tmp_path))[1] == "%date:yyyy-MM-dd%"

@@ -33,6 +33,43 @@ def test_write_path_stays_in_the_folder_and_names_node_input_and_folder(comfy_ba
         SaveFaceEmbeds().save(FaceEmbeds(torch.ones(1, 4), "t", False, (0,)), "/tmp/x", "output", "")
 
 
+def test_write_names_must_be_valid_on_windows_too(comfy_base):
+    """Names Windows cannot create are refused on every system, with why and a name that works."""
+    for bad, why, alt in (("CON", "'CON.safetensors', a name Windows reserves", "CON_"),
+                          ("sub/nul", "reserves", "sub/nul_"), ("ab:c", "contains ':'", "ab_c"),
+                          ("faces./x", "ending in a dot", "faces/x"), ("x?", "contains '?'", "x_")):
+        with pytest.raises(ValueError) as info:
+            paths.write_path("TrainCelebBasis", "save_name", bad, "facecond_celebbasis", ".safetensors")
+        assert str(info.value).startswith(f"TrainCelebBasis: save_name {bad!r} ") and why in str(info.value)
+        assert str(info.value).endswith(f"Use a name that works on every system, e.g. {alt!r}.")
+    # a filename_prefix is checked as the file ComfyUI makes of it (CON_00001_.x is a valid name) ...
+    paths.check_write_name("SaveCelebCoeffs", "filename_prefix", "CON", "facecond_celebbasis")
+    paths.check_write_name("SaveCelebCoeffs", "filename_prefix", "%year%-%month%-%day%/x", "facecond_celebbasis")
+    for bad, alt in (("CON/x", "CON_/x"), ("id_%date:yyyy-MM-dd%", "id_%year%-%month%-%day%")):
+        with pytest.raises(ValueError, match="SaveCelebCoeffs: filename_prefix") as info:
+            paths.check_write_name("SaveCelebCoeffs", "filename_prefix", bad, "facecond_celebbasis")
+        assert f"e.g. {alt!r}" in str(info.value)
+    with pytest.raises(ValueError, match=r"contains ':'.*%date:\.\.\.% is only expanded for ComfyUI's own save"):
+        SaveFaceEmbeds().save(FaceEmbeds(torch.ones(1, 4), "t", False, (0,)), "%date:yyyy-MM-dd%/x", "output", "")
+
+
+def test_a_file_where_a_folder_is_needed_is_named(comfy_base):
+    """os.makedirs would say "[Errno 17] File exists" / "[Errno 20] Not a directory"."""
+    out = folder_paths.get_output_directory()
+    os.makedirs(os.path.join(out, "paths_t"), exist_ok=True)
+    blocker = os.path.join(out, "paths_t", "a_file")
+    with open(blocker, "w") as f:
+        f.write("x")
+    with pytest.raises(ValueError) as info:
+        paths.write_dir("FaceChainTagFaces", "dataset_name", "paths_t/a_file", "output")
+    assert str(info.value) == (f"FaceChainTagFaces: dataset_name 'paths_t/a_file' names the file {blocker}, not a "
+                               "folder: files are written into a folder of that name. Give another name (e.g. "
+                               "'paths_t/a_file_set'), or move that file away.")
+    with pytest.raises(ValueError, match=f"needs the folder {blocker}, but a file has that name"):
+        paths.write_path("SaveFaceEmbeds", "filename_prefix", "paths_t/a_file/deeper/x", "output")
+    assert paths.write_dir("N", "dataset_name", "paths_t/new_set") == os.path.join(out, "paths_t", "new_set")
+
+
 def test_load_file_turns_every_failure_into_one_message(comfy_base):
     folder = folder_paths.get_folder_paths("facecond_embeds")[0]
     os.makedirs(folder, exist_ok=True)

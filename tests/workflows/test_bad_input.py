@@ -183,6 +183,8 @@ def bad_server(server, shared_data, tiny_model, tmp_path_factory):
     embedder = f"insightface/{recogniser.name}@{sha256_file(recogniser)[:8]}"  # FaceEmbed's id for it
     _files(base, outside, embedder, tiny_model)
     _images(base, shared_data / "faces" / "obama" / "obama.jpg")
+    (base / "output").mkdir(exist_ok=True)
+    (base / "output" / "bi_a_file.txt").write_text("a file where a dataset_name asks for a folder\n")
     server.object_info(refresh=True)
     before = _snapshot(base)
     yield server, outside
@@ -308,6 +310,19 @@ def g_sampler(a):
         | _preview(["s", 0])
 
 
+def g_tag_faces(a):
+    g = _face_embeds()
+    del g["emb"]
+    return g | {
+        "prep": {"class_type": "FacecondFaceChainPreprocess", "inputs": {
+            "image": ["img", 0], "faces": ["det", 0], "resolution": 64, "context": 2.0, "head_mask": "none",
+            "background": "keep"}},
+        "tag": {"class_type": "FacecondFaceChainTagFaces", "inputs": {
+            "images": ["prep", 0], "image": ["img", 0], "faces": ["det", 0],
+            "genderage_model": "buffalo_l/genderage.onnx", "trigger_word": "a handsome man", "token": "sks",
+            "dataset_name": a["dataset_name"], "epochs": 1, "batch_size": 1}}} | _preview(["tag", 3])
+
+
 GRAPHS = {name[2:]: fn for name, fn in globals().items() if name.startswith("g_")}
 
 
@@ -323,7 +338,7 @@ def _submit(server, prompt: dict) -> tuple[str, dict]:
     body = json.dumps({"prompt": prompt, "client_id": server.client_id}).encode()  # NaN/Infinity as literals
     req = urllib.request.Request(server.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=server.request_timeout) as r:
             answer = json.loads(r.read())
     except urllib.error.HTTPError as e:
         return "validation", json.loads(e.read() or b"{}")
