@@ -4,25 +4,18 @@ and the embedding nodes. Real ComfyUI objects throughout; model calls are observ
 
 from __future__ import annotations
 
-import logging
-
 import comfy.samplers
-import folder_paths
 import pytest
 import torch
 from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
 from comfy_extras.nodes_model_advanced import RescaleCFG
 
 import nodes
-from facecond.nodes.face0.embeddings import EmbeddingInterpolate, LoadFaceEmbeds, RandomIdentity, SaveFaceEmbeds
 from facecond.nodes.face0.guidance import Guider_Face0ThreeWay, ThreeWayCFGSampler, ThreeWayGuider
-from facecond.nodes.face0.projection import LoadFace0Projection, ProjectToContext
+from facecond.nodes.face0.projection import ProjectToContext
 from facecond.py.face0.projection import (
     ProjectionInfo,
-    face_tokens,
-    override_tokens,
     random_projection,
-    save_projection,
 )
 from facecond.py.faces.types import FaceEmbeds
 
@@ -34,19 +27,6 @@ def _embeds(n, seed=0, model="test/embedder"):
     g = torch.Generator().manual_seed(seed)
     x = torch.nn.functional.normalize(torch.randn(n, D, generator=g), dim=-1)
     return FaceEmbeds(embeds=x, model=model, normalized=True, source_index=tuple(range(n)))
-
-
-@pytest.fixture(scope="module")
-def projection():
-    # written with the pack's own save function into the registered folder, then loaded by the node
-    folder = folder_paths.get_folder_paths("facecond_face0")[0]
-    import os
-
-    os.makedirs(folder, exist_ok=True)
-    save_projection(random_projection(ProjectionInfo(embedder="test/embedder", embed_dim=D), seed=0),
-                    os.path.join(folder, "face0_nodes_test.safetensors"))
-    assert "face0_nodes_test.safetensors" in LoadFace0Projection.INPUT_TYPES()["required"]["projection_name"][0]
-    return LoadFace0Projection().load("face0_nodes_test.safetensors")[0]
 
 
 @pytest.fixture(scope="module")
@@ -279,55 +259,6 @@ def test_batch_of_faces_samples_a_batch(tiny_model, projection, conds):
     assert out.shape[0] == 3 and not torch.equal(out[0], out[1])
 
 
-# --- embedding nodes --------------------------------------------------------------------------------------
-
-def test_embedding_interpolate_modes():
-    a, b = _embeds(1, seed=1), _embeds(1, seed=2)
-    node = EmbeddingInterpolate()
-    (lerped,) = node.interpolate(a, "lerp", 0.0, 1.0, 5, "", 1.0, 0.0, 0, face_embeds_b=b)
-    assert len(lerped) == 5 and lerped.model == a.model and lerped.normalized
-    torch.testing.assert_close(lerped.embeds[0], a.embeds[0])
-    torch.testing.assert_close(lerped.embeds[4], b.embeds[0])
-    torch.testing.assert_close(lerped.embeds.norm(dim=-1), torch.ones(5))
-    (slerped,) = node.interpolate(a, "slerp", -0.5, 1.5, 3, "", 1.0, 0.0, 0, face_embeds_b=b)
-    assert len(slerped) == 3 and slerped.source_index == (-1, -1, -1)
-    (mean,) = node.interpolate(_embeds(3), "weighted_mean", 0, 1, 1, "1, 1, 2", 1.0, 0.0, 0)
-    assert len(mean) == 1
-    (edit,) = node.interpolate(a, "direction", 0, 1, 1, "", 0.5, 0.0, 0, direction_from=a, direction_to=b)
-    expected = torch.nn.functional.normalize(a.embeds + 0.5 * (b.embeds - a.embeds), dim=-1)
-    torch.testing.assert_close(edit.embeds, expected)
-    n1 = node.interpolate(a, "noise_only", 0, 1, 1, "", 1.0, 0.01, 7)[0]
-    n2 = node.interpolate(a, "noise_only", 0, 1, 1, "", 1.0, 0.01, 7)[0]
-    assert torch.equal(n1.embeds, n2.embeds) and not torch.equal(n1.embeds, a.embeds)
-    with pytest.raises(ValueError, match="needs the face_embeds_b input"):
-        node.interpolate(a, "lerp", 0, 1, 5, "", 1.0, 0.0, 0)
-    with pytest.raises(ValueError, match="cannot be mixed"):
-        node.interpolate(a, "lerp", 0, 1, 5, "", 1.0, 0.0, 0, face_embeds_b=_embeds(1, model="x"))
-
-
-def test_random_identity_is_seeded_and_keeps_embedder():
-    pool = _embeds(12, seed=3)
-    node = RandomIdentity()
-    (r1,), (r2,), (r3,) = (node.sample(pool, s, 4, 2, 1.0) for s in (42, 42, 43))
-    assert torch.equal(r1.embeds, r2.embeds) and not torch.equal(r1.embeds, r3.embeds)
-    assert len(r1) == 4 and r1.model == pool.model and r1.normalized and r1.source_index == (-1,) * 4
-    torch.testing.assert_close(r1.embeds.norm(dim=-1), torch.ones(4))
-    with pytest.raises(ValueError, match="needs at least 2"):
-        node.sample(_embeds(1), 0, 1, 1, 1.0)
-
-
-def test_save_and_load_face_embeds_nodes():
-    fe = _embeds(2, seed=8)
-    name = SaveFaceEmbeds().save(fe, "tests/identity", "embeds_folder", "unit test")["result"][0]
-    assert name in LoadFaceEmbeds.INPUT_TYPES()["required"]["embeds_name"][0]
-    (back,) = LoadFaceEmbeds().load(name)
-    assert torch.equal(back.embeds, fe.embeds) and back.model == fe.model and back.normalized
-    second = SaveFaceEmbeds().save(fe, "tests/identity", "embeds_folder", "")["result"][0]
-    assert second != name  # counter, never overwrites
-    out_name = SaveFaceEmbeds().save(fe, "identity", "output", "")["result"][0]
-    assert (folder_paths.get_output_directory() + "/" + out_name)
-
-
 def test_sdxl_context_needs_2048_projection_and_keeps_pooled():
     """SDXL: CLIP-L and CLIP-G contexts concatenated to 2048, plus a pooled output (shape-level, no SDXL model)."""
     g = torch.Generator().manual_seed(0)
@@ -350,120 +281,3 @@ def test_sdxl_context_needs_2048_projection_and_keeps_pooled():
     sd15 = random_projection(ProjectionInfo(embedder="test/embedder", embed_dim=D))
     with pytest.raises(ValueError, match=r"context width 2048 .* 768-wide tokens \(base model 'sd1'\)"):
         ProjectToContext().project(text, _embeds(1), sd15, None, "each", empty_conditioning=empty)
-
-
-# --- long prompts: the face never overwrites a prompt token or the EOS (issue 21) ---------------------------
-# ComfyUI's SD1 tokenizer (comfy/sd1_clip.py, SDTokenizer.tokenize_with_weights) fills a 77-token chunk with BOS,
-# up to 75 prompt tokens, EOS, and pads with EOS; each chunk is encoded on its own and the chunks concatenated.
-
-BOS, EOS = 49406, 49407
-
-
-def _prompt(n):
-    """A prompt of exactly n CLIP tokens (each "word" is one token) ending in "intricate details"."""
-    return " ".join(["word"] * (n - 2) + ["intricate", "details"])
-
-
-def _token_chunks(clip, text):
-    return [[t[0] for t in chunk] for chunk in clip.tokenize(text)["l"]]
-
-
-def _prompt_and_eos_rows(clip, text):
-    """Rows of the concatenated context holding a prompt token or a chunk's (first) EOS, and the prompt length."""
-    rows, n = [], 0
-    for c, ids in enumerate(_token_chunks(clip, text)):
-        eos = ids.index(EOS)
-        assert ids[0] == BOS and EOS not in ids[1:eos]
-        rows += [77 * c + p for p in range(1, eos + 1)]
-        n += eos - 1
-    return rows, n
-
-
-def _face_chunk(empty, tok):
-    """What an added chunk must be: the empty prompt's encoding with the face at its tokens 75-77."""
-    chunk = empty[0][0][:, :77].clone()
-    chunk[:, 74:] = tok.to(chunk.dtype)
-    return chunk
-
-
-@pytest.mark.parametrize("mode", ["each", "first", "last"])
-@pytest.mark.parametrize("n", [73, 74, 75, 89, 150])
-def test_long_prompt_keeps_every_prompt_token_and_eos(tiny_model, projection, caplog, n, mode):
-    _, clip, _ = tiny_model
-    text = _prompt(n)
-    rows, counted = _prompt_and_eos_rows(clip, text)
-    assert counted == n
-    with torch.inference_mode():
-        enc = nodes.CLIPTextEncode().encode(clip, text)[0]
-        empty = nodes.CLIPTextEncode().encode(clip, "")[0]
-        before = enc[0][0].clone()
-        with caplog.at_level(logging.WARNING, logger="facecond"):
-            pos, text_only, face_only, neg = ProjectToContext().project(enc, _embeds(1), projection, clip, mode)
-        tok = projection(_embeds(1).embeds)  # (1, 3, 768)
-    ctx = enc[0][0]
-    length = ctx.shape[1]
-    assert length == 77 * (1 if n <= 75 else 2) and torch.equal(ctx, before)  # input untouched
-    out = pos[0][0]
-    assert torch.equal(out[:, rows], ctx[:, rows])  # every prompt token and every EOS, exactly
-    # the rule: the prompt's chunks stay whole; the face goes into added chunks (empty prompt + face at 75-77),
-    # one per chunk the mode names that has no padding left for it (or whose end cannot be located)
-    added = length // 77 if mode == "each" else 1
-    assert out.shape == (1, length + 77 * added, 768) and torch.equal(out[:, :length], ctx)
-    for j in range(added):
-        seg = out[:, length + 77 * j:length + 77 * (j + 1)]
-        torch.testing.assert_close(seg, _face_chunk(empty, tok))
-        assert torch.equal(seg[:, :74], empty[0][0][:, :74])
-    # text_only has the same layout with a zero face; face_only / negative are today's (the empty prompt has room)
-    t_out = text_only[0][0]
-    assert t_out.shape == out.shape and torch.equal(t_out[:, :length], ctx)
-    assert torch.equal(t_out[:, length:], torch.cat([_face_chunk(empty, torch.zeros(1, 3, 768))] * added, dim=1))
-    assert face_only[0][0].shape == neg[0][0].shape == (1, 77, 768)
-    assert torch.equal(neg[0][0], _face_chunk(empty, torch.zeros(1, 3, 768)))
-    warnings = [r.getMessage() for r in caplog.records if r.name == "facecond" and r.levelno == logging.WARNING]
-    assert any("added" in w and "chunk" in w for w in warnings), warnings
-
-
-@pytest.mark.parametrize("n", [0, 5, 40, 71, 72])
-def test_short_prompt_is_bit_identical_to_the_paper_positions(tiny_model, projection, caplog, n):
-    """BOS + up to 72 prompt tokens + EOS fill at most positions 0-73: tokens 75-77 are padding, overridden as
-    before (the paper's positions), bit-identical to override_tokens, in every mode; no warning."""
-    _, clip, _ = tiny_model
-    text = _prompt(n) if n >= 2 else ""
-    rows, counted = _prompt_and_eos_rows(clip, text)
-    assert counted == n and max(rows) <= 73
-    x = _embeds(2, seed=3)
-    with torch.inference_mode():
-        enc = nodes.CLIPTextEncode().encode(clip, text)[0]
-        empty = nodes.CLIPTextEncode().encode(clip, "")[0]
-        tok = face_tokens(projection, x.embeds)
-        for mode in ("each", "first", "last"):
-            with caplog.at_level(logging.WARNING, logger="facecond"):
-                outs = ProjectToContext().project(enc, x, projection, clip, mode)
-            ctx, e = enc[0][0], empty[0][0]
-            zero = torch.zeros(1, 3, 768)  # the zero face keeps the prompt's batch of 1
-            for got, want in zip(outs, (override_tokens(ctx.expand(2, -1, -1), tok, mode),
-                                        override_tokens(ctx, zero, mode),
-                                        override_tokens(e.expand(2, -1, -1), tok, mode),
-                                        override_tokens(e, zero, mode))):
-                assert torch.equal(got[0][0], want), mode
-    assert not [r for r in caplog.records if r.name == "facecond" and r.levelno >= logging.WARNING]
-
-
-def test_long_prompt_batch_of_faces_and_sampling(tiny_model, projection):
-    """N faces x one long prompt: a batch of N, each row with its own face in the added chunks; samples."""
-    model, clip, _ = tiny_model
-    x = _embeds(3, seed=6)
-    with torch.inference_mode():
-        enc = nodes.CLIPTextEncode().encode(clip, _prompt(89))[0]
-        empty = nodes.CLIPTextEncode().encode(clip, "")[0]
-        outs = ProjectToContext().project(enc, x, projection, clip, "each")
-        tok = projection(x.embeds)
-    pos = outs[0][0][0]
-    assert pos.shape == (3, 154 + 2 * 77, 768)
-    assert torch.equal(pos[:, :154], enc[0][0].expand(3, -1, -1))
-    for i in range(3):
-        for j in (0, 1):
-            torch.testing.assert_close(pos[i:i + 1, 154 + 77 * j:154 + 77 * (j + 1)], _face_chunk(empty, tok[i:i + 1]))
-    batch = dict(zip(("positive", "text_only", "face_only", "negative"), outs))
-    out = _three_way(model, batch, 0.4, 0.5, latent=_latent(3))
-    assert out.shape[0] == 3 and torch.isfinite(out).all() and not torch.equal(out[0], out[1])
