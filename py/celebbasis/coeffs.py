@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import save_file
 
 from ..weights import packfile
+from ..weights.atomic import save_file
 from .basis import CelebBasis
 
 MLP_KIND = "celeb_mlp"

@@ -33,9 +33,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save_file
 
 from ..weights import packfile
+from ..weights.atomic import save_file
 from .basis import name_token_pairs, names_hash
 
 INIT_MODES = ("face", "rand2", "id")
