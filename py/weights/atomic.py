@@ -15,9 +15,10 @@
     ``recover_pair`` finishes (roll forward) the next time the pair is read. ``recover_pair`` then says
     whether the pair is consistent; a mismatched pair is refused by the caller, never silently resumed.
 
-``free_name(stem, suffixes, overwrite)``
-    The no-silent-overwrite rule of the pack's writing nodes: ``stem`` itself when ``overwrite`` or when no file
-    ``stem + suffix`` exists, else the first free ``stem_00001``, ``stem_00002`` ... (as SaveImage numbers).
+``free_name(name, paths_of, overwrite)``
+    The no-silent-overwrite rule of the pack's writing nodes: ``name`` itself when ``overwrite`` or when none of
+    its files ``paths_of(name)`` exists, else the first free ``name_00001``, ``name_00002`` ... (as SaveImage
+    numbers its files).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -155,14 +156,15 @@ def recover_pair(paths: Sequence[str]) -> str:
     return "ok" if len(there) == len(paths) and len(stamps) == 1 and None not in stamps else "mismatch"
 
 
-def free_name(stem: str, suffixes: Sequence[str], overwrite: bool = False) -> str:
-    """``stem`` if ``overwrite`` or no ``stem + suffix`` exists, else the first free ``stem_NNNNN``."""
-    def taken(s: str) -> bool:
-        return any(os.path.exists(s + x) or os.path.exists(s + x + PARTIAL) for x in suffixes)
+def free_name(name: str, paths_of: Callable[[str], Sequence[str]], overwrite: bool = False) -> str:
+    """``name`` if ``overwrite`` or none of the files ``paths_of(name)`` exists, else the first ``name_NNNNN``
+    (``name_00001``, ``name_00002`` ... as SaveImage numbers) whose files are all free."""
+    def taken(n: str) -> bool:
+        return any(os.path.exists(p) or os.path.exists(p + PARTIAL) for p in paths_of(n))
 
-    if overwrite or not taken(stem):
-        return stem
+    if overwrite or not taken(name):
+        return name
     i = 1
-    while taken(f"{stem}_{i:05d}"):
+    while taken(f"{name}_{i:05d}"):
         i += 1
-    return f"{stem}_{i:05d}"
+    return f"{name}_{i:05d}"

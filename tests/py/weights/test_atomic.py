@@ -92,11 +92,13 @@ def test_mismatched_pair_is_reported(tmp_path):
 
 
 def test_free_name_numbers_like_save_image(tmp_path):
-    stem = str(tmp_path / "celeb_mlp")
-    sfx = (".safetensors", ".state.safetensors")
-    assert atomic.free_name(stem, sfx) == stem
-    (tmp_path / "celeb_mlp.state.safetensors").write_bytes(b"x")
-    assert atomic.free_name(stem, sfx) == stem + "_00001"
-    assert atomic.free_name(stem, sfx, overwrite=True) == stem
-    (tmp_path / "celeb_mlp_00001.safetensors").write_bytes(b"x")
-    assert atomic.free_name(stem, sfx) == stem + "_00002"
+    def files(n):
+        return [str(tmp_path / f"{n}.safetensors"), str(tmp_path / "states" / f"{n}.state.safetensors")]
+
+    assert atomic.free_name("celeb_mlp", files) == "celeb_mlp"
+    (tmp_path / "states").mkdir()
+    (tmp_path / "states" / "celeb_mlp.state.safetensors").write_bytes(b"x")
+    assert atomic.free_name("celeb_mlp", files) == "celeb_mlp_00001"
+    assert atomic.free_name("celeb_mlp", files, overwrite=True) == "celeb_mlp"
+    (tmp_path / "celeb_mlp_00001.safetensors.partial").write_bytes(b"x")
+    assert atomic.free_name("celeb_mlp", files) == "celeb_mlp_00002"
