@@ -40,7 +40,7 @@ def _graph(trainer: str, **inputs) -> dict:
                   "faces": ["det", 0], "model": host.STAND_IN_RECOGNISER, "facenet_layer": "bottleneck_512",
                   "normalize": "auto"}},
               "t": {"class_type": "FacecondTrainCelebBasis", "inputs": common | {
-                  "images": ["det", 0], "face_embeds": ["emb", 0], "identities": "", "p": 8} | inputs}}
+                  "images": ["det", 3], "face_embeds": ["emb", 0], "identities": "", "p": 8} | inputs}}
     else:
         g["t"] = {"class_type": "FacecondTrainFaceTI", "inputs": common | {
             "images": ["img", 0], "init": "face", "num_vectors": 2, "reparam": "log_norm_e"} | inputs}
