@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--identities", default="", help="one label per photo in name order ('a,a,b'); empty: one person")
     ap.add_argument("--p", type=int, default=512, help="basis size (capped at names - 1)")
     ap.add_argument("--save-name", default="celeb_mlp", help="file name in models/facecond/celebbasis")
-    ap.add_argument("--resume", action="store_true", help="continue from save-name's trainer state")
+    ap.add_argument("--resume", action="store_true", help="continue save-name's run from its last saved step")
+    ap.add_argument("--overwrite", action="store_true", help="replace save-name's files (default: a new numbered name "
+                    "if they exist)")
+    ap.add_argument("--checkpoint-every", type=int, default=50, help="save the run every N steps (0: only at the end)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import_comfy(args.comfyui, args.base_dir, args.cpu)
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> str:
     _, name, report = train_celeb_mlp(model, clip, vae, crops, embeds, identities=args.identities,
                                       prompt_templates=templates_text(args.templates, DEFAULT_TEMPLATES), p=args.p,
                                       config=config, save_name=args.save_name, resume=args.resume,
+                                      overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
                                       on_step=Progress(args.steps, label="TrainCelebBasis"), names=names,
                                       resolution=size)
     log.info("[facecond] %s", report)

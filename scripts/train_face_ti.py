@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--celeb-filter", type=float, default=None,
                     help="--celeb-photos: drop names whose generated portrait (the precomputed cache) has face cosine "
                          "below this with their photos")
+    ap.add_argument("--resume", action="store_true", help="continue --name's run from its last saved step")
+    ap.add_argument("--overwrite", action="store_true", help="replace --name's files (default: a new numbered name "
+                    "if they exist)")
+    ap.add_argument("--checkpoint-every", type=int, default=50, help="save the run every N steps (0: only at the end)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import_comfy(args.comfyui, args.base_dir, args.cpu)
@@ -82,8 +86,10 @@ def main(argv: list[str] | None = None) -> str:
     path, _, losses, what = train_face_ti(
         model, clip, vae, crops, embeds, init=args.init, num_vectors=args.num_vectors, reparam=args.reparam,
         prompt_templates=templates_text(args.templates, DEFAULT_TEMPLATES), config=config, save_name=args.name,
-        progress=Progress(args.steps, label="TrainFaceTI"), names=names, resolution=size, celeb_faces=celeb)
-    log.info("[facecond] %d steps, init %s, loss first %.4f last %.4f", len(losses), what, losses[0], losses[-1])
+        progress=Progress(args.steps, label="TrainFaceTI"), names=names, resolution=size, celeb_faces=celeb,
+        resume=args.resume, overwrite=args.overwrite, checkpoint_every=args.checkpoint_every)
+    if losses:
+        log.info("[facecond] %d steps, init %s, loss first %.4f last %.4f", len(losses), what, losses[0], losses[-1])
     print(path)
     return path
 

@@ -21,7 +21,7 @@ import folder_paths
 import torch
 
 from ...py.celebbasis import basis as cb
-from ...py.celebbasis.coeffs import BasisFacts, CelebCoeffs, fp16_exact, save_mlp
+from ...py.celebbasis.coeffs import BasisFacts, CelebCoeffs, fp16_exact, mlp_file
 from ...py.celebbasis.train import WordTrainConfig, parse_identities, train_celeb_basis
 from ...py.faces.types import FaceEmbeds
 from .. import model_cache
@@ -38,7 +38,16 @@ from .files import (
     resolve_names,
 )
 from .pseudo_words import TextEncoder, add_pseudo_word, text_encoder
-from .training import normal_tensor, resolution_input, training_images, word_model
+from .training import (
+    DEFAULT_CHECKPOINT_EVERY,
+    checkpoint_input,
+    normal_tensor,
+    overwrite_input,
+    resolution_input,
+    run_files,
+    training_images,
+    word_model,
+)
 
 log = logging.getLogger("facecond")
 
@@ -136,16 +145,21 @@ def _names_inputs_here() -> dict:
 
 
 def train_celeb_mlp(model, clip, vae, images, face_embeds: FaceEmbeds, *, identities: str, prompt_templates: str,
-                    p: int, config: WordTrainConfig, save_name: str, resume: bool = False,
-                    node: str = "TrainCelebBasis", on_step=None, names: list[str] | None = None,
-                    resolution: int = 0) -> tuple[CelebMLP, str, str]:
+                    p: int, config: WordTrainConfig, save_name: str, resume: bool = False, overwrite: bool = False,
+                    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, node: str = "TrainCelebBasis", on_step=None,
+                    names: list[str] | None = None, resolution: int = 0) -> tuple[CelebMLP, str, str]:
     """Check the inputs, build the trainer's callables from the ComfyUI objects, run ``train_celeb_basis`` and
-    write models/facecond/celebbasis/<save_name>.safetensors (+ .state.safetensors). ``names``: the celebrity-name
-    list (None: the bundled one); ``resolution``: the side the photos are trained at (0: the model's native size).
-    Returns (CELEB_MLP, file name relative to that folder, report). TrainCelebBasis and
+    write models/facecond/celebbasis/<name>.safetensors + <name>.state.safetensors as one pair (``RunFiles``),
+    every ``checkpoint_every`` steps, at the end and when cancelled. ``resume``: continue save_name's run;
+    ``overwrite``: a new run may replace save_name's files (else it takes a new numbered name). ``names``: the
+    celebrity-name list (None: the bundled one); ``resolution``: the side the photos are trained at (0: the
+    model's native size). Returns (CELEB_MLP, file name relative to that folder, report). TrainCelebBasis and
     scripts/train_celebbasis.py run this."""
-    path = write_path(node, "save_name", save_name, FOLDER, ".safetensors")
-    state_path = write_path(node, "save_name", save_name, FOLDER, ".state.safetensors")
+    def paths_of(name: str) -> tuple[str, str]:
+        return (write_path(node, "save_name", name, FOLDER, ".safetensors"),
+                write_path(node, "save_name", name, FOLDER, ".state.safetensors"))
+
+    paths_of(save_name)  # a bad name is refused before anything else
     n = images.shape[0]
     require_embeds(node, "face_embeds", face_embeds)
     if len(face_embeds) != n:
@@ -160,25 +174,39 @@ def train_celeb_mlp(model, clip, vae, images, face_embeds: FaceEmbeds, *, identi
     basis = dataclasses.replace(basis, mean=normal_tensor(basis.mean), basis=normal_tensor(basis.basis))
     wm = word_model(model, clip, vae, templates, node)
     root = folder_paths.get_folder_paths(FOLDER)[0]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    mlp, trainer = train_celeb_basis(
-        wm, basis, images, face_embeds.embeds, ids, config, normalized=face_embeds.normalized,
-        state_path=state_path, resume=resume, state_meta={"node": node},
-        on_step=on_step, check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-    save_mlp(mlp, path, basis, embedder=face_embeds.model, names=names, steps=trainer.step)
+    files = run_files(node, save_name, paths_of, resume=resume, overwrite=overwrite)
+
+    def save(mlp, trainer):
+        files.save(mlp_file(mlp, basis, embedder=face_embeds.model, names=names, steps=trainer.step), trainer,
+                   {"node": node, "basis_id": basis.basis_id})
+
+    try:
+        mlp, trainer = train_celeb_basis(
+            wm, basis, images, face_embeds.embeds, ids, config, normalized=face_embeds.normalized,
+            resume_from=files.resume_from, save=save, checkpoint_every=checkpoint_every, on_step=on_step,
+            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+    except comfy.model_management.InterruptProcessingException:
+        files.interrupted()
+        raise
     facts = BasisFacts(basis.p, basis.table_hash, basis.names_hash)
     losses = trainer.losses
+    name = os.path.relpath(files.result, root)
+    resumed = f"resumed {save_name!r}; " if files.resume_from else ""
     report = (f"{node}: {trainer.step} steps, {max(ids) + 1} identities, {n} images at {size} px, {len(basis.names)} "
               f"names, p={basis.p}; loss first "
               f"{losses[0]:.4f} last {losses[-1]:.4f}" if losses else f"{node}: nothing to do")
-    return CelebMLP(mlp, face_embeds.model, tuple(names), facts), os.path.relpath(path, root), report
+    report += f"; {resumed}wrote {name}"
+    return CelebMLP(mlp, face_embeds.model, tuple(names), facts), name, report
 
 
 class TrainCelebBasis:
     DESCRIPTION = ("Trains the Celeb Basis coefficient MLP (face embedding -> 2 x p coefficients, one linear layer + "
                    "L2 norm) with the plain denoising loss on this model: UNet, text encoder, basis and face model "
                    "are frozen, only the MLP learns. One or several photos, one or several people (jointly, one "
-                   "shared MLP). Deterministic for a seed; cancel any time; resume=true continues a saved run.")
+                   "shared MLP). Deterministic for a seed. Saves the MLP and its trainer state every "
+                   "checkpoint_every steps, at the end and when cancelled; resume=true continues save_name's run "
+                   "exactly where it stopped (the result equals an uninterrupted run). An existing save_name is "
+                   "kept: a new run takes a numbered name unless overwrite=true.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
     OUTPUT_NODE = True
@@ -213,21 +241,26 @@ class TrainCelebBasis:
                                control_after_generate=False),
             "augment": ("BOOLEAN", {"default": True, "tooltip": "Colour jitter, random resize and shift."}),
             "save_name": ("STRING", {"default": "celeb_mlp", "tooltip": "File name (without extension) in "
-                          "models/facecond/celebbasis; the trainer state goes next to it as .state.safetensors."}),
-            "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue from save_name's trainer state "
-                       "if it exists."}),
+                          "models/facecond/celebbasis; the trainer state goes next to it as .state.safetensors. "
+                          "If it exists, a new run writes save_name_00001 ... (see overwrite); mlp_name says which."}),
+            "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue save_name's run from its last saved step "
+                       "(checkpoint, cancel or end; a larger steps trains on). No saved run: starts a new one."}),
         }, "optional": {
             "resolution": resolution_input(),
             **names_inputs(),
+            "checkpoint_every": checkpoint_input(),
+            "overwrite": overwrite_input("save_name's MLP or trainer state"),
         }}
 
     def train(self, model, clip, vae, images, face_embeds, identities, prompt_templates, steps, learning_rate, p,
-              seed, augment, save_name, resume, resolution=0, names_list=BUNDLED, names_text=""):
+              seed, augment, save_name, resume, resolution=0, names_list=BUNDLED, names_text="",
+              checkpoint_every=DEFAULT_CHECKPOINT_EVERY, overwrite=False):
         node = "TrainCelebBasis"
         names = resolve_names(node, names_list, names_text)
         return train_celeb_mlp(model, clip, vae, images, face_embeds, identities=identities,
                                prompt_templates=prompt_templates, p=p, save_name=save_name, resume=resume,
-                               names=names, resolution=resolution,
+                               overwrite=overwrite, checkpoint_every=checkpoint_every, names=names,
+                               resolution=resolution,
                                config=WordTrainConfig(steps=steps, lr=learning_rate, seed=seed, augment=augment),
                                node=node, on_step=Progress(steps, label=node))
 

@@ -26,12 +26,22 @@ from .basis import DEFAULT_TEMPLATES, FOLDER
 from .celeb_photos import require_celeb_faces
 from .files import BUNDLED, names_inputs, resolve_names
 from .pseudo_words import text_encoder
-from .training import normal_tensor, resolution_input, training_images, word_model
+from .training import (
+    DEFAULT_CHECKPOINT_EVERY,
+    checkpoint_input,
+    normal_tensor,
+    overwrite_input,
+    resolution_input,
+    run_files,
+    training_images,
+    word_model,
+)
 
 log = logging.getLogger("facecond")
 
 CATEGORY = "facecond/inversion"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+TI_STATES = "ti_states"  # face-TI trainer states, in models/facecond/celebbasis (the embeddings folder lists files)
 FACE_PROMPT = "a close-up portrait photo of {}, face, detailed"
 PRECOMPUTE_HINT = ("Run the PrecomputeCelebFaces node once with this checkpoint and the same FaceEmbed model (or "
                    "`python scripts/train_face_ti.py --precompute-celeb-faces --checkpoint ... --embedder ...`). It "
@@ -173,15 +183,24 @@ def face_vector(fe: FaceEmbeds, node: str) -> torch.Tensor:
 def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbeds | None, *, init: str,
                   num_vectors: int, reparam: str, prompt_templates: str, config: WordTrainConfig, save_name: str,
                   node: str = "TrainFaceTI", progress=None, names: list[str] | None = None, resolution: int = 0,
-                  celeb_faces: inv.CelebFaces | None = None):
+                  celeb_faces: inv.CelebFaces | None = None, resume: bool = False, overwrite: bool = False,
+                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY):
     """Check the inputs, pick the start vectors, build the trainer's callables from the ComfyUI objects, run
     ``py/celebbasis/train.train_face_ti`` on ``images`` (N, H, W, 3) and write
-    ``models/embeddings/<save_name>.safetensors``. ``names``: the celebrity-name list for rand2 / the generated
+    ``models/embeddings/<name>.safetensors`` with its trainer state in ``models/facecond/celebbasis/ti_states/``
+    as one pair (``RunFiles``: every ``checkpoint_every`` steps, at the end and when cancelled; ``resume`` continues
+    save_name's run; ``overwrite``: a new run may replace save_name's files, else it takes a numbered name).
+    ``names``: the celebrity-name list for rand2 / the generated
     cache (None: the bundled one); ``resolution``: the side the photos are trained at (0: the model's native
     size); ``celeb_faces``: celebrity faces for init='id' (CelebPhotoFaces: real photos; else the generated
     cache). Returns (file path, vectors (K, d), losses, init description).
     TrainFaceTI and scripts/train_face_ti.py run this."""
     seed = config.seed
+
+    def paths_of(name: str) -> tuple[str, str]:
+        return (write_path(node, "save_name", name, "embeddings", ".safetensors"),
+                write_path(node, "save_name", f"{TI_STATES}/{name}", FOLDER, ".state.safetensors"))
+
     if not NAME_RE.match(save_name):
         raise ValueError(f"{node}: save_name {save_name!r} must be letters, digits, _ or - (it becomes the word "
                          "in embedding:NAME), at most 64 characters.")
@@ -221,15 +240,24 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
                                    celeb_faces=celeb_faces, face=face)
     images, size = training_images(model, images, resolution, node)
     wm = word_model(model, clip, vae, templates, node, k=num_vectors)
-    final, losses = train_vectors(wm, normal_tensor(start), images, config, reparam=reparam, on_step=progress,
-                                  check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    inv.save_embedding(final, path, enc.key, {"init": what, "reparam": reparam, "steps": len(losses),
-                                              "resolution": size,
-                                              "seed": seed, "losses": losses[-10:],
-                                              "table_hash": cb.table_hash(enc.table()),
-                                              "face_embedder": face_embeds.model if face_embeds else ""})
-    return path, final, losses, what
+    files = run_files(node, save_name, paths_of, resume=resume, overwrite=overwrite)
+    table_hash = cb.table_hash(enc.table())
+
+    def save(vectors, trainer):
+        meta = {"init": what, "reparam": reparam, "steps": trainer.step, "resolution": size, "seed": seed,
+                "losses": trainer.losses[-10:], "table_hash": table_hash,
+                "face_embedder": face_embeds.model if face_embeds else ""}
+        files.save(inv.embedding_file(vectors, enc.key, meta), trainer, {"node": node, "reparam": reparam})
+
+    try:
+        final, trainer = train_vectors(
+            wm, normal_tensor(start), images, config, reparam=reparam, resume_from=files.resume_from, save=save,
+            checkpoint_every=checkpoint_every, on_step=progress,
+            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+    except comfy.model_management.InterruptProcessingException:
+        files.interrupted()
+        raise
+    return files.result, final, trainer.losses, what
 
 
 class TrainFaceTI:
@@ -239,7 +267,10 @@ class TrainFaceTI:
                    "or 'id' (the celebrity who looks most like the person: CelebPhotoFaces from real photos, or "
                    "PrecomputeCelebFaces once); optional log-norm reparameterisation v = a^n·d/||d||, else l2 0.01; "
                    "Adam β = (0.9, 0.98). Writes models/embeddings/<save_name>.safetensors: write "
-                   "embedding:<save_name> in any prompt. Deterministic for a seed; cancel any time.")
+                   "embedding:<save_name> in any prompt. Deterministic for a seed. Saves the vectors and the "
+                   "trainer state every checkpoint_every steps, at the end and when cancelled; resume=true "
+                   "continues save_name's run. An existing embedding is kept: a new run takes a numbered name "
+                   "unless overwrite=true (embedding_name says which).")
     CATEGORY = CATEGORY
     FUNCTION = "train"
     OUTPUT_NODE = True
@@ -276,7 +307,8 @@ class TrainFaceTI:
                                control_after_generate=False),
             "augment": ("BOOLEAN", {"default": True, "tooltip": "Colour jitter, random resize and shift."}),
             "save_name": ("STRING", {"default": "face_ti_person", "tooltip": "Embedding name (letters, digits, _ -): "
-                          "written to models/embeddings/<name>.safetensors (overwritten)."}),
+                          "written to models/embeddings/<name>.safetensors. If it exists, a new run writes "
+                          "<name>_00001 ... (see overwrite); embedding_name says which."}),
         }, "optional": {
             "face_embeds": (FACE_EMBEDS, {"tooltip": "The person's face embeddings (FaceEmbed); needed for "
                             "init='id'."}),
@@ -286,21 +318,28 @@ class TrainFaceTI:
                             "CelebPhotoFaces (real photos, one sub-folder per name; the paper's way) or "
                             "PrecomputeCelebFaces. Not connected: the cache PrecomputeCelebFaces wrote for this "
                             "checkpoint."}),
+            "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue save_name's run from its last saved step "
+                       "(checkpoint, cancel or end; a larger steps trains on). No saved run: starts a new one."}),
+            "checkpoint_every": checkpoint_input(),
+            "overwrite": overwrite_input("the embedding save_name (or its trainer state)"),
         }}
 
     def train(self, model, clip, vae, images, init, num_vectors, reparam, prompt_templates, steps, learning_rate,
               seed, augment, save_name, face_embeds=None, resolution=0, names_list=BUNDLED, names_text="",
-              celeb_faces=None):
+              celeb_faces=None, resume=False, checkpoint_every=DEFAULT_CHECKPOINT_EVERY, overwrite=False):
         node = "TrainFaceTI"
         names = resolve_names(node, names_list, names_text)
-        _, _, losses, what = train_face_ti(
+        path, _, losses, what = train_face_ti(
             model, clip, vae, images, face_embeds, init=init, num_vectors=num_vectors, reparam=reparam,
             prompt_templates=prompt_templates, save_name=save_name, node=node, progress=Progress(steps, label=node),
             config=WordTrainConfig(steps=steps, lr=learning_rate, seed=seed, augment=augment), names=names,
-            resolution=resolution, celeb_faces=celeb_faces)
+            resolution=resolution, celeb_faces=celeb_faces, resume=resume, overwrite=overwrite,
+            checkpoint_every=checkpoint_every)
+        name = os.path.basename(path)[:-len(".safetensors")]
+        loss = f"loss first {losses[0]:.4f} last {losses[-1]:.4f}" if losses else "nothing to do"
         report = (f"{node}: {len(losses)} steps, {images.shape[0]} images, K={num_vectors}, init {what}, "
-                  f"reparam {reparam}; loss first {losses[0]:.4f} last {losses[-1]:.4f}; use embedding:{save_name}")
-        return (clip.clone(), save_name, report)
+                  f"reparam {reparam}; {loss}; use embedding:{name}")
+        return (clip.clone(), name, report)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import folder_paths
 import torch
-from safetensors.torch import save_file
+
+from ...py.weights.atomic import save_file
 
 log = logging.getLogger("facecond")
 
@@ -98,9 +99,7 @@ class PseudoWordTokenizer:
         for word, name in self._names.items():
             path = os.path.join(folder, name + ".safetensors")
             if not os.path.isfile(path):
-                tmp = f"{path}.{os.getpid()}.tmp"
-                save_file({self.key: self.words[word].detach().cpu().float().contiguous()}, tmp)
-                os.replace(tmp, path)
+                save_file({self.key: self.words[word].detach().cpu().float().contiguous()}, path)
 
     def expand(self, text: str) -> str:
         for word, name in self._names.items():

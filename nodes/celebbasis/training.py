@@ -5,17 +5,110 @@ needs: a clone whose weights are read through a grad-safe wrapper (``grad_safe``
 copied out of inference mode (``normal_tensor``), the model as a ``denoise(x, sigma, context)`` callable for
 ``py/train/core.denoising_loss`` (``model_denoiser``), and a differentiable text-encoder forward that takes
 the learned vectors at a pseudo-word's positions (``template_tokens`` + ``encode_with``). ``word_model`` bundles
-them as the plain callables ``py/celebbasis/train.py`` trains with.
+them as the plain callables ``py/celebbasis/train.py`` trains with. ``RunFiles`` names a run's two files (what it
+trains + its trainer state), writes them as one pair at every checkpoint and finds the pair to resume.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.model_sampling
 import torch
 
 from ...py.celebbasis.train import WordModel
+from ...py.train.core import Trainer
+from ...py.weights import atomic
 from .pseudo_words import add_pseudo_word, text_encoder
+
+log = logging.getLogger("facecond")
+
+DEFAULT_CHECKPOINT_EVERY = 50  # a pair of small files (MLP or TI vectors + Adam state) every 50 steps: < 1 s
+
+
+def checkpoint_input() -> tuple:
+    return ("INT", {"default": DEFAULT_CHECKPOINT_EVERY, "min": 0, "max": 100000, "tooltip": "Save the run (the "
+            "result so far and the trainer state) every this many steps, so a crash or a killed server loses at "
+            "most this many steps: run again with resume=true to continue. 0 = only at the end and when "
+            "cancelled. A cancelled run is always saved at its last finished step."})
+
+
+def overwrite_input(what: str) -> tuple:
+    return ("BOOLEAN", {"default": False, "tooltip": f"false: if {what} already exists, a new numbered name is "
+            "used (name_00001, name_00002 ... as SaveImage does) and the old files are kept; the output says "
+            "which name was written. true: replace them. resume=true always continues (and rewrites) "
+            "save_name's own run."})
+
+
+@dataclass
+class RunFiles:
+    """One training run's two files, the result (MLP / embedding) and its trainer state, always written together
+    as one stamped pair (``py/weights/atomic.commit_pair``): a kill at any moment leaves the previous pair or the
+    new one. ``resume_from``: the state to continue, or None for a new run."""
+
+    node: str
+    name: str
+    result: str
+    state: str
+    run: str
+    resume_from: str | None
+    saved_step: int | None = None
+
+    def save(self, result_file: tuple[dict, dict], trainer: Trainer, state_meta: dict) -> None:
+        tensors, meta = result_file
+        st, sm = trainer.state_file(state_meta)
+        for p in (self.result, self.state):
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+        atomic.commit_pair([(self.result, tensors, meta), (self.state, st, sm)], atomic.make_stamp(self.run,
+                                                                                                   trainer.step))
+        self.saved_step = trainer.step
+
+    def interrupted(self) -> None:
+        if self.saved_step is None:
+            log.warning("[facecond] %s: cancelled before the first step; nothing was saved.", self.node)
+            return
+        log.warning("[facecond] %s: cancelled; the run is saved at step %d as %s (+ its trainer state %s). To "
+                    "continue it, queue the same graph with resume=true and save_name=%r (same seed and "
+                    "settings).", self.node, self.saved_step, self.result, self.state, self.name)
+
+
+def run_files(node: str, save_name: str, paths_of: Callable[[str], tuple[str, str]], *, resume: bool,
+              overwrite: bool) -> RunFiles:
+    """The files of a run named ``save_name`` (``paths_of(name)`` -> (result, state), checked paths).
+    resume: continue save_name's pair (finishing an interrupted write first; a mismatched pair is refused).
+    Otherwise a new run: save_name, or the first free numbered name unless ``overwrite``."""
+    result, state = paths_of(save_name)
+    if resume:
+        status = atomic.recover_pair([result, state])
+        stamps = [atomic.pair_stamp(p) for p in (result, state)]
+        if status == "ok":
+            return RunFiles(node, save_name, result, state, json.loads(stamps[1])["run"], state)
+        if status == "mismatch":
+            if not os.path.isfile(state):
+                raise ValueError(f"{node}: resume=true but save_name {save_name!r} has no trainer state ({state} is "
+                                 "missing), so its run cannot be continued. Set resume=false to train anew (a new "
+                                 "numbered name is used unless overwrite=true).")
+            if stamps == [None, None]:  # written before runs were saved as stamped pairs
+                log.warning("[facecond] %s: resuming %s, saved before checkpoints were stamped pairs", node, state)
+                return RunFiles(node, save_name, result, state, uuid.uuid4().hex, state)
+
+            def step(st):
+                return "none" if st is None else f"step {json.loads(st)['step']} of run {json.loads(st)['run'][:8]}"
+            raise ValueError(f"{node}: resume=true but {os.path.basename(result)} ({step(stamps[0])}) and "
+                             f"{os.path.basename(state)} ({step(stamps[1])}) are not one pair (a file was replaced, "
+                             "copied or deleted by hand); resuming could mix two runs, so it is refused. Set "
+                             "resume=false to train anew under a new numbered name, or delete both files.")
+    name = atomic.free_name(save_name, paths_of, overwrite)
+    if name != save_name:
+        log.info("[facecond] %s: %r exists; writing %r (overwrite=false)", node, save_name, name)
+    result, state = paths_of(name)
+    return RunFiles(node, name, result, state, uuid.uuid4().hex, None)
 
 
 def _grad_safe_weight(weight: torch.Tensor) -> torch.Tensor:

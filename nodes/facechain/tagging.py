@@ -9,6 +9,7 @@ STRING list: CLIPTextEncode turns it into one CONDITIONING per photo, which Trai
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -20,11 +21,12 @@ from PIL import Image
 from ...py.facechain import tagging
 from ...py.faces import genderage
 from ...py.faces import onnx_pack as ifp
+from ...py.weights import atomic
 from ...py.weights.manifest import WeightsError
 from .. import model_cache
 from ..common import FACES, Progress, image_to_numpy
 from ..faces.detect_embed import insightface_file, insightface_roots
-from ..paths import write_dir
+from ..paths import write_dir, write_path
 from .chain import check_faces, real_face
 
 log = logging.getLogger("facecond")
@@ -60,21 +62,22 @@ def _genderage_model(choice: str, node: str):
 
 
 def write_dataset(folder: str, images: np.ndarray, captions: list[str]) -> list[str]:
-    """``NNNN.png`` + ``NNNN.txt`` per image and FaceChain's ``metadata.jsonl``; older ``NNNN.*`` files of a
-    larger set in the same folder are removed (only names of this pattern). Returns the PNG names."""
+    """``NNNN.png`` + ``NNNN.txt`` per image and FaceChain's ``metadata.jsonl`` (each file written atomically);
+    older ``NNNN.*`` files of a larger set in the same folder are removed (only names of this pattern). Returns
+    the PNG names."""
     os.makedirs(folder, exist_ok=True)
     names = [f"{i:04d}.png" for i in range(len(captions))]
     for name, img, text in zip(names, images, captions):
-        Image.fromarray(np.clip(img * 255.0, 0, 255).astype(np.uint8)).save(os.path.join(folder, name))
-        with open(os.path.join(folder, name[:-4] + ".txt"), "w", encoding="utf-8") as f:
-            f.write(text)
+        png = io.BytesIO()
+        Image.fromarray(np.clip(img * 255.0, 0, 255).astype(np.uint8)).save(png, format="PNG")
+        atomic.write_bytes(os.path.join(folder, name), png.getvalue())
+        atomic.write_text(os.path.join(folder, name[:-4] + ".txt"), text)
     for old in os.listdir(folder):
         m = _DATASET_FILE.match(old)
         if m and int(m.group(1)) >= len(captions):
             os.remove(os.path.join(folder, old))
-    with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
-        for name, text in zip(names, captions):
-            f.write(json.dumps({"file_name": name, "text": text}) + "\n")
+    atomic.write_text(os.path.join(folder, "metadata.jsonl"),
+                      "".join(json.dumps({"file_name": n, "text": t}) + "\n" for n, t in zip(names, captions)))
     return names
 
 
@@ -113,15 +116,21 @@ class FacecondFaceChainTagFaces:
             "token": ("STRING", {"default": "sks", "tooltip": "The identity token that starts every caption "
                                  "(FaceChain: <sks>); use it in the prompts with the trained LoRA."}),
             "dataset_name": ("STRING", {"default": "facechain/person", "tooltip": "Folder under ComfyUI's output "
-                                        "directory for NNNN.png + NNNN.txt + metadata.jsonl (older NNNN files "
-                                        "there are replaced). Empty: write nothing."}),
+                                        "directory for NNNN.png + NNNN.txt + metadata.jsonl. If it exists and "
+                                        "is not empty, a new numbered folder (name_00001 ...) is written unless "
+                                        "overwrite. Empty: write nothing."}),
             "epochs": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip":
                        "Passes over the photos (FaceChain: 20); the steps output is images x epochs / batch_size."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 1024, "tooltip":
                            "TrainLoraNode's batch_size, for the steps output."}),
+        }, "optional": {
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "false: an existing, non-empty dataset_name "
+                          "folder is kept and the set goes to dataset_name_00001 ... (the report says which). true: "
+                          "write into it, replacing its NNNN files and metadata.jsonl."}),
         }}
 
-    def tag(self, images, image, faces, genderage_model, trigger_word, token, dataset_name, epochs, batch_size):
+    def tag(self, images, image, faces, genderage_model, trigger_word, token, dataset_name, epochs, batch_size,
+            overwrite=False):
         node = "FaceChainTagFaces"
         folder = write_dir(node, "dataset_name", dataset_name.strip(), "output") if dataset_name.strip() else None
         crops = image_to_numpy(images, node, "images")
@@ -159,6 +168,12 @@ class FacecondFaceChainTagFaces:
         steps = tagging.training_steps(len(rows), epochs, batch_size)
         lines.append(f"{len(rows)} image(s) x {epochs} epoch(s) / batch {batch_size} = {steps} steps")
         if folder is not None:
+            def used(n: str) -> list[str]:  # a folder with files in it is taken (an empty one is not); a file too
+                d = write_path(node, "dataset_name", n, "output")
+                return [d] if os.path.isfile(d) or (os.path.isdir(d) and os.listdir(d)) else []
+
+            name = atomic.free_name(dataset_name.strip(), used, overwrite)
+            folder = write_dir(node, "dataset_name", name, "output")
             write_dataset(folder, crops, captions)
             lines.append(f"wrote {len(rows)} image(s) + captions to {folder}")
         log.info("[facecond] %s: %s", node, lines[0])

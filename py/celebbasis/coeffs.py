@@ -21,9 +21,9 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import save_file
 
 from ..weights import packfile, packmeta
+from ..weights.atomic import save_file
 from .basis import MAX_NAME_CHARS, MAX_NAMES, CelebBasis
 
 MLP_KIND = "celeb_mlp"
@@ -77,14 +77,21 @@ def new_mlp(embed_dim: int, basis: CelebBasis, seed: int) -> CoeffMLP:
     return mlp
 
 
-def save_mlp(mlp: CoeffMLP, path: str | os.PathLike, basis: CelebBasis, *, embedder: str, names: list[str],
-             steps: int) -> None:
+def mlp_file(mlp: CoeffMLP, basis: CelebBasis, *, embedder: str, names: list[str],
+             steps: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an MLP file (``save_mlp`` writes them; the trainer writes them with its state)."""
     meta = {"facecond.kind": MLP_KIND, "embedder": embedder, "embed_dim": str(mlp.fc.in_features),
             "p": str(mlp.p), "table_hash": basis.table_hash, "names_hash": basis.names_hash,
             "scale": json.dumps([float(s) for s in mlp.scale.flatten()]), "names": json.dumps(list(names)),
             "steps": str(int(steps))}
-    save_file({"weight": mlp.fc.weight.detach().cpu().float().contiguous(),
-               "bias": mlp.fc.bias.detach().cpu().float().contiguous()}, str(path), metadata=meta)
+    return {"weight": mlp.fc.weight.detach().cpu().float().contiguous(),
+            "bias": mlp.fc.bias.detach().cpu().float().contiguous()}, meta
+
+
+def save_mlp(mlp: CoeffMLP, path: str | os.PathLike, basis: CelebBasis, *, embedder: str, names: list[str],
+             steps: int) -> None:
+    tensors, meta = mlp_file(mlp, basis, embedder=embedder, names=names, steps=steps)
+    save_file(tensors, str(path), metadata=meta)
 
 
 MAX_P, MAX_EMBED_DIM = 8192, 8192  # bounds on the metadata numbers of MLP and coefficient files (README "Limits")

@@ -33,9 +33,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save_file
 
 from ..weights import packfile
+from ..weights.atomic import save_file
 from .basis import name_token_pairs, names_hash
 
 INIT_MODES = ("face", "rand2", "id")
@@ -222,8 +222,14 @@ def load_celeb_faces(path: str | os.PathLike) -> CelebFaces:
     return CelebFaces(embeds.float(), found.bool(), names, model_hash, embedder, extra)
 
 
+def embedding_file(vectors: torch.Tensor, key: str, meta: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a face-TI embedding file (see ``save_embedding``)."""
+    return ({key: vectors.detach().float().cpu().contiguous()},
+            {"facecond.kind": TI_KIND, **{k: str(v) for k, v in meta.items()}})
+
+
 def save_embedding(vectors: torch.Tensor, path: str | os.PathLike, key: str, meta: dict) -> None:
     """A standard ComfyUI/A1111-style safetensors embedding: ``{key: (K, d)}`` (``sd1_clip.load_embed`` reads
     the text encoder's key, e.g. ``clip_l``), plus our metadata (``facecond.kind = "face_ti"``)."""
-    save_file({key: vectors.detach().float().cpu().contiguous()}, str(path),
-              metadata={"facecond.kind": TI_KIND, **{k: str(v) for k, v in meta.items()}})
+    tensors, metadata = embedding_file(vectors, key, meta)
+    save_file(tensors, str(path), metadata=metadata)

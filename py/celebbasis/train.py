@@ -108,15 +108,40 @@ def word_loss(model: WordModel, g: torch.Generator, images: int, latent, vectors
     return denoising_loss(model.denoise, x0, context.to(model.device), sigma, noise)
 
 
+Save = Callable[[Trainer], None]  # save(trainer): write the run's files at the trainer's step
+
+
+def _run(trainer: Trainer, loss_fn, config: WordTrainConfig, resume_from: str | None, save: Save | None,
+         checkpoint_every: int, on_step: Progress | None, check_interrupt: Callable[[], None] | None, what: str):
+    if resume_from:
+        trainer.load(resume_from)
+        log.info("[facecond] %s: resuming %s at step %d of %d", what, os.path.basename(resume_from), trainer.step,
+                 config.steps)
+    done = False
+    try:
+        trainer.run(loss_fn, progress=on_step, check_interrupt=check_interrupt,
+                    checkpoint=None if save is None else (lambda: save(trainer)), checkpoint_every=checkpoint_every)
+        done = True
+    finally:  # the end of the run, or the last finished step of an interrupted one (resumable from there)
+        if save is not None:
+            try:
+                save(trainer)
+            except Exception:
+                if done:
+                    raise
+                log.exception("[facecond] %s: could not save the interrupted run at step %d", what, trainer.step)
+
+
 def train_celeb_basis(model: WordModel, basis: CelebBasis, images: torch.Tensor, embeds: torch.Tensor,
                       ids: list[int], config: WordTrainConfig, *, normalized: bool = True,
-                      state_path: str | None = None, resume: bool = False, state_meta: dict | None = None,
-                      on_step: Progress | None = None,
+                      resume_from: str | None = None, save: Callable[[CoeffMLP, Trainer], None] | None = None,
+                      checkpoint_every: int = 0, on_step: Progress | None = None,
                       check_interrupt: Callable[[], None] | None = None) -> tuple[CoeffMLP, Trainer]:
     """Train the coefficient MLP (face embedding -> 2 x p coefficients) on ``images`` (N, H, W, 3) with one
     face embedding per image (``embeds`` (N, D)) and person ``ids`` (N,): each person's embeddings are averaged
-    (re-normalised when ``normalized``). ``state_path``: the trainer state is written there when the run ends
-    or is interrupted, and read first when ``resume`` and it exists. Returns (MLP on the CPU, eval mode; trainer)."""
+    (re-normalised when ``normalized``). ``resume_from``: a trainer state to continue (``Trainer.load``).
+    ``save(mlp, trainer)`` is called every ``checkpoint_every`` steps, at the end and when the run is
+    interrupted (at its last finished step). Returns (MLP on the CPU, eval mode; trainer)."""
     n = images.shape[0]
     if embeds.shape[0] != n or len(ids) != n:
         raise ValueError(f"train_celeb_basis: {n} images, {embeds.shape[0]} embeddings and {len(ids)} ids; "
@@ -134,23 +159,20 @@ def train_celeb_basis(model: WordModel, basis: CelebBasis, images: torch.Tensor,
         return word_loss(model, g, n, latent, lambda i: basis.embeddings(mlp(people[ids[i]:ids[i] + 1])[0]))
 
     trainer = Trainer(dict(mlp.named_parameters()), TrainConfig(steps=config.steps, lr=config.lr, seed=config.seed))
-    if resume and state_path and os.path.isfile(state_path):
-        trainer.load(state_path)
-        log.info("[facecond] Celeb Basis: resuming %s at step %d", os.path.basename(state_path), trainer.step)
-    try:
-        trainer.run(loss_fn, progress=on_step, check_interrupt=check_interrupt)
-    finally:  # an interrupted run can be resumed from its last finished step
-        if state_path:
-            trainer.save(state_path, {**(state_meta or {}), "basis_id": basis.basis_id})
+    _run(trainer, loss_fn, config, resume_from, None if save is None else (lambda tr: save(mlp, tr)),
+         checkpoint_every, on_step, check_interrupt, "Celeb Basis")
     return mlp.cpu().eval(), trainer
 
 
 def train_face_ti(model: WordModel, start: torch.Tensor, images: torch.Tensor, config: WordTrainConfig, *,
-                  reparam: str = "log_norm_e", on_step: Progress | None = None,
-                  check_interrupt: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[float]]:
+                  reparam: str = "log_norm_e", resume_from: str | None = None,
+                  save: Callable[[torch.Tensor, Trainer], None] | None = None, checkpoint_every: int = 0,
+                  on_step: Progress | None = None,
+                  check_interrupt: Callable[[], None] | None = None) -> tuple[torch.Tensor, Trainer]:
     """Train K textual-inversion vectors from ``start`` (K, d) on ``images`` (N, H, W, 3). Livshits 2023: Adam
-    β = (0.9, 0.98); with ``reparam`` 'none' an l2 term of 0.01, else v = a^n·d/||d||. Returns ((K, d) float32
-    CPU vectors, losses)."""
+    β = (0.9, 0.98); with ``reparam`` 'none' an l2 term of 0.01, else v = a^n·d/||d||. ``resume_from`` / ``save``
+    (called with the (K, d) float32 CPU vectors and the trainer) / ``checkpoint_every``: as for
+    ``train_celeb_basis``. Returns ((K, d) float32 CPU vectors, trainer)."""
     if reparam not in REPARAM:
         raise ValueError(f"train_face_ti: reparam must be one of {list(REPARAM)}, got {reparam!r}")
     with torch.inference_mode(False):
@@ -160,10 +182,13 @@ def train_face_ti(model: WordModel, start: torch.Tensor, images: torch.Tensor, c
     def loss_fn(step, g):
         return word_loss(model, g, images.shape[0], latent, lambda i: vecs.vectors())
 
+    def final() -> torch.Tensor:
+        with torch.inference_mode(False), torch.no_grad():
+            return vecs.vectors().detach().cpu().float().clone()
+
     cfg = TrainConfig(steps=config.steps, lr=config.lr, betas=(0.9, 0.98), seed=config.seed,
                       weight_decay=L2_WEIGHT if REPARAM[reparam] is None else 0.0)
     trainer = Trainer(vecs.params, cfg)
-    trainer.run(loss_fn, progress=on_step, check_interrupt=check_interrupt)
-    with torch.inference_mode(False), torch.no_grad():
-        final = vecs.vectors().detach().cpu().float().clone()
-    return final, trainer.losses
+    _run(trainer, loss_fn, config, resume_from, None if save is None else (lambda tr: save(final(), tr)),
+         checkpoint_every, on_step, check_interrupt, "face TI")
+    return final(), trainer

@@ -12,10 +12,10 @@ import json
 import os
 
 import torch
-from safetensors.torch import save_file
 
 from ..faces.types import FaceEmbeds
 from ..weights import packfile, packmeta
+from ..weights.atomic import save_file
 
 KIND = "face_embeds"
 FORMAT_VERSION = "1"

@@ -35,10 +35,10 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..weights import packfile, packmeta
+from ..weights.atomic import save_file
 
 KIND = "face0_projection"
 FORMAT_VERSION = "1"

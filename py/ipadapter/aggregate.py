@@ -139,7 +139,7 @@ class SelfAttentionAggregator(nn.Module):
 
 def save_aggregator(agg: SelfAttentionAggregator, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """The aggregator alone; its mode goes into the metadata (``attention``)."""
-    from safetensors.torch import save_file
+    from ..weights.atomic import save_file
 
     save_file(aggregator_tensors(agg), str(path), metadata={**(metadata or {}), "attention": agg.attention})
 

@@ -30,7 +30,9 @@ IP-Adapter aggregator trainer. API (stable):
     w.r.t. ``params`` only, so nothing else (a frozen UNet, the text encoder) ever gets a ``.grad``;
     Adam steps; ``progress(step_done, total, loss)`` after each step; ``check_interrupt()`` before each step
     (raise to cancel: the trainer keeps the state of the last finished step, so it can still be saved).
-    ``save(path, extra_meta)`` / ``load(path)``: one .safetensors file holding the parameters
+    ``checkpoint()`` every ``checkpoint_every`` steps (the caller's save).
+    ``save(path, extra_meta)`` / ``load(path)``: one .safetensors file (written atomically; ``load`` works under
+    ``torch.inference_mode()``) holding the parameters
     (``param.<name>``) and Adam's tensors (``optim.<i>.<key>``); its header metadata holds JSON with the
     step, losses, config, param-group settings and the caller's metadata. No pickle anywhere.
     ``optimizer_state`` / ``load_optimizer_state``: the optimiser's part of that file, shared with other trainers.
@@ -45,9 +47,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..weights import packfile
+from ..weights.atomic import save_file
 
 log = logging.getLogger("facecond")
 
@@ -126,8 +128,11 @@ class Trainer:
 
     def run(self, loss_fn: LossFn, steps: int | None = None, *,
             progress: Callable[[int, int, float], None] | None = None,
-            check_interrupt: Callable[[], None] | None = None) -> list[float]:
-        """Run until ``steps`` (default ``config.steps``) steps are done in total; returns this call's losses."""
+            check_interrupt: Callable[[], None] | None = None,
+            checkpoint: Callable[[], None] | None = None, checkpoint_every: int = 0) -> list[float]:
+        """Run until ``steps`` (default ``config.steps``) steps are done in total; returns this call's losses.
+        ``checkpoint()`` is called after every ``checkpoint_every``-th step (not after the last: the caller saves
+        the end of the run itself)."""
         total = self.config.steps if steps is None else steps
         names, tensors = list(self.params), list(self.params.values())
         out = []
@@ -155,6 +160,9 @@ class Trainer:
                 out.append(value)
                 if progress is not None:
                     progress(self.step, total, value)
+                if checkpoint is not None and checkpoint_every > 0 and self.step % checkpoint_every == 0 \
+                        and self.step < total:
+                    checkpoint()
         return out
 
     # --- save / resume -------------------------------------------------------------------------------------
@@ -165,23 +173,33 @@ class Trainer:
                 "param_names": list(self.params), "param_groups": groups}
         return tensors | optim, meta
 
-    def save(self, path: str, extra_meta: dict | None = None) -> None:
+    def state_file(self, extra_meta: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(tensors, safetensors metadata) of the state file ``save`` writes (for writers of file pairs)."""
         tensors, meta = self.state_tensors()
         meta["extra"] = extra_meta or {}
-        save_file(tensors, str(path), metadata={"facecond_train_state": json.dumps(meta)})
+        return tensors, {"facecond_train_state": json.dumps(meta)}
+
+    def save(self, path: str, extra_meta: dict | None = None) -> None:
+        tensors, metadata = self.state_file(extra_meta)
+        save_file(tensors, str(path), metadata=metadata)
 
     def load(self, path: str) -> dict:
-        """Restore parameters, Adam state, step and losses from ``save``; returns the saved ``extra_meta``."""
-        meta, tensors = read_state(path)
-        if meta["param_names"] != list(self.params):
-            raise ValueError(f"{path}: trainer state is for parameters {meta['param_names']}, not {list(self.params)}")
-        for n, p in self.params.items():
-            t = tensors[f"param.{n}"]
-            if t.shape != p.shape:
-                raise ValueError(f"{path}: parameter {n!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-            with torch.no_grad():
-                p.copy_(t.to(p.device, p.dtype))
-        load_optimizer_state(self.optimizer, tensors, meta["param_groups"])
+        """Restore parameters, Adam state, step and losses from ``save``; returns the saved ``extra_meta``.
+        Safe under ``torch.inference_mode()`` (the ComfyUI server runs nodes in it): the tensors are read and
+        copied as normal tensors, so Adam can update its state in place afterwards."""
+        with torch.inference_mode(False):
+            meta, tensors = read_state(path)
+            tensors = {k: v.clone() for k, v in tensors.items()}
+            if meta["param_names"] != list(self.params):
+                raise ValueError(f"{path}: trainer state is for parameters {meta['param_names']}, "
+                                 f"not {list(self.params)}")
+            for n, p in self.params.items():
+                t = tensors[f"param.{n}"]
+                if t.shape != p.shape:
+                    raise ValueError(f"{path}: parameter {n!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                with torch.no_grad():
+                    p.copy_(t.to(p.device, p.dtype))
+            load_optimizer_state(self.optimizer, tensors, meta["param_groups"])
         self.step = int(meta["step"])
         self.losses = [float(x) for x in meta["losses"]]
         return meta.get("extra", {})
@@ -209,7 +227,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
             _, i, name = key.split(".", 2)
             state.setdefault(int(i), {})[name] = t
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    with torch.inference_mode(False):  # tensors read under inference mode would refuse Adam's in-place updates
+        state = {i: {k: t.clone() for k, t in st.items()} for i, st in state.items()}
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def read_state(path: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..face0.projection import PRESETS as PROJECTION_PRESETS
 from ..face0.projection import Face0Projection, face_tokens, override_tokens
+from ..weights.atomic import save_file
 from .core import (
     denoising_loss,
     load_optimizer_state,

@@ -109,6 +109,34 @@ def test_resume_is_bit_exact(tmp_path):
     assert meta["step"] == 3 and "optim.0.exp_avg" in tensors
 
 
+def test_resume_under_inference_mode_as_the_server_runs_nodes(tmp_path):
+    """ComfyUI executes every node under torch.inference_mode(): a state read there must still let Adam step
+    (it failed with 'Inplace update to inference tensor outside InferenceMode')."""
+    _, mlp_a, loss_a = _toy()
+    full = Trainer(dict(mlp_a.named_parameters()), TrainConfig(steps=4, lr=1e-2, seed=2))
+    full.run(loss_a)
+    _, mlp_b, loss_b = _toy()
+    part = Trainer(dict(mlp_b.named_parameters()), TrainConfig(steps=4, lr=1e-2, seed=2))
+    part.run(loss_b, steps=2)
+    part.save(tmp_path / "state.safetensors")
+    with torch.inference_mode(False):
+        _, mlp_c, loss_c = _toy()
+    resumed = Trainer(dict(mlp_c.named_parameters()), TrainConfig(steps=4, lr=1e-2, seed=2))
+    with torch.inference_mode():
+        resumed.load(tmp_path / "state.safetensors")
+        resumed.run(loss_c)
+    for n, p in mlp_a.named_parameters():
+        assert torch.equal(p, dict(mlp_c.named_parameters())[n]), n
+
+
+def test_checkpoint_every_n_steps_but_not_the_last():
+    _, mlp, loss_fn = _toy()
+    tr = Trainer(dict(mlp.named_parameters()), TrainConfig(steps=7, seed=0))
+    seen = []
+    tr.run(loss_fn, checkpoint=lambda: seen.append(tr.step), checkpoint_every=3)
+    assert seen == [3, 6]
+
+
 def test_interrupt_keeps_last_finished_step():
     _, mlp, loss_fn = _toy()
     tr = Trainer(dict(mlp.named_parameters()), TrainConfig(steps=10, seed=0))
