@@ -10,7 +10,6 @@ softmax attention written out by hand with masks cut by hand.
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import comfy.ldm.modules.attention as comfy_attention
@@ -23,6 +22,7 @@ import nodes
 from facecond.nodes.ipadapter.adapter import ApplyIPAdapter, IPAdapterEncode, LoadIPAdapter, cross_attention_layers
 from facecond.py.faces.types import FaceEmbeds
 from facecond_dev.random_weights import random_state_dict
+from facecond_dev.reference import hand_attention
 
 D = 128
 KEY = ("input", 1, 0)  # the first cross-attention: its queries come straight from the latent window
@@ -52,17 +52,6 @@ def texts(tiny_model):
     with torch.inference_mode():
         return {t: nodes.CLIPTextEncode().encode(clip, t)[0] for t in ("a man", "a woman", "a room", "")}
 
-
-def hand_attention(q, k, v, heads):
-    """softmax(Q Kᵀ / √d) V per head, written out, float64: (B, T, h*d)."""
-    b, t, c = q.shape
-    d = c // heads
-    out = torch.empty(b, t, c, dtype=torch.float64)
-    for h in range(heads):
-        sl = slice(h * d, (h + 1) * d)
-        w = torch.softmax(q[..., sl].double() @ k[..., sl].double().transpose(1, 2) / math.sqrt(d), dim=-1)
-        out[..., sl] = w @ v[..., sl].double()
-    return out
 
 
 class Recorder:

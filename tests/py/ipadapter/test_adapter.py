@@ -1,7 +1,6 @@
 """IP-Adapter maths (py/ipadapter/adapter.py): the attn2 patch (decoupled attention) against a hand-computed attention
 (λ, window, cond/uncond, mask, stacking), variant detection and file loading in the real key layouts."""
 
-import math
 
 import pytest
 import torch
@@ -9,21 +8,14 @@ from safetensors.torch import save_file
 
 from facecond.py.ipadapter import adapter as ipa
 from facecond.py.weights.manifest import WeightsError
+from facecond_dev import reference
 from facecond_dev.random_weights import random_state_dict
 
 HEADS = 2
 
 
 def hand_attention(q, k, v, heads=HEADS):
-    """softmax(Q Kᵀ / √d) V per head, written out: (B, T, h*d)."""
-    b, t, c = q.shape
-    d = c // heads
-    out = torch.empty(b, t, c, dtype=torch.float64)
-    for h in range(heads):
-        sl = slice(h * d, (h + 1) * d)
-        w = torch.softmax(q[..., sl].double() @ k[..., sl].double().transpose(1, 2) / math.sqrt(d), dim=-1)
-        out[..., sl] = w @ v[..., sl].double()
-    return out
+    return reference.hand_attention(q, k, v, heads)
 
 
 def qkv(b=2, t=6, s=5, c=8, seed=0):

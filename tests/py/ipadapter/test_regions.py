@@ -6,27 +6,19 @@ batches chunks of equal shape, so one call can hold a left-area chunk, a right-a
 """
 
 import logging
-import math
 
 import pytest
 import torch
 
 from facecond.py.ipadapter import adapter as ipa
 from facecond.py.ipadapter import regions
+from facecond_dev import reference
 
 C, HEADS = 8, 2
 
 
 def hand_attention(q, k, v, heads=HEADS):
-    """softmax(Q Kᵀ / √d) V per head, written out: (B, T, h*d) in float64 (as in test_adapter.py)."""
-    b, t, c = q.shape
-    d = c // heads
-    out = torch.empty(b, t, c, dtype=torch.float64)
-    for h in range(heads):
-        sl = slice(h * d, (h + 1) * d)
-        w = torch.softmax(q[..., sl].double() @ k[..., sl].double().transpose(1, 2) / math.sqrt(d), dim=-1)
-        out[..., sl] = w @ v[..., sl].double()
-    return out
+    return reference.hand_attention(q, k, v, heads)
 
 
 def make_term(weight, mask, tokens=3, seed=2):
