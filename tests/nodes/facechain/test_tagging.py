@@ -2,6 +2,7 @@
 trigger word from gender and age, captions, the dataset folder."""
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,17 @@ def test_tag_faces_captions_dataset_and_steps(shared_data, genderage_packs):
     (out / "0007.png").write_bytes(b"stale")  # from an earlier, larger set: removed
     (out / "notes.txt").write_text("mine")  # not a dataset name: kept
     before = crops.clone()
-    captions, prompt, steps, report = FacecondFaceChainTagFaces().tag(
+    # overwrite off (the default): the non-empty folder is kept and the set goes to the next numbered name
+    kept = Path(folder_paths.get_output_directory()) / "facechain_test/person_00001"
+    shutil.rmtree(kept, ignore_errors=True)
+    *_, report = FacecondFaceChainTagFaces().tag(
         crops, image, faces, "ga_man/genderage.onnx", AUTO, "sks", "facechain_test/person", 20, 1)
+    assert sorted(p.name for p in out.iterdir()) == ["0007.png", "notes.txt"] and str(kept) in report
+    assert sorted(p.name for p in kept.iterdir()) == ["0000.png", "0000.txt", "0001.png", "0001.txt",
+                                                      "metadata.jsonl"]
+    # overwrite on: written into the folder, replacing its NNNN files and metadata
+    captions, prompt, steps, report = FacecondFaceChainTagFaces().tag(
+        crops, image, faces, "ga_man/genderage.onnx", AUTO, "sks", "facechain_test/person", 20, 1, overwrite=True)
     # p_male 0.8 > p_female 0.2 for both faces; age round(34.6) = 35 -> bin 30-39 -> FaceChain's 'a handsome man'
     assert captions == ["sks, a handsome man"] * 2 and prompt == "sks, a handsome man"
     assert steps == 40  # 2 photos x 20 epochs at batch 1
