@@ -51,16 +51,22 @@ class WordTrainConfig:
     augment: bool = True  # colour jitter, random resize and shift (train.augment), before the VAE
 
 
+MAX_LABEL_CHARS = 100  # one identities label (README "Limits")
+
+
 def parse_identities(text: str, n: int, node: str) -> list[int]:
     """Per-image person index from labels 'a,a,b' (first label seen = person 0); empty text: one person."""
     if not text.strip():
         return [0] * n
+    if len(text) > MAX_LABEL_CHARS * max(n, 1):  # before splitting: the text costs what n short labels cost
+        raise ValueError(f"{node}: identities is {len(text):,} characters for {n} images; give one short label per "
+                         f"image (at most {MAX_LABEL_CHARS} characters each), e.g. 'a,a,b'.")
     labels = [s.strip() for s in text.replace(";", ",").split(",") if s.strip()]
     if len(labels) != n:
         raise ValueError(f"{node}: identities has {len(labels)} labels for {n} images; give one per image, e.g. "
                          "'a,a,b' (or leave it empty: one person).")
-    order = list(dict.fromkeys(labels))
-    return [order.index(s) for s in labels]
+    person = {label: i for i, label in enumerate(dict.fromkeys(labels))}  # first label seen = person 0
+    return [person[s] for s in labels]
 
 
 def square_images(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -152,3 +152,15 @@ def test_custom_name_list_changes_the_basis(table, tokenize, shared_data):
     err_own = (b.embeddings(b.project(c[outsider:outsider + 1].float())) - c[outsider].float()).norm()
     err_other = (other.embeddings(other.project(c[outsider:outsider + 1].float())) - c[outsider].float()).norm()
     assert err_own < 1e-5 < err_other
+
+
+def test_identities_labels_and_their_bound():
+    from facecond.py.celebbasis.train import MAX_LABEL_CHARS, parse_identities
+
+    assert parse_identities("", 3, "TrainCelebBasis") == [0, 0, 0]
+    assert parse_identities("b, a; b", 3, "TrainCelebBasis") == [0, 1, 0]  # first label seen = person 0
+    with pytest.raises(ValueError, match="identities has 2 labels for 3 images"):
+        parse_identities("a,b", 3, "TrainCelebBasis")
+    with pytest.raises(ValueError, match=r"identities is 3,000,000 characters for 3 images"):
+        parse_identities("a," * 1_500_000, 3, "TrainCelebBasis")
+    assert parse_identities(",".join(["x" * MAX_LABEL_CHARS] * 3), 3, "TrainCelebBasis") == [0, 0, 0]
