@@ -58,7 +58,7 @@ def parse_identities(text: str, n: int, node: str) -> list[int]:
     """Per-image person index from labels 'a,a,b' (first label seen = person 0); empty text: one person."""
     if not text.strip():
         return [0] * n
-    if len(text) > MAX_LABEL_CHARS * max(n, 1):  # before splitting: the text costs what n short labels cost
+    if len(text) > (MAX_LABEL_CHARS + 2) * max(n, 1):  # before splitting; +2: a comma and a space per label
         raise ValueError(f"{node}: identities is {len(text):,} characters for {n} images; give one short label per "
                          f"image (at most {MAX_LABEL_CHARS} characters each), e.g. 'a,a,b'.")
     labels = [s.strip() for s in text.replace(";", ",").split(",") if s.strip()]
