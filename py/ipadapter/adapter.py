@@ -218,7 +218,7 @@ def from_state_dict(sd: dict[str, torch.Tensor], name: str = "") -> IPAdapter:
                for t in pair):
             raise ValueError(f"{name}: ip_adapter.{i}.to_k_ip / to_v_ip must be (inner, {v.cross_dim}) weights with "
                              f"inner <= {MAX_WIDTH}; found {[None if t is None else tuple(t.shape) for t in pair]}")
-        kv.append(tuple(t.float() for t in pair))
+        kv.append(tuple(t.to(torch.float32, copy=True) for t in pair))
     return IPAdapter(v, module.eval().requires_grad_(False), tuple(kv), name, lora_weights(sd))
 
 

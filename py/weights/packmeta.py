@@ -90,5 +90,7 @@ def build(path: str | os.PathLike, factory: Callable[[], T], state: dict, *, wha
         raise shape_error(path, {k: v for k, v in expected.items() if found.get(k) != v},
                           {k: v for k, v in found.items() if expected.get(k) != v}, kind=kind, label=label,
                           writer=writer, what=what)
-    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
+    # copies: each parameter in its own, freshly allocated storage (as load_state_dict without assign gives)
+    module.load_state_dict({k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone()
+                           for k, v in state.items()}, assign=True)
     return module
