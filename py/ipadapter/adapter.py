@@ -183,7 +183,10 @@ def read_file(path: str | Path) -> dict[str, torch.Tensor]:
     def plan(_meta, specs):
         from_state_dict(packmeta.meta_tensors(specs), Path(path).name)
 
-    return load_state_dict(path, LABEL, WRITER, dtypes=packfile.ALL_FLOAT, plan=plan)
+    # a file written by scripts/train_aggregator.py --train adapter also holds its aggregator, whose n_refs and heads
+    # are integers (py/ipadapter/aggregate.py FILE_PREFIX)
+    ints = {f"aggregator.{k}": packfile.INT_DTYPES for k in ("n_refs", "heads")}
+    return load_state_dict(path, LABEL, WRITER, dtypes=ints, plan=plan)
 
 
 def _resampler_depth(proj: dict[str, torch.Tensor], name: str) -> None:
