@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from facecond.nodes import model_cache
-from facecond.nodes.faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
 from facecond.py.face0.projection import ProjectionInfo, load_projection, random_projection, save_projection
 from facecond.py.faces.onnx_pack import SessionModule
+from facecond_dev.face_photos import detect_faces, embed_faces
 
 REC = "testpack/mobilefacenet_128.onnx"
 DET = "testpack/det_2.5g.onnx"
@@ -40,14 +40,7 @@ def _photo(shared_data) -> torch.Tensor:
 
 
 def _detect(image, detector):
-    with torch.inference_mode():
-        return FacecondFaceDetectCrop().detect(image, detector=detector, select="largest", face_index=0, min_size=40,
-                                               margin_scale=1.0, upright="off", no_face="error")[0]
-
-
-def _embed(faces, model):
-    with torch.inference_mode():
-        return FacecondFaceEmbed().embed(faces, model=model, facenet_layer="bottleneck_512", normalize="auto")[0]
+    return detect_faces(image, no_face="error", detector=detector, upright="off")
 
 
 def _ours_in_comfy() -> int:
@@ -98,8 +91,8 @@ def test_comfy_unload_frees_every_model_and_reloaded_models_work(shared_data, co
 
     faces = _detect(img, "mtcnn")
     _detect(img, DET)
-    rec1 = _embed(faces, REC).embeds
-    fn1 = _embed(faces, "facenet/facenet_cache_test.pt").embeds
+    rec1 = embed_faces(faces, REC).embeds
+    fn1 = embed_faces(faces, "facenet/facenet_cache_test.pt").embeds
     kinds = sorted(e.kind for e in model_cache.entries())
     assert kinds == ["facenet", "mtcnn", "onnx-detector", "onnx-recogniser"]
     assert _ours_in_comfy() == 4
@@ -110,7 +103,7 @@ def test_comfy_unload_frees_every_model_and_reloaded_models_work(shared_data, co
     # the same models serve the next run (no new entries, same objects)
     objs = [e.model for e in model_cache.entries()]
     _detect(img, "mtcnn")
-    _embed(faces, REC)
+    embed_faces(faces, REC)
     assert len(model_cache.entries()) == 4 and all(any(o is e.model for e in model_cache.entries()) for o in objs)
     del objs
 
@@ -129,8 +122,8 @@ def test_comfy_unload_frees_every_model_and_reloaded_models_work(shared_data, co
 
     faces2 = _detect(img, "mtcnn")  # loaded anew, and the same numbers as before
     assert torch.equal(faces2.crops_facenet, faces.crops_facenet)
-    assert torch.allclose(_embed(faces2, REC).embeds, rec1, atol=1e-6)
-    assert torch.allclose(_embed(faces2, "facenet/facenet_cache_test.pt").embeds, fn1, atol=1e-5)
+    assert torch.allclose(embed_faces(faces2, REC).embeds, rec1, atol=1e-6)
+    assert torch.allclose(embed_faces(faces2, "facenet/facenet_cache_test.pt").embeds, fn1, atol=1e-5)
     assert _ours_in_comfy() == 3
 
 
@@ -139,7 +132,7 @@ def test_onnx_sessions_are_bounded(shared_data, monkeypatch):
     img = _photo(shared_data)
     faces = _detect(img, DET)
     det = next(e.module for e in model_cache.entries() if e.kind == "onnx-detector")
-    _embed(faces, REC)
+    embed_faces(faces, REC)
     assert [e.kind for e in model_cache.entries()] == ["onnx-recogniser"]
     assert det.session is None and _ours_in_comfy() == 1  # evicted: closed and out of ComfyUI's list
 
