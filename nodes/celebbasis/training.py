@@ -23,7 +23,7 @@ import comfy.model_sampling
 import torch
 
 from ...py.celebbasis.train import WordModel
-from ...py.train.core import Trainer
+from ...py.train.core import STATE_FORMAT, Trainer
 from ...py.weights import atomic
 from .pseudo_words import add_pseudo_word, text_encoder
 
@@ -88,6 +88,7 @@ def run_files(node: str, save_name: str, paths_of: Callable[[str], tuple[str, st
         status = atomic.recover_pair([result, state])
         stamps = [atomic.pair_stamp(p) for p in (result, state)]
         if status == "ok":
+            _check_state(node, save_name, state)
             return RunFiles(node, save_name, result, state, json.loads(stamps[1])["run"], state)
         if status == "mismatch":
             if not os.path.isfile(state):
@@ -100,15 +101,32 @@ def run_files(node: str, save_name: str, paths_of: Callable[[str], tuple[str, st
 
             def step(st):
                 return "none" if st is None else f"step {json.loads(st)['step']} of run {json.loads(st)['run'][:8]}"
-            raise ValueError(f"{node}: resume=true but {os.path.basename(result)} ({step(stamps[0])}) and "
+            raise ValueError(f"{node}: resume=true but save_name {save_name!r}: {os.path.basename(result)} "
+                             f"({step(stamps[0])}) and "
                              f"{os.path.basename(state)} ({step(stamps[1])}) are not one pair (a file was replaced, "
                              "copied or deleted by hand); resuming could mix two runs, so it is refused. Set "
                              "resume=false to train anew under a new numbered name, or delete both files.")
+        if status == "absent":
+            log.warning("[facecond] %s: resume=true but nothing is saved under save_name %r: training a new run",
+                        node, save_name)
     name = atomic.free_name(save_name, paths_of, overwrite)
     if name != save_name:
         log.info("[facecond] %s: %r exists; writing %r (overwrite=false)", node, save_name, name)
     result, state = paths_of(name)
     return RunFiles(node, name, result, state, uuid.uuid4().hex, None)
+
+
+def _check_state(node: str, save_name: str, state: str) -> None:
+    """Refuse, before anything is built, a state file that is not a facecond trainer state (from its header)."""
+    meta = atomic.header_metadata(state) or {}
+    try:
+        fmt = json.loads(meta.get("facecond_train_state", "null") or "null")
+    except ValueError:
+        fmt = None
+    if not isinstance(fmt, dict) or fmt.get("format") != STATE_FORMAT:
+        raise ValueError(f"{node}: resume=true but save_name {save_name!r}: {os.path.basename(state)} is not a "
+                         f"facecond trainer state (expected {STATE_FORMAT!r} metadata), so its run cannot be "
+                         "continued. Set resume=false to train anew under a new numbered name, or delete both files.")
 
 
 def _grad_safe_weight(weight: torch.Tensor) -> torch.Tensor:
