@@ -6,7 +6,8 @@ Face0's unconditional input is *empty text + zero face*, its text-only input *te
 was trained with the projected tokens zeroed 10% of the time, so "no face" means zero tokens.
 
 Long prompts: the face never replaces a prompt token or an end-of-text token. Where the prompt ends is read from the
-conditioning's pooled output (``prompt_ends``; exact for SD1.x at the default CLIP layer, first chunk); a chunk
+conditioning's pooled output (``prompt_ends``; exact for SD1.x at the default CLIP layer, first chunk) or, for
+SDXL, through CLIP-G's own last layers (``prompt_end.clip_prompt_ends``, first chunk); a chunk
 without visible padding at tokens 75-77 keeps its tokens and the face goes into an added chunk (``place_face_tokens``).
 """
 
@@ -21,6 +22,7 @@ from ...py.face0.projection import TOKENS_PER_CHUNK, face_tokens, load_projectio
 from .. import model_cache
 from ..common import FACE0_PROJECTION, FACE_EMBEDS, require_embeds
 from .branches import mark_entries
+from .prompt_end import clip_prompt_ends
 
 log = logging.getLogger("facecond")
 
@@ -66,11 +68,12 @@ def _check_context(node: str, input_name: str, conditioning, proj) -> None:
 
 
 def apply_face_tokens(conditioning, tokens: torch.Tensor | None, k: int, chunks: str, node: str,
-                      empty_chunk: torch.Tensor, is_empty: bool = False):
+                      empty_chunk: torch.Tensor, is_empty: bool = False, clip=None):
     """A copy of ``conditioning`` with ``tokens`` (N, K, W), or zeros if None, placed by ``place_face_tokens``:
     at the end of the chunks ``chunks`` names where that is padding, else in added chunks (``empty_chunk`` + face).
 
-    Where the prompt ends comes from ``prompt_ends`` (the pooled output); ``is_empty``: the conditioning is the
+    Where the prompt ends comes from ``prompt_ends`` (the pooled output) or, where the context does not show it,
+    from ``clip``'s own CLIP-G layers (``prompt_end.clip_prompt_ends``: SDXL); ``is_empty``: the conditioning is the
     empty prompt (empty_conditioning's contract), whose EOS is token 2, when its pooled output does not show it.
     Batch rule per entry of batch B: B == N pairs row i with embedding i; B == 1 repeats the prompt for the
     N faces; N == 1 puts the one face into every row; anything else is an error. Other keys (pooled_output,
@@ -93,6 +96,8 @@ def apply_face_tokens(conditioning, tokens: torch.Tensor | None, k: int, chunks:
                 raise ValueError(f"{node}: {n} face embeddings for a conditioning batch of {b}. Give one face, "
                                  f"one prompt, or as many faces as prompts.")
         ends = prompt_ends(ctx, opts.get("pooled_output"))
+        if ends[0] is None and clip is not None and not is_empty:
+            ends[0] = clip_prompt_ends(clip, ctx, opts.get("pooled_output"))
         if is_empty and ends == [None]:
             ends = [1]
         placed, added = place_face_tokens(base, tok, chunks, ends, empty_chunk)
@@ -124,8 +129,8 @@ class ProjectToContext:
                            "the face (prompts over 75 tokens are several chunks). each: one face per chunk (the face "
                            "keeps its share of attention); first / last: one face, for that chunk. A chunk gets the "
                            "face at its tokens 75-77 only where they are padding (at most 72 prompt tokens in it, and "
-                           "its end visible: SD1.x at the default CLIP layer, first chunk). Otherwise (a long prompt; "
-                           "SD2/SDXL or CLIP skip, whose end is unknown) the chunk stays whole and its face goes into "
+                           "its end visible: SD1.x at the default CLIP layer and SDXL, first chunk). Otherwise (a long "
+                           "prompt; SD2 or SD1.x with CLIP skip, whose end is unknown) the chunk stays whole and its face goes into "
                            "an added chunk, the empty prompt + face, appended after the prompt (logged)."}),
             },
             "optional": {
@@ -144,7 +149,7 @@ class ProjectToContext:
     DESCRIPTION = (
         "Face0: puts the projected face embedding into the text context as K (=3) tokens: tokens 75-77 of a "
         "77-token chunk, as in the paper, where they are padding; a prompt too long for that (or whose end the "
-        "conditioning does not show: SD2, SDXL, CLIP skip) is kept whole and gets an added chunk (empty prompt + "
+        "conditioning does not show: SD2, SD1.x with CLIP skip) is kept whole and gets an added chunk (empty prompt + "
         "face). A zero embedding (or the text_only / negative outputs) gives zero tokens, the training-time 'no "
         "face' input. SDXL: needs a 2048-wide projection; the pooled output is left alone. Never edits its inputs.")
 
@@ -165,8 +170,8 @@ class ProjectToContext:
             tokens = face_tokens(projection, x).cpu()  # (N, K, W); zero rows → zero tokens
         k = projection.info.tokens
         empty_chunk = empty_conditioning[0][0][:1, :TOKENS_PER_CHUNK]  # (1, 77, W): the empty prompt's encoding
-        positive = apply_face_tokens(conditioning, tokens, k, chunks, node, empty_chunk)
-        text_only = apply_face_tokens(conditioning, None, k, chunks, node, empty_chunk)
+        positive = apply_face_tokens(conditioning, tokens, k, chunks, node, empty_chunk, clip=clip)
+        text_only = apply_face_tokens(conditioning, None, k, chunks, node, empty_chunk, clip=clip)
         face_only = apply_face_tokens(empty_conditioning, tokens, k, chunks, node, empty_chunk, is_empty=True)
         negative = apply_face_tokens(empty_conditioning, None, k, chunks, node, empty_chunk, is_empty=True)
         mark_entries(positive, text_only, face_only, negative)  # the guider pairs the entries by this mark
