@@ -130,8 +130,9 @@ class ProjectToContext:
                            "keeps its share of attention); first / last: one face, for that chunk. A chunk gets the "
                            "face at its tokens 75-77 only where they are padding (at most 72 prompt tokens in it, and "
                            "its end visible: SD1.x at the default CLIP layer and SDXL, first chunk). Otherwise (a long "
-                           "prompt; SD2 or SD1.x with CLIP skip, whose end is unknown) the chunk stays whole and its face goes into "
-                           "an added chunk, the empty prompt + face, appended after the prompt (logged)."}),
+                           "prompt; SD2 or SD1.x with CLIP skip, whose end is unknown) the chunk stays whole and its "
+                           "face goes into an added chunk, the empty prompt + face, appended after the prompt "
+                           "(logged)."}),
             },
             "optional": {
                 "empty_conditioning": ("CONDITIONING", {"tooltip": "Optional: use this instead of encoding \"\" "
