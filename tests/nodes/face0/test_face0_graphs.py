@@ -270,3 +270,29 @@ def test_area_and_mask_on_positive_follow_the_rule(tiny_model, conds, region_fir
     assert not torch.equal(ours, _three_way(model, dict(conds, positive=combine(conds["positive"]))))
     assert torch.equal(_three_way(model, wired, c=1.0), _ksampler(model, wired))
     _assert_unchanged(wired, snap)
+
+
+def test_hooks_and_timestep_range_on_positive_reach_text_and_face_branches(tiny_model, tiny_ckpt, conds):
+    """Core ConditioningSetTimestepRange and ConditioningSetProperties (a hook group from
+    CreateHookModelAsLoraModelOnly) on positive only: the guider's text_only and face_only carry the same range and
+    hook group (copies of the options, the same objects), negative keeps its own, the inputs are unchanged, and the
+    three-way sampler runs the hooked graph at c < 1."""
+    from comfy_extras.nodes_hooks import ConditioningSetProperties, CreateHookModelAsLoraModelOnly
+
+    from facecond.nodes.face0.branches import conditional_branch
+
+    hooks = CreateHookModelAsLoraModelOnly().create_hook_model_only(tiny_ckpt, 0.5)[0]
+    ranged = nodes.ConditioningSetTimestepRange().set_range(conds["positive"], 0.0, 0.6)[0]
+    positive = ConditioningSetProperties().set_properties(ranged, 1.0, "default", hooks=hooks)[0]
+    before = copy.copy([dict(o) for _, o in conds["text_only"]])
+    for name in ("text_only", "face_only"):
+        branch = conditional_branch(positive, conds[name])
+        assert len(branch) == 1 and branch[0][0] is conds[name][0][0]
+        opts = branch[0][1]
+        assert opts["hooks"] is positive[0][1]["hooks"] and (opts["start_percent"], opts["end_percent"]) == (0.0, 0.6)
+    assert [dict(o) for _, o in conds["text_only"]] == before and "hooks" not in conds["face_only"][0][1]
+    assert "hooks" not in conds["negative"][0][1]
+    model = tiny_model[0]
+    out = _three_way(model, dict(conds, positive=positive))
+    plain = _three_way(model, conds)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
