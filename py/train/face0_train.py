@@ -42,8 +42,9 @@ from .face0_data import decode_sample, iter_shard, shard_keys
 from .lora import LoRASet
 
 STATE_FORMAT = "facecond.face0_train_state.v1"
-# ComfyUI model-config class -> the projection's base_model; Face0 needs a 77-token CLIP context without the
-# extra conditionings SDXL-style models take.
+# ComfyUI model-config class -> the projection's base_model. SDXL is not here yet: its ADM vector y needs the pooled
+# text output and the original size / crop of each image, which face0_prepare.py's shards do not hold
+# (docs/TRAINING.md); the denoiser call (denoiser.denoise) already takes y.
 FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2"}
 PREDICTIONS = ("EPS", "V_PREDICTION")
 
