@@ -37,7 +37,7 @@ from .files import (
     names_with_hash,
     resolve_names,
 )
-from .pseudo_words import TextEncoder, add_pseudo_word, text_encoder
+from .pseudo_words import TextEncoders, add_pseudo_word, text_encoder
 from .training import (
     DEFAULT_CHECKPOINT_EVERY,
     checkpoint_input,
@@ -56,10 +56,12 @@ DEFAULT_TEMPLATES = "a photo of {}\na depiction of {}\na close-up photo of {}\na
 
 
 # --- basis for a CLIP ----------------------------------------------------------------------------------------
-def basis_for(clip, names: list[str], p: int, node: str) -> tuple[cb.CelebBasis, TextEncoder]:
+def basis_for(clip, names: list[str], p: int, node: str) -> tuple[cb.CelebBasis, TextEncoders]:
+    """The celebrity-name basis of this CLIP's token table(s) (SDXL: one PCA over CLIP-L and CLIP-G side by side,
+    see ``py/celebbasis/basis.py``), marked with the CLIP's model family."""
     enc = text_encoder(clip, node)
     try:
-        return cb.cached_basis(enc.table(), names, enc.tokenize, p), enc
+        return dataclasses.replace(cb.cached_basis(enc.tables(), names, enc.tokenize, p), family=enc.family), enc
     except ValueError as e:  # e.g. fewer than 2 names of two or more tokens
         raise ValueError(f"{node}: {e}. Give at least 2 celebrity names of two or more tokens each (names_list / "
                          "names_text, or the list the coefficient MLP was trained with).") from None
@@ -132,7 +134,8 @@ class CelebBasisCoeffs:
             with torch.inference_mode():
                 alpha = celeb_mlp.mlp(_mean_face(node, face_embeds, celeb_mlp).to(device))[0].cpu()
             # stored as fp16 in files: round now so a saved identity gives the same conditioning bit for bit
-            c = CelebCoeffs(fp16_exact(alpha), celeb_mlp.facts, source=f"mlp:{mlp_name}/{face_embeds.model}")
+            c = CelebCoeffs(fp16_exact(alpha), dataclasses.replace(celeb_mlp.facts, family=basis.family),
+                            source=f"mlp:{mlp_name}/{face_embeds.model}")
         vectors = basis.embeddings(c.coeffs.float())
         return (add_pseudo_word(clip, pseudo_word, vectors, node), c)
 
@@ -188,7 +191,7 @@ def train_celeb_mlp(model, clip, vae, images, face_embeds: FaceEmbeds, *, identi
     except comfy.model_management.InterruptProcessingException:
         files.interrupted()
         raise
-    facts = BasisFacts(basis.p, basis.table_hash, basis.names_hash)
+    facts = BasisFacts(basis.p, basis.table_hash, basis.names_hash, family=basis.family)
     losses = trainer.losses
     name = os.path.relpath(files.result, root)
     resumed = f"resumed {save_name!r}; " if files.resume_from else ""
