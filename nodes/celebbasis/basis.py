@@ -79,7 +79,8 @@ class CelebBasisCoeffs:
                    "saved coefficients, builds the two token embeddings C̄_k + B_k·α_k in the celebrity-name basis "
                    "of this CLIP's own token table and returns a cloned CLIP in which pseudo_word (e.g. <alice>) "
                    "means that person: write it in any prompt ('<alice> as an astronaut'). Chain the node for "
-                   "several people. SD1.x/SD2.x.")
+                   "several people. SD1.x, SD2.x and SDXL (one basis over CLIP-L and CLIP-G side by side: the same "
+                   "coefficients drive both encoders).")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("CLIP", CELEB_COEFFS)
@@ -90,7 +91,8 @@ class CelebBasisCoeffs:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP (SD1.x / SD2.x). Its token table defines the basis."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP (SD1.x, SD2.x or SDXL). Its token table(s) define "
+                     "the basis (SDXL: CLIP-L's and CLIP-G's)."}),
             "pseudo_word": ("STRING", {"default": "<alice>", "tooltip": "The new word, written <name>; use it in "
                             "prompts exactly like this."}),
             "mlp_name": (["none", *mlp_files()], {"default": "none", "tooltip": "Trained coefficient MLP in "
@@ -226,7 +228,8 @@ class TrainCelebBasis:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The diffusion model to train against (frozen)."}),
-            "clip": ("CLIP", {"tooltip": "Its CLIP (frozen); its token table defines the basis."}),
+            "clip": ("CLIP", {"tooltip": "Its CLIP (frozen); its token table(s) define the basis (SDXL: CLIP-L's and "
+                     "CLIP-G's side by side)."}),
             "vae": ("VAE", {"tooltip": "Encodes the photos to latents."}),
             "images": ("IMAGE", {"tooltip": "Photos of the person/people (face crops work best), one "
                        "per face embedding."}),
@@ -239,7 +242,7 @@ class TrainCelebBasis:
             "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
                               "tooltip": "Adam learning rate."}),
             "p": ("INT", {"default": 512, "min": 1, "max": 4096, "tooltip": "Basis size (principal components per "
-                  "token); capped at names - 1 and the token width."}),
+                  "token); capped at names - 1 and the token width (SDXL: 768 + 1280)."}),
             "seed": seed_input("Fixes the MLP init, noise, timesteps, templates and augmentation.",
                                control_after_generate=False),
             "augment": ("BOOLEAN", {"default": True, "tooltip": "Colour jitter, random resize and shift."}),
