@@ -270,10 +270,10 @@ class TrainFaceTI:
                    "PrecomputeCelebFaces once); optional log-norm reparameterisation v = a^n·d/||d||, else l2 0.01; "
                    "Adam β = (0.9, 0.98). SD1.x, SD2.x and SDXL (vectors for both CLIP-L and CLIP-G, each with its "
                    "own log-norm). Writes models/embeddings/<save_name>.safetensors, a standard embedding (SDXL: "
-                   "clip_l and clip_g tensors): write embedding:<save_name> in any prompt. Deterministic for a seed. Saves the vectors and the "
-                   "trainer state every checkpoint_every steps, at the end and when cancelled; resume=true "
-                   "continues save_name's run. An existing embedding is kept: a new run takes a numbered name "
-                   "unless overwrite=true (embedding_name says which).")
+                   "clip_l and clip_g tensors): write embedding:<save_name> in any prompt. Deterministic for a seed. "
+                   "Saves the vectors and the trainer state every checkpoint_every steps, at the end and when "
+                   "cancelled; resume=true continues save_name's run. An existing embedding is kept: a new run takes "
+                   "a numbered name unless overwrite=true (embedding_name says which).")
     CATEGORY = CATEGORY
     FUNCTION = "train"
     OUTPUT_NODE = True
