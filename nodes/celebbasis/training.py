@@ -157,14 +157,10 @@ def model_denoiser(model, node: str):
     comfy.model_management.load_models_gpu([model])
     inner = model.model
 
-    def denoise(x, sigma, context, _keep=model):  # _keep: the wrapped clone stays alive while training
-        if isinstance(context, tuple):  # SDXL: (context, pooled) -> the ADM vector y as ComfyUI builds it
-            context, pooled = context
-            h, w = x.shape[-2] * 8, x.shape[-1] * 8
-            y = inner.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
-                                 target_height=h).to(x.device, x.dtype)
-            return inner.apply_model(x, sigma, c_crossattn=context, y=y)
-        return inner.apply_model(x, sigma, c_crossattn=context)
+    def denoise(x, sigma, context, y=None, _keep=model):  # _keep: the wrapped clone stays alive while training
+        if y is None:
+            return inner.apply_model(x, sigma, c_crossattn=context)
+        return inner.apply_model(x, sigma, c_crossattn=context, y=y)
 
     return denoise, ms.sigmas, model.load_device
 
@@ -209,7 +205,20 @@ def word_model(model, clip, vae, templates: list[str], node: str, k: int = 2) ->
     denoise, sigmas, device = model_denoiser(model, node)
     tokens = template_tokens(clip, templates, node, k=k)
     tclip = trainable_clip(clip)
-    return WordModel(denoise=denoise, sigmas=sigmas, device=device,
+    base = model.model
+
+    def word_denoise(x, sigma, context):
+        if not isinstance(context, tuple):
+            return denoise(x, sigma, context)
+        # SDXL: the text forward gave (context, pooled); y as ComfyUI builds it when it samples (width and height
+        # default to the latent's size in pixels, no crop)
+        context, pooled = context
+        w, h = x.shape[-1] * 8, x.shape[-2] * 8
+        y = base.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
+                            target_height=h, device=pooled.device)
+        return denoise(x, sigma, context, y=y.to(x.device))
+
+    return WordModel(denoise=word_denoise, sigmas=sigmas, device=device,
                      encode_images=lambda images: encode_images(vae, model, images),
                      encode_text=lambda t, vectors: encode_with(tclip, tokens[t], vectors, node),
                      templates=len(tokens))
