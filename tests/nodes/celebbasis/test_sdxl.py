@@ -2,7 +2,7 @@
 on it and a face-TI embedding trained on it give, through the pack, the conditioning (CLIP-L half, CLIP-G half and
 the pooled output) core ComfyUI gives for the saved file as ``embedding:NAME``; the CLIP and the model are
 untouched; coefficients and MLPs record the family and another family refuses them with the reason.
-Cheap by design: 64 px, 1 training step, a 32-component basis, few SDXL encodes (each ~5 s on 2 cores)."""
+Cheap by design: 64 px, 1 training step, a 32-component basis, four SDXL encodes in all (CLIP-G is full size)."""
 
 from __future__ import annotations
 
@@ -107,10 +107,6 @@ def test_celeb_basis_word_trained_on_sdxl_equals_embedding_file(family_model, ti
     assert mine.shape == (1, 77, 2048) and mine_pooled.shape == (1, 1280)
     assert torch.equal(mine[..., :768], core[..., :768]) and torch.equal(mine[..., 768:], core[..., 768:])
     assert torch.equal(mine_pooled, core_pooled)
-    # the trainer's text forward is that conditioning too (both halves and the pooled output it puts into y)
-    ctx, pooled = encode_with(clip, template_tokens(clip, ["a photo of {}"], "t")[0], vec, "t")
-    ref, ref_pooled = _encode(clip, "a photo of embedding:sdxl_cb_alice")
-    assert torch.allclose(ctx, ref, atol=1e-5, rtol=0) and torch.allclose(pooled, ref_pooled, atol=1e-5, rtol=0)
     _untouched(model, clip, snap)
 
     # saved coefficients keep the family; an SD1.5 CLIP refuses them and the MLP, with the reason
