@@ -151,7 +151,7 @@ def model_denoiser(model, node: str):
     Differentiable w.r.t. x and context also when the server loaded the model (``grad_safe``)."""
     ms = model.get_model_object("model_sampling")
     if not isinstance(ms, comfy.model_sampling.EPS) or isinstance(ms, comfy.model_sampling.CONST):
-        raise ValueError(f"{node}: training needs an eps- or v-prediction model (SD1.x / SD2.x); this model's "
+        raise ValueError(f"{node}: training needs an eps- or v-prediction model (SD1.x, SD2.x, SDXL); this model's "
                          f"sampling is {type(ms).__name__}.")
     model = grad_safe(model)
     comfy.model_management.load_models_gpu([model])
