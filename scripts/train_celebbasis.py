@@ -1,7 +1,7 @@
 """Train a Celeb Basis coefficient MLP from the command line (Yuan et al. 2023; same code as TrainCelebBasis).
 
-ComfyUI is imported in-process (the pinned host by default, or --comfyui PATH); the checkpoint is any SD1.x /
-SD2.x file; photos are read from a folder, their faces detected and embedded with the pack's face nodes, then
+ComfyUI is imported in-process (the pinned host by default, or --comfyui PATH); the checkpoint is any SD1.x,
+SD2.x or SDXL file; photos are read from a folder, their faces detected and embedded with the pack's face nodes, then
 the trainer the node runs (``nodes/celebbasis.train_celeb_mlp``) writes the same file
 (models/facecond/celebbasis/<save-name>.safetensors under the ComfyUI base directory, or --base-dir). Prints the
 written file's path. Example:
@@ -25,7 +25,7 @@ log = logging.getLogger("facecond")
 
 
 def common_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--checkpoint", required=True, help="SD1.x/SD2.x checkpoint file (.safetensors/.ckpt)")
+    ap.add_argument("--checkpoint", required=True, help="SD1.x, SD2.x or SDXL checkpoint file (.safetensors/.ckpt)")
     ap.add_argument("--photos", help="folder of photos of the person (one face each)")
     ap.add_argument("--comfyui", default=None,
                     help="ComfyUI folder (default: the pinned host that FACECOND_HOST names, see host.py)")

@@ -37,7 +37,7 @@ from .files import (
     names_with_hash,
     resolve_names,
 )
-from .pseudo_words import TextEncoder, add_pseudo_word, text_encoder
+from .pseudo_words import TextEncoders, add_pseudo_word, text_encoder
 from .training import (
     DEFAULT_CHECKPOINT_EVERY,
     checkpoint_input,
@@ -56,10 +56,12 @@ DEFAULT_TEMPLATES = "a photo of {}\na depiction of {}\na close-up photo of {}\na
 
 
 # --- basis for a CLIP ----------------------------------------------------------------------------------------
-def basis_for(clip, names: list[str], p: int, node: str) -> tuple[cb.CelebBasis, TextEncoder]:
+def basis_for(clip, names: list[str], p: int, node: str) -> tuple[cb.CelebBasis, TextEncoders]:
+    """The celebrity-name basis of this CLIP's token table(s) (SDXL: one PCA over CLIP-L and CLIP-G side by side,
+    see ``py/celebbasis/basis.py``), marked with the CLIP's model family."""
     enc = text_encoder(clip, node)
     try:
-        return cb.cached_basis(enc.table(), names, enc.tokenize, p), enc
+        return dataclasses.replace(cb.cached_basis(enc.tables(), names, enc.tokenize, p), family=enc.family), enc
     except ValueError as e:  # e.g. fewer than 2 names of two or more tokens
         raise ValueError(f"{node}: {e}. Give at least 2 celebrity names of two or more tokens each (names_list / "
                          "names_text, or the list the coefficient MLP was trained with).") from None
@@ -77,7 +79,8 @@ class CelebBasisCoeffs:
                    "saved coefficients, builds the two token embeddings C̄_k + B_k·α_k in the celebrity-name basis "
                    "of this CLIP's own token table and returns a cloned CLIP in which pseudo_word (e.g. <alice>) "
                    "means that person: write it in any prompt ('<alice> as an astronaut'). Chain the node for "
-                   "several people. SD1.x/SD2.x.")
+                   "several people. SD1.x, SD2.x and SDXL (one basis over CLIP-L and CLIP-G side by side: the same "
+                   "coefficients drive both encoders).")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("CLIP", CELEB_COEFFS)
@@ -88,7 +91,8 @@ class CelebBasisCoeffs:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP (SD1.x / SD2.x). Its token table defines the basis."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP (SD1.x, SD2.x or SDXL). Its token table(s) define "
+                     "the basis (SDXL: CLIP-L's and CLIP-G's)."}),
             "pseudo_word": ("STRING", {"default": "<alice>", "tooltip": "The new word, written <name>; use it in "
                             "prompts exactly like this."}),
             "mlp_name": (["none", *mlp_files()], {"default": "none", "tooltip": "Trained coefficient MLP in "
@@ -132,7 +136,8 @@ class CelebBasisCoeffs:
             with torch.inference_mode():
                 alpha = celeb_mlp.mlp(_mean_face(node, face_embeds, celeb_mlp).to(device))[0].cpu()
             # stored as fp16 in files: round now so a saved identity gives the same conditioning bit for bit
-            c = CelebCoeffs(fp16_exact(alpha), celeb_mlp.facts, source=f"mlp:{mlp_name}/{face_embeds.model}")
+            c = CelebCoeffs(fp16_exact(alpha), dataclasses.replace(celeb_mlp.facts, family=basis.family),
+                            source=f"mlp:{mlp_name}/{face_embeds.model}")
         vectors = basis.embeddings(c.coeffs.float())
         return (add_pseudo_word(clip, pseudo_word, vectors, node), c)
 
@@ -188,7 +193,7 @@ def train_celeb_mlp(model, clip, vae, images, face_embeds: FaceEmbeds, *, identi
     except comfy.model_management.InterruptProcessingException:
         files.interrupted()
         raise
-    facts = BasisFacts(basis.p, basis.table_hash, basis.names_hash)
+    facts = BasisFacts(basis.p, basis.table_hash, basis.names_hash, family=basis.family)
     losses = trainer.losses
     name = os.path.relpath(files.result, root)
     resumed = f"resumed {save_name!r}; " if files.resume_from else ""
@@ -223,7 +228,8 @@ class TrainCelebBasis:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The diffusion model to train against (frozen)."}),
-            "clip": ("CLIP", {"tooltip": "Its CLIP (frozen); its token table defines the basis."}),
+            "clip": ("CLIP", {"tooltip": "Its CLIP (frozen); its token table(s) define the basis (SDXL: CLIP-L's and "
+                     "CLIP-G's side by side)."}),
             "vae": ("VAE", {"tooltip": "Encodes the photos to latents."}),
             "images": ("IMAGE", {"tooltip": "Photos of the person/people (face crops work best), one "
                        "per face embedding."}),
@@ -236,7 +242,7 @@ class TrainCelebBasis:
             "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
                               "tooltip": "Adam learning rate."}),
             "p": ("INT", {"default": 512, "min": 1, "max": 4096, "tooltip": "Basis size (principal components per "
-                  "token); capped at names - 1 and the token width."}),
+                  "token); capped at names - 1 and the token width (SDXL: 768 + 1280)."}),
             "seed": seed_input("Fixes the MLP init, noise, timesteps, templates and augmentation.",
                                control_after_generate=False),
             "augment": ("BOOLEAN", {"default": True, "tooltip": "Colour jitter, random resize and shift."}),

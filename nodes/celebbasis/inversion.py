@@ -54,7 +54,7 @@ PRECOMPUTE_HINT = ("Run the PrecomputeCelebFaces node once with this checkpoint 
 def model_hash(model, clip, node: str) -> str:
     """The celebrity-face cache key: the CLIP token table plus the UNet's first and last weights (cheap)."""
     params = list(model.model.diffusion_model.parameters())
-    return inv.fingerprint([text_encoder(clip, node).table(), params[0], params[-1]])
+    return inv.fingerprint([*text_encoder(clip, node).tables(), params[0], params[-1]])
 
 
 def celeb_faces_path(model, clip, embedder: str, node: str) -> str:
@@ -241,22 +241,24 @@ def train_face_ti(model, clip, vae, images: torch.Tensor, face_embeds: FaceEmbed
             celeb_faces = inv.load_celeb_faces(path)
         except ValueError as e:
             raise ValueError(f"{node}: init='id': {e} Or run PrecomputeCelebFaces again.") from None
-    start, what = inv.init_vectors(init, enc.table(), enc.tokenize, num_vectors, names=names, seed=seed,
+    start, what = inv.init_vectors(init, enc.tables(), enc.tokenize, num_vectors, names=names, seed=seed,
                                    celeb_faces=celeb_faces, face=face)
     images, size = training_images(model, images, resolution, node)
     wm = word_model(model, clip, vae, templates, node, k=num_vectors)
     files = run_files(node, save_name, paths_of, resume=resume, overwrite=overwrite)
-    table_hash = cb.table_hash(enc.table())
+    table_hash = cb.table_hash(enc.tables())
 
     def save(vectors, trainer):
         meta = {"init": what, "reparam": reparam, "steps": trainer.step, "resolution": size, "seed": seed,
                 "losses": trainer.losses[-10:], "table_hash": table_hash,
                 "face_embedder": face_embeds.model if face_embeds else ""}
-        files.save(inv.embedding_file(vectors, enc.key, meta), trainer, {"node": node, "reparam": reparam})
+        meta["family"] = enc.family
+        files.save(inv.embedding_file(vectors, enc.keys, meta, enc.dims), trainer, {"node": node, "reparam": reparam})
 
     try:
         final, trainer = train_vectors(
-            wm, normal_tensor(start), images, config, reparam=reparam, resume_from=files.resume_from, save=save,
+            wm, normal_tensor(start), images, config, reparam=reparam, dims=enc.dims, resume_from=files.resume_from,
+            save=save,
             checkpoint_every=checkpoint_every, on_step=progress,
             check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
     except comfy.model_management.InterruptProcessingException:
@@ -271,11 +273,12 @@ class TrainFaceTI:
                    "Init 'face' ('human face'), 'rand2' (two random celebrity names: a first name and a last name) "
                    "or 'id' (the celebrity who looks most like the person: CelebPhotoFaces from real photos, or "
                    "PrecomputeCelebFaces once); optional log-norm reparameterisation v = a^n·d/||d||, else l2 0.01; "
-                   "Adam β = (0.9, 0.98). Writes models/embeddings/<save_name>.safetensors: write "
-                   "embedding:<save_name> in any prompt. Deterministic for a seed. Saves the vectors and the "
-                   "trainer state every checkpoint_every steps, at the end and when cancelled; resume=true "
-                   "continues save_name's run. An existing embedding is kept: a new run takes a numbered name "
-                   "unless overwrite=true (embedding_name says which).")
+                   "Adam β = (0.9, 0.98). SD1.x, SD2.x and SDXL (vectors for both CLIP-L and CLIP-G, each with its "
+                   "own log-norm). Writes models/embeddings/<save_name>.safetensors, a standard embedding (SDXL: "
+                   "clip_l and clip_g tensors): write embedding:<save_name> in any prompt. Deterministic for a seed. "
+                   "Saves the vectors and the trainer state every checkpoint_every steps, at the end and when "
+                   "cancelled; resume=true continues save_name's run. An existing embedding is kept: a new run takes "
+                   "a numbered name unless overwrite=true (embedding_name says which).")
     CATEGORY = CATEGORY
     FUNCTION = "train"
     OUTPUT_NODE = True
@@ -293,7 +296,8 @@ class TrainFaceTI:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The diffusion model to train against (frozen)."}),
-            "clip": ("CLIP", {"tooltip": "Its CLIP (frozen; SD1.x / SD2.x)."}),
+            "clip": ("CLIP", {"tooltip": "Its CLIP (frozen): SD1.x, SD2.x or SDXL (then the word has vectors for "
+                     "both CLIP-L and CLIP-G)."}),
             "vae": ("VAE", {"tooltip": "Encodes the photos to latents."}),
             "images": ("IMAGE", {"tooltip": "Photos of the person (face crops work best; the paper uses 8)."}),
             "init": (list(inv.INIT_MODES), {"default": "face", "tooltip": "Start vectors: 'face' = 'human face', "

@@ -43,21 +43,87 @@ class TextEncoder:
         return ids[self.tokenizer.tokens_start:-1 if self.tokenizer.tokenizer_adds_end_token else None]
 
 
+FAMILIES = {("clip_l",): "SD1.x", ("clip_h",): "SD2.x", ("clip_l", "clip_g"): "SDXL", ("clip_g",): "SDXL refiner"}
+
+
+def family_of(keys: tuple[str, ...]) -> str:
+    """The model family of a text-encoder layout, as saved coefficients and MLPs record it."""
+    return FAMILIES.get(tuple(keys), "+".join(keys))
+
+
+@dataclass
+class TextEncoders:
+    """The CLIP text encoder(s) a pseudo-word lives in: one (SD1.x CLIP-L, SD2.x OpenCLIP-H) or two (SDXL: CLIP-L
+    and CLIP-G, one BPE vocabulary). A pseudo-word's vectors are the encoders' parts side by side, (K, sum of d):
+    SDXL (K, 768 + 1280)."""
+
+    parts: tuple[TextEncoder, ...]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(e.key for e in self.parts)
+
+    @property
+    def key(self) -> str:  # one text encoder: its embedding key (the content hash of pseudo-word files uses it)
+        return "+".join(self.keys)
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(int(e.table().shape[1]) for e in self.parts)
+
+    @property
+    def family(self) -> str:
+        return family_of(self.keys)
+
+    def tables(self) -> list[torch.Tensor]:
+        return [e.table() for e in self.parts]
+
+    def table(self) -> torch.Tensor:
+        """The single encoder's token table (one-encoder models; see ``tables``)."""
+        if len(self.parts) != 1:
+            raise ValueError(f"{self.family}: {len(self.parts)} token tables; use tables()")
+        return self.parts[0].table()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.parts[0].tokenize(text)
+
+    def split(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(K, sum of d) -> {embedding key: (K, d)}: what an embedding file holds for these encoders."""
+        return dict(zip(self.keys, torch.split(vectors, self.dims, dim=-1), strict=True))
+
+
 def _base_tokenizer(clip):
     tok = clip.tokenizer
     return tok.inner if isinstance(tok, PseudoWordTokenizer) else tok
 
 
-def text_encoder(clip, node: str) -> TextEncoder:
-    """The single CLIP text encoder of an SD1.x/SD2.x CLIP; ValueError for two-encoder models (SDXL)."""
+def _sdxl_clip() -> type:
+    from comfy import sdxl_clip
+
+    return sdxl_clip.SDXLClipModel
+
+
+def text_encoder(clip, node: str) -> TextEncoders:
+    """The CLIP text encoder(s) of an SD1.x / SD2.x CLIP (one) or an SDXL CLIP (CLIP-L + CLIP-G); ValueError for
+    other text encoders (SD3's T5, Flux's ...)."""
     if clip is None:
         raise ValueError(f"{node}: clip is None (the checkpoint has no text encoder); load one with CLIPLoader.")
     cond, tok = clip.cond_stage_model, _base_tokenizer(clip)
-    key = getattr(cond, "clip", None)
-    if not isinstance(key, str) or getattr(tok, "clip", None) != key or not hasattr(cond, key):
-        raise ValueError(f"{node}: this CLIP ({type(cond).__name__}) is not a single CLIP text encoder. Celeb Basis "
-                         "supports SD1.x and SD2.x; SDXL's two encoders (CLIP-L + CLIP-G) are not supported yet.")
-    return TextEncoder(getattr(cond, key), getattr(tok, key), getattr(tok, key).embedding_key)
+    if isinstance(cond, _sdxl_clip()):
+        keys = ("clip_l", "clip_g")
+    else:
+        key = getattr(cond, "clip", None)
+        keys = (key,) if isinstance(key, str) else ()
+    if not keys or any(getattr(tok, k, None) is None or not hasattr(cond, k) for k in keys) \
+            or (len(keys) == 1 and getattr(tok, "clip", None) != keys[0]):
+        raise ValueError(f"{node}: this CLIP ({type(cond).__name__}) is neither one CLIP text encoder (SD1.x, SD2.x) "
+                         "nor SDXL's CLIP-L + CLIP-G; Celeb Basis and face textual inversion support those (SD3 and "
+                         "Flux encode with T5 as well, which a token-table pseudo-word does not reach).")
+    parts = tuple(TextEncoder(getattr(cond, k), getattr(tok, k), getattr(tok, k).embedding_key) for k in keys)
+    if len({int(e.table().shape[0]) for e in parts}) != 1:
+        raise ValueError(f"{node}: the text encoders of this CLIP have different vocabularies "
+                         f"({[int(e.table().shape[0]) for e in parts]}); they must share one tokenizer.")
+    return TextEncoders(parts)
 
 
 # --- pseudo-words ------------------------------------------------------------------------------------------
@@ -66,6 +132,8 @@ def _word_dir() -> str:
 
 
 def embedding_file_name(vectors: torch.Tensor, key: str) -> str:
+    """Content address of a pseudo-word file: ``key`` is the encoders' keys joined by '+' ("clip_l",
+    "clip_l+clip_g"), ``vectors`` the (K, sum of d) vectors."""
     data = vectors.detach().cpu().float().contiguous().numpy().tobytes()
     return f"facecond_pw_{hashlib.sha256(key.encode() + data).hexdigest()[:20]}"
 
@@ -73,25 +141,29 @@ def embedding_file_name(vectors: torch.Tensor, key: str) -> str:
 class PseudoWordTokenizer:
     """A CLIP tokenizer that turns registered pseudo-words into ComfyUI ``embedding:`` references (see top).
 
-    ``inner``: a shallow copy of the original tokenizer whose text-encoder tokenizer also searches the pack's
-    pseudo-word folder. Everything else is delegated to it."""
+    ``inner``: a shallow copy of the original tokenizer whose text-encoder tokenizer(s) (SDXL: both ``clip_l`` and
+    ``clip_g``) also search the pack's pseudo-word folder. A word's file holds one tensor per encoder (SDXL:
+    ``clip_l`` (K, 768) and ``clip_g`` (K, 1280), the layout of any SDXL embedding), so each sub-tokenizer reads
+    its own half. Everything else is delegated to ``inner``."""
 
-    def __init__(self, inner, key: str, words: dict[str, torch.Tensor]):
-        self.inner, self.key, self.words = inner, key, dict(words)
-        self._names = {w: embedding_file_name(v, key) for w, v in self.words.items()}
+    def __init__(self, inner, enc: TextEncoders, words: dict[str, torch.Tensor]):
+        self.inner, self.enc, self.words = inner, enc, dict(words)
+        self.key = enc.key
+        self._names = {w: embedding_file_name(v, self.key) for w, v in self.words.items()}
 
     @classmethod
-    def extend(cls, clip, enc: TextEncoder, word: str, vectors: torch.Tensor) -> PseudoWordTokenizer:
+    def extend(cls, clip, enc: TextEncoders, word: str, vectors: torch.Tensor) -> PseudoWordTokenizer:
         tok = clip.tokenizer
         if isinstance(tok, PseudoWordTokenizer):
-            return cls(tok.inner, tok.key, {**tok.words, word: vectors})
+            return cls(tok.inner, tok.enc, {**tok.words, word: vectors})
         inner = copy.copy(tok)
-        sub = copy.copy(getattr(tok, enc.key))
-        dirs = sub.embedding_directory
-        dirs = [] if dirs is None else [dirs] if isinstance(dirs, str) else list(dirs)
-        sub.embedding_directory = [_word_dir(), *dirs]
-        setattr(inner, enc.key, sub)
-        return cls(inner, enc.key, {word: vectors})
+        for key in enc.keys:
+            sub = copy.copy(getattr(tok, key))
+            dirs = sub.embedding_directory
+            dirs = [] if dirs is None else [dirs] if isinstance(dirs, str) else list(dirs)
+            sub.embedding_directory = [_word_dir(), *dirs]
+            setattr(inner, key, sub)
+        return cls(inner, enc, {word: vectors})
 
     def _ensure_files(self) -> None:
         folder = _word_dir()
@@ -99,7 +171,8 @@ class PseudoWordTokenizer:
         for word, name in self._names.items():
             path = os.path.join(folder, name + ".safetensors")
             if not os.path.isfile(path):
-                save_file({self.key: self.words[word].detach().cpu().float().contiguous()}, path)
+                parts = self.enc.split(self.words[word])
+                save_file({k: v.detach().cpu().float().contiguous() for k, v in parts.items()}, path)
 
     def expand(self, text: str) -> str:
         for word, name in self._names.items():
@@ -127,7 +200,7 @@ def word_pattern(word: str) -> str:
     return re.escape(word) if word.startswith("<") else rf"(?<![\w<]){re.escape(word)}(?![\w>])"
 
 
-def check_word(word: str, clip, enc: TextEncoder, node: str) -> str:
+def check_word(word: str, clip, enc: TextEncoders, node: str) -> str:
     """The pseudo-word, checked: syntax, no clash with a real token, not used yet in this CLIP."""
     word = word.strip()
     if not WORD_RE.match(word):
@@ -146,13 +219,14 @@ def check_word(word: str, clip, enc: TextEncoder, node: str) -> str:
 
 
 def add_pseudo_word(clip, word: str, vectors: torch.Tensor, node: str):
-    """A clone of ``clip`` in which ``word`` is the (K, d) token embeddings ``vectors``; the input is untouched."""
+    """A clone of ``clip`` in which ``word`` is the (K, d) token embeddings ``vectors`` (SDXL: (K, 768 + 1280),
+    CLIP-L's part first); the input is untouched."""
     enc = text_encoder(clip, node)
     word = check_word(word, clip, enc, node)
-    d = enc.table().shape[1]
+    d = sum(enc.dims)
     if vectors.ndim != 2 or vectors.shape[1] != d:
         raise ValueError(f"{node}: the pseudo-word vectors are {tuple(vectors.shape)}; this text encoder needs "
-                         f"(K, {d}).")
+                         f"(K, {d}){' (CLIP-L + CLIP-G: 768 + 1280)' if len(enc.dims) > 1 else ''}.")
     out = clip.clone()
     out.tokenizer = PseudoWordTokenizer.extend(clip, enc, word, vectors.detach().cpu().float().clone())
     return out

@@ -4,9 +4,10 @@ ComfyUI runs nodes under ``torch.inference_mode()`` and its CLIP layers add resi
 needs: a clone whose weights are read through a grad-safe wrapper (``grad_safe``, ``trainable_clip``), tensors
 copied out of inference mode (``normal_tensor``), the model as a ``denoise(x, sigma, context)`` callable for
 ``py/train/core.denoising_loss`` (``model_denoiser``), and a differentiable text-encoder forward that takes
-the learned vectors at a pseudo-word's positions (``template_tokens`` + ``encode_with``). ``word_model`` bundles
-them as the plain callables ``py/celebbasis/train.py`` trains with. ``RunFiles`` names a run's two files (what it
-trains + its trainer state), writes them as one pair at every checkpoint and finds the pair to resume.
+the learned vectors at a pseudo-word's positions (``template_tokens`` + ``encode_with``, in ``text_forward.py``).
+``word_model`` bundles them as the plain callables ``py/celebbasis/train.py`` trains with. ``RunFiles`` names a
+run's two files (what it trains + its trainer state), writes them as one pair at every checkpoint and finds the
+pair to resume.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ...py.train import denoiser
 from ...py.train.core import STATE_FORMAT, Trainer
 from ...py.weights import atomic
 from ..model_family import NATIVE_TOOLTIP, native_resolution
-from .pseudo_words import add_pseudo_word, text_encoder
+from .text_forward import encode_with, template_tokens
 
 log = logging.getLogger("facecond")
 
@@ -170,7 +171,7 @@ def model_denoiser(model, node: str):
     Differentiable w.r.t. x and context also when the server loaded the model (``grad_safe``)."""
     ms = model.get_model_object("model_sampling")
     if not isinstance(ms, comfy.model_sampling.EPS) or isinstance(ms, comfy.model_sampling.CONST):
-        raise ValueError(f"{node}: training needs an eps- or v-prediction model (SD1.x / SD2.x); this model's "
+        raise ValueError(f"{node}: training needs an eps- or v-prediction model (SD1.x, SD2.x, SDXL); this model's "
                          f"sampling is {type(ms).__name__}.")
     model = grad_safe(model)
     comfy.model_management.load_models_gpu([model])
@@ -180,66 +181,6 @@ def model_denoiser(model, node: str):
         return denoiser.denoise(inner, x, sigma, context, y=y)  # y: SDXL's ADM vector (denoiser.adm_vector)
 
     return denoise, ms.sigmas, model.load_device
-
-
-def template_tokens(clip, templates: list[str], node: str, k: int = 2) -> list[list]:
-    """Token lists of each template with a k-vector placeholder embedding where ``{}`` is."""
-    marker = "<facecondplaceholder>"
-    probe = add_pseudo_word(clip, marker, torch.zeros(k, text_encoder(clip, node).table().shape[1]), node)
-    out = []
-    for t in templates:
-        if t.count("{}") != 1:
-            raise ValueError(f"{node}: prompt template {t!r} must contain {{}} exactly once (where the person goes).")
-        toks = probe.tokenize(t.replace("{}", marker))
-        out.append(toks)
-    return out
-
-
-def encode_with(clip, tokens, vectors: torch.Tensor, node: str = "TrainCelebBasis") -> torch.Tensor:
-    """Encode ``tokens`` (from template_tokens with k = len(vectors)) with the placeholder's k entries replaced
-    by ``vectors`` (K, d), differentiably w.r.t. ``vectors`` (pass a ``trainable_clip`` in the server).
-    ComfyUI builds the input embeddings (``process_tokens``); the transformer
-    is then run with out-of-place residuals, because ComfyUI's ``CLIPLayer`` adds them in place (``x += ...``),
-    which autograd cannot differentiate. Same weights, same ops: the result equals ComfyUI's encode (tested)."""
-    from comfy.ldm.modules.attention import optimized_attention_for_device
-    from comfy.model_management import cast_to  # comfy.ops.cast_to is an alias marked for removal
-
-    enc = text_encoder(clip, node)
-    sd = enc.module
-    if getattr(sd, "enable_attention_masks", False) or getattr(sd, "zero_out_masked", False):
-        raise ValueError(f"{node}: this text encoder uses attention masks; training supports SD1.x/SD2.x CLIP.")
-    chunks = tokens[next(iter(tokens))]
-    if len(chunks) != 1:
-        raise ValueError(f"{node}: a prompt template is longer than 75 tokens; shorten it.")
-    row, i = [], 0
-    for tw in chunks[0]:
-        if torch.is_tensor(tw[0]):
-            row.append(vectors[i % len(vectors)])
-            i += 1
-        else:
-            row.append(tw[0])
-    if i != len(vectors):
-        raise ValueError(f"{node}: the prompt has {i} placeholder token(s) for {len(vectors)} vectors")
-    clip.cond_stage_model.reset_clip_options()
-    if clip.layer_idx is not None:
-        clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
-    clip.load_model()
-    device = sd.transformer.get_input_embeddings().weight.device
-    embeds, _, _, _ = sd.process_tokens([row], device)
-    tm = sd.transformer.text_model
-    x = embeds + cast_to(tm.embeddings.position_embedding.weight, dtype=embeds.dtype, device=device)
-    mask = torch.full((x.shape[1], x.shape[1]), -torch.finfo(x.dtype).max, dtype=x.dtype, device=device).triu_(1)
-    attn = optimized_attention_for_device(device, mask=True, small_input=True)  # as CLIPEncoder
-    layers = tm.encoder.layers
-    if sd.layer not in ("last", "hidden"):
-        raise ValueError(f"{node}: text-encoder output layer {sd.layer!r} is not supported (last/hidden).")
-    stop = len(layers) - 1 if sd.layer == "last" else (sd.layer_idx % len(layers))
-    for layer in layers[:stop + 1]:
-        x = x + layer.self_attn(layer.layer_norm1(x), mask, attn)
-        x = x + layer.mlp(layer.layer_norm2(x))
-    if sd.layer == "last" or sd.layer_norm_hidden_state:
-        x = tm.final_layer_norm(x)
-    return x.float()
 
 
 def encode_images(vae, model, images: torch.Tensor) -> torch.Tensor:
@@ -274,7 +215,20 @@ def word_model(model, clip, vae, templates: list[str], node: str, k: int = 2) ->
     denoise, sigmas, device = model_denoiser(model, node)
     tokens = template_tokens(clip, templates, node, k=k)
     tclip = trainable_clip(clip)
-    return WordModel(denoise=denoise, sigmas=sigmas, device=device,
+    base = model.model
+
+    def word_denoise(x, sigma, context):
+        if not isinstance(context, tuple):
+            return denoise(x, sigma, context)
+        # SDXL: the text forward gave (context, pooled); y as ComfyUI builds it when it samples (width and height
+        # default to the latent's size in pixels, no crop)
+        context, pooled = context
+        w, h = x.shape[-1] * 8, x.shape[-2] * 8
+        y = base.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
+                            target_height=h, device=pooled.device)
+        return denoise(x, sigma, context, y=y.to(x.device))
+
+    return WordModel(denoise=word_denoise, sigmas=sigmas, device=device,
                      encode_images=lambda images: encode_images(vae, model, images),
                      encode_text=lambda t, vectors: encode_with(tclip, tokens[t], vectors, node),
                      templates=len(tokens))

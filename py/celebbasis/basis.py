@@ -11,6 +11,17 @@ reconstructed exactly from its own coefficients. Default p = 512 (the paper's), 
 
 Names with fewer than two tokens are skipped (the paper keeps the first two tokens, k_i = 2).
 Pure torch; the caller passes the embedding table and a ``tokenize(name) -> token ids`` function.
+
+Models with two text encoders (SDXL: CLIP-L 768 + CLIP-G 1280, one BPE vocabulary) pass both token tables; the
+basis is then **one PCA over the concatenated rows** [L; G] (d = 2048): C_k holds, for every name, its k-th
+token's CLIP-L row next to its CLIP-G row. Why one joint basis rather than a basis (and an MLP head) per table:
+every principal direction is a combination of the centred name rows, and here the *same* combination in both
+tables, so one set of 2 x p coefficients means the same mixture of celebrities to both encoders (two separate
+bases would let the L and G halves of a pseudo-word drift to different people, and double the MLP's output); the
+coefficient files, the MLP and the p rule stay as for one encoder (``p_eff = min(p, m - 1, 2048)``, with m - 1
+the binding one for any real list, so every listed name is still reconstructed exactly in both tables). The
+tables are not re-weighted: PCA sees the embeddings at the scale the encoders read them. A single table is the
+same computation as before (SD1.x / SD2.x results are bit-identical).
 """
 
 from __future__ import annotations
@@ -108,10 +119,54 @@ def names_hash(names: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:16]
 
 
-def table_hash(table: torch.Tensor) -> str:
-    """Short sha256 of a token-embedding table (its float32 bytes): identifies the text encoder's vocabulary."""
-    data = table.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+Tables = torch.Tensor | Sequence[torch.Tensor]  # one token table (vocab, d), or one per text encoder (SDXL: L, G)
+
+
+def as_tables(table: Tables) -> list[torch.Tensor]:
+    tables = [table] if torch.is_tensor(table) else list(table)
+    if not tables or any(t.ndim != 2 for t in tables):
+        raise ValueError("Celeb basis: token-embedding tables must be (vocab, d), got "
+                         f"{[tuple(t.shape) for t in tables]}")
+    if len({t.shape[0] for t in tables}) != 1:
+        raise ValueError(f"Celeb basis: the text encoders' tables have different vocabularies "
+                         f"{[t.shape[0] for t in tables]}; they must share one tokenizer")
+    return tables
+
+
+def gather_rows(table: Tables, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of the table(s), float32 on the CPU, the tables' rows side by side (..., sum of d)."""
+    rows = [t.detach()[ids.to(t.device)].to("cpu", torch.float32) for t in as_tables(table)]
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=-1)
+
+
+_HASHES: dict[tuple, str] = {}  # one table's hash by where it lives and its version (see _one_hash)
+
+
+def _one_hash(t: torch.Tensor) -> str:
+    """sha256 of one table's float32 bytes, memoised per (storage address, shape, dtype, in-place version, and
+    the bytes of 16 spread rows): every node that builds the basis asks for it, and SDXL's two tables are 400 MB."""
+    t = t.detach()
+    rows = t[torch.linspace(0, t.shape[0] - 1, 16).long().to(t.device)].to("cpu", torch.float32)
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor (loaded by the server) keeps no version counter: the rows decide
+        version = -1
+    key = (t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), version,
+           hashlib.sha256(rows.contiguous().numpy().tobytes()).hexdigest())
+    if key not in _HASHES:
+        if len(_HASHES) >= 16:
+            _HASHES.pop(next(iter(_HASHES)))
+        _HASHES[key] = hashlib.sha256(t.to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+    return _HASHES[key]
+
+
+def table_hash(table: Tables) -> str:
+    """Short sha256 of the token-embedding table(s) (float32 bytes, in order): identifies the text encoders'
+    vocabulary. One table hashes as it always did."""
+    tables = as_tables(table)
+    if len(tables) == 1:
+        return _one_hash(tables[0])[:16]
+    return hashlib.sha256("".join(_one_hash(t) for t in tables).encode()).hexdigest()[:16]
 
 
 def effective_p(p: int, m: int, d: int) -> int:
@@ -128,6 +183,8 @@ class CelebBasis:
     names: tuple[str, ...]  # names actually used (two tokens or more)
     table_hash: str
     names_hash: str  # hash of the full (deduplicated) input list, as stored in MLP / coefficient files
+    dims: tuple[int, ...] = ()  # the width of each text encoder's part of d (SDXL: (768, 1280)); () = (d,)
+    family: str = ""  # the model family of the text encoder(s), e.g. "SDXL" (the node sets it; files record it)
 
     @property
     def p(self) -> int:
@@ -136,6 +193,10 @@ class CelebBasis:
     @property
     def dim(self) -> int:
         return int(self.basis.shape[2])
+
+    @property
+    def parts(self) -> tuple[int, ...]:
+        return self.dims or (self.dim,)
 
     @property
     def basis_id(self) -> str:
@@ -168,23 +229,24 @@ def name_token_pairs(names: Sequence[str], tokenize: Callable[[str], list[int]])
     return kept, torch.tensor(ids, dtype=torch.long).view(-1, 2)
 
 
-def build_basis(table: torch.Tensor, names: Sequence[str], tokenize: Callable[[str], list[int]],
+def build_basis(table: Tables, names: Sequence[str], tokenize: Callable[[str], list[int]],
                 p: int = DEFAULT_P, *, t_hash: str | None = None) -> CelebBasis:
-    """PCA of the first/second name-token embeddings; see the module docstring for the p rule."""
-    if table.ndim != 2:
-        raise ValueError(f"Celeb basis: token-embedding table must be (vocab, d), got {tuple(table.shape)}")
+    """PCA of the first/second name-token embeddings (of one table, or of several side by side: see the module
+    docstring); see there for the p rule too."""
+    tables = as_tables(table)
     kept, ids = name_token_pairs(names, tokenize)
-    if ids.numel() and int(ids.max()) >= table.shape[0]:
-        raise ValueError(f"Celeb basis: token id {int(ids.max())} outside the table of {table.shape[0]} tokens; "
+    vocab = tables[0].shape[0]
+    if ids.numel() and int(ids.max()) >= vocab:
+        raise ValueError(f"Celeb basis: token id {int(ids.max())} outside the table of {vocab} tokens; "
                          "the tokenizer does not belong to this text encoder")
-    d = table.shape[1]
+    dims = tuple(int(t.shape[1]) for t in tables)
+    d = sum(dims)
     p_eff = effective_p(p, len(kept), d)
     if p_eff < p:
         log.info("[facecond] Celeb basis: p=%d capped to %d (%d names, d=%d)", p, p_eff, len(kept), d)
-    t = table.detach().to("cpu", torch.float64)
     means, bases, scales = [], [], []
     for k in range(2):
-        c = t[ids[:, k]]  # (m, d)
+        c = gather_rows(tables, ids[:, k]).double()  # (m, d)
         mu = c.mean(0)
         _, _, vh = torch.linalg.svd(c - mu, full_matrices=False)  # rows of vh: principal directions
         b = vh[:p_eff]  # (p, d)
@@ -194,10 +256,11 @@ def build_basis(table: torch.Tensor, names: Sequence[str], tokenize: Callable[[s
         scales.append(alpha.norm(dim=1).mean())
     return CelebBasis(mean=torch.stack(means).float(), basis=torch.stack(bases).float(),
                       scale=torch.stack(scales).float(), names=tuple(kept),
-                      table_hash=t_hash or table_hash(table), names_hash=names_hash(names))
+                      table_hash=t_hash or table_hash(tables), names_hash=names_hash(names),
+                      dims=dims if len(dims) > 1 else ())
 
 
-def cached_basis(table: torch.Tensor, names: Sequence[str], tokenize: Callable[[str], list[int]],
+def cached_basis(table: Tables, names: Sequence[str], tokenize: Callable[[str], list[int]],
                  p: int = DEFAULT_P) -> CelebBasis:
     """``build_basis`` memoised per (embedding-table hash, names hash, p): one PCA per model and list."""
     t_hash = table_hash(table)

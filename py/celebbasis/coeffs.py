@@ -7,10 +7,15 @@ real names sit in the basis.
 
 Files (safetensors; metadata are strings):
 - MLP: tensors ``weight`` (2p, D), ``bias`` (2p); metadata ``facecond.kind = "celeb_mlp"``, ``embedder``,
-  ``embed_dim``, ``p``, ``table_hash``, ``names_hash``, ``scale`` (JSON [s1, s2]), ``names`` (JSON list: the
-  list the basis was built from, so the node rebuilds the same basis), ``steps``.
+  ``embed_dim``, ``p``, ``table_hash``, ``names_hash``, ``family``, ``scale`` (JSON [s1, s2]), ``names`` (JSON
+  list: the list the basis was built from, so the node rebuilds the same basis), ``steps``.
 - Coefficients (a saved identity, 2 x p fp16 = 2 KB for p = 512): tensor ``coeffs`` (2, p) float16;
-  metadata ``facecond.kind = "celeb_coeffs"``, ``p``, ``table_hash``, ``names_hash``, ``word``, ``source``.
+  metadata ``facecond.kind = "celeb_coeffs"``, ``p``, ``table_hash``, ``names_hash``, ``family``, ``word``,
+  ``source``.
+
+``family``: the model family whose text encoder(s) the basis came from ("SD1.x", "SD2.x", "SDXL"; see
+``nodes/celebbasis/pseudo_words.family_of``). Files written before it was recorded have none: they were made on
+a one-encoder model (SD1.x / SD2.x), the only kind the basis then supported.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from .basis import MAX_NAME_CHARS, MAX_NAMES, CelebBasis
 
 MLP_KIND = "celeb_mlp"
 COEFFS_KIND = "celeb_coeffs"
+FAMILY_ENCODERS = {"SD1.x": "CLIP-L, 768", "SD2.x": "OpenCLIP-H, 1024", "SDXL": "CLIP-L 768 + CLIP-G 1280",
+                   "SDXL refiner": "CLIP-G, 1280"}
+LEGACY_FAMILY = "SD1.x/SD2.x"  # files without a family: made before SDXL was supported
+LEGACY_FAMILIES = ("SD1.x", "SD2.x")
 
 
 class CoeffMLP(torch.nn.Module):
@@ -52,8 +61,17 @@ class BasisFacts:
     table_hash: str
     names_hash: str
     extra: dict = field(default_factory=dict)
+    family: str = ""  # "" = written before families were recorded (a one-encoder SD1.x / SD2.x model)
 
     def check(self, basis: CelebBasis, what: str) -> None:
+        mine = self.family or LEGACY_FAMILY
+        if basis.family and mine != basis.family and not (not self.family and basis.family in LEGACY_FAMILIES):
+            raise ValueError(f"{what} was made for an {mine} model but this CLIP is {basis.family}: the "
+                             "coefficients are coordinates in the celebrity-name basis of that family's token "
+                             f"table(s) ({mine}: {FAMILY_ENCODERS.get(mine, 'its text encoders')}; {basis.family}: "
+                             f"{FAMILY_ENCODERS.get(basis.family, 'its text encoders')}), which mean nothing in "
+                             f"another's. Load an {mine} checkpoint, or make them anew for this one "
+                             "(TrainCelebBasis on this model).")
         if self.p != basis.p:
             raise ValueError(f"{what} has {self.p}-component coefficients but the basis of this CLIP has p={basis.p}; "
                              "they were made with another basis size (another name list or p). Use the coefficient "
@@ -81,7 +99,7 @@ def mlp_file(mlp: CoeffMLP, basis: CelebBasis, *, embedder: str, names: list[str
              steps: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of an MLP file (``save_mlp`` writes them; the trainer writes them with its state)."""
     meta = {"facecond.kind": MLP_KIND, "embedder": embedder, "embed_dim": str(mlp.fc.in_features),
-            "p": str(mlp.p), "table_hash": basis.table_hash, "names_hash": basis.names_hash,
+            "p": str(mlp.p), "table_hash": basis.table_hash, "names_hash": basis.names_hash, "family": basis.family,
             "scale": json.dumps([float(s) for s in mlp.scale.flatten()]), "names": json.dumps(list(names)),
             "steps": str(int(steps))}
     return {"weight": mlp.fc.weight.detach().cpu().float().contiguous(),
@@ -121,7 +139,8 @@ def load_mlp(path: str | os.PathLike) -> tuple[CoeffMLP, dict]:
             kind=MLP_KIND)
         names = packmeta.meta_json(path, meta, "names", _names_ok, f"a JSON list of 2 to {MAX_NAMES:,} names of at "
                                    f"most {MAX_NAME_CHARS} characters", kind=MLP_KIND)
-        facts = BasisFacts(p, *(packmeta.meta_text(path, meta, k, kind=MLP_KIND) for k in ("table_hash", "names_hash")))
+        facts = BasisFacts(p, *(packmeta.meta_text(path, meta, k, kind=MLP_KIND) for k in ("table_hash", "names_hash")),
+                           family=packmeta.meta_text(path, meta, "family", default="", limit=40, kind=MLP_KIND))
         info.update(embedder=packmeta.meta_text(path, meta, "embedder", kind=MLP_KIND), embed_dim=d, names=names,
                     facts=facts, steps=packmeta.meta_int(path, meta, "steps", 0, 10**9, default=0, kind=MLP_KIND),
                     scale=scale)
@@ -146,7 +165,7 @@ class CelebCoeffs:
 
 def save_coeffs(c: CelebCoeffs, path: str | os.PathLike, word: str = "") -> None:
     meta = {"facecond.kind": COEFFS_KIND, "p": str(c.facts.p), "table_hash": c.facts.table_hash,
-            "names_hash": c.facts.names_hash, "word": word, "source": c.source}
+            "names_hash": c.facts.names_hash, "family": c.facts.family, "word": word, "source": c.source}
     save_file({"coeffs": c.coeffs.detach().cpu().to(torch.float16).contiguous()}, str(path), metadata=meta)
 
 
@@ -158,7 +177,9 @@ def load_coeffs(path: str | os.PathLike) -> CelebCoeffs:
     def plan(meta, specs):
         p = packmeta.meta_int(path, meta, "p", 1, MAX_P, kind=COEFFS_KIND)
         facts.append(BasisFacts(p, *(packmeta.meta_text(path, meta, k, kind=COEFFS_KIND)
-                                     for k in ("table_hash", "names_hash")), {"word": meta.get("word")}))
+                                     for k in ("table_hash", "names_hash")), {"word": meta.get("word")},
+                                family=packmeta.meta_text(path, meta, "family", default="", limit=40,
+                                                          kind=COEFFS_KIND)))
         found = {k: shape for k, (_, shape) in specs.items()}
         if found.get("coeffs") != (2, p):
             raise packfile.shape_error(path, f"'coeffs' (2, {p})", found, kind=COEFFS_KIND)

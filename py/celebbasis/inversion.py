@@ -16,6 +16,11 @@ Optional log-norm reparameterisation: learn a direction d and a log-norm n, ``v 
 which keeps ||v|| near the vocabulary's norms; the gradient is ``∇_n L = ∇_v L · d/||d|| · a^n · ln a``.
 Without it the paper uses l2 regularisation 0.01 (Adam's L2 term in ``py/train/core.TrainConfig``).
 
+Two text encoders (SDXL: CLIP-L 768 + CLIP-G 1280): a vector is both encoders' parts side by side (K, 2048), every
+init takes the same tokens' rows from both tables, and the log-norm is per table: each part has its own direction
+and log-norm (``n`` is (K, 2)), since the two vocabularies have different norms. The file holds ``clip_l`` and
+``clip_g`` (K, d) tensors, the layout ComfyUI's ``embedding:NAME`` reads for SDXL.
+
 Celebrity-face cache (safetensors in models/facecond/celebbasis): tensor ``embeds`` (m, D) float32 (rows of
 names without a detected face are NaN) and ``found`` (m,) uint8; metadata ``facecond.kind = "celeb_faces"``,
 ``model_hash``, ``embedder``, ``names`` (JSON list), ``names_hash``, ``prompt``, ``steps``, ``size``.
@@ -36,7 +41,7 @@ import torch
 
 from ..weights import packfile
 from ..weights.atomic import save_file
-from .basis import name_token_pairs, names_hash
+from .basis import Tables, as_tables, gather_rows, name_token_pairs, names_hash
 
 INIT_MODES = ("face", "rand2", "id")
 REPARAM = {"none": None, "log_norm_2": 2.0, "log_norm_e": math.e}  # option -> base a
@@ -47,26 +52,36 @@ TI_KIND = "face_ti"
 
 
 class TIVectors:
-    """The trainable vectors: plain ``v`` (K, d), or (``d`` (K, d), ``n`` (K,)) with ``v = a^n · d/||d||``."""
+    """The trainable vectors: plain ``v`` (K, d), or (``d`` (K, d), ``n`` (K,)) with ``v = a^n · d/||d||``.
+    ``dims`` (SDXL: (768, 1280)): the text encoders' parts of d, each with its own log-norm (``n`` (K, parts))."""
 
-    def __init__(self, init: torch.Tensor, reparam: str = "none"):
+    def __init__(self, init: torch.Tensor, reparam: str = "none", dims: Sequence[int] = ()):
         if reparam not in REPARAM:
             raise ValueError(f"face TI: reparam must be one of {list(REPARAM)}, got {reparam!r}")
         if init.ndim != 2:
             raise ValueError(f"face TI: init vectors must be (K, d), got {tuple(init.shape)}")
+        self.dims = tuple(int(x) for x in dims) if len(dims) > 1 else ()
+        if self.dims and sum(self.dims) != init.shape[1]:
+            raise ValueError(f"face TI: init vectors are {init.shape[1]}-d, not the encoders' {self.dims}")
         self.base = REPARAM[reparam]
         init = init.detach().float().clone()
         if self.base is None:
             self.params = {"v": init.requires_grad_(True)}
         else:
-            norm = init.norm(dim=-1).clamp_min(1e-8)
+            if self.dims:
+                norm = torch.stack([p.norm(dim=-1) for p in torch.split(init, self.dims, dim=-1)], -1)
+            else:
+                norm = init.norm(dim=-1)
             self.params = {"d": init.clone().requires_grad_(True),
-                           "n": (torch.log(norm) / math.log(self.base)).requires_grad_(True)}
+                           "n": (torch.log(norm.clamp_min(1e-8)) / math.log(self.base)).requires_grad_(True)}
 
     def vectors(self) -> torch.Tensor:
         if self.base is None:
             return self.params["v"]
         d, n = self.params["d"], self.params["n"]
+        if self.dims:
+            return torch.cat([torch.pow(self.base, n[:, j]).unsqueeze(-1) * p / p.norm(dim=-1, keepdim=True)
+                              for j, p in enumerate(torch.split(d, self.dims, dim=-1))], dim=-1)
         return torch.pow(self.base, n).unsqueeze(-1) * d / d.norm(dim=-1, keepdim=True)
 
 
@@ -79,31 +94,36 @@ def _cycle(rows: torch.Tensor, k: int) -> torch.Tensor:
     return rows[torch.arange(k) % rows.shape[0]]
 
 
-def init_vectors(mode: str, table: torch.Tensor, tokenize: Callable[[str], list[int]], k: int, *,
+def init_vectors(mode: str, table: Tables, tokenize: Callable[[str], list[int]], k: int, *,
                  names: Sequence[str] = (), seed: int = 0, celeb_faces: CelebFaces | None = None,
                  face: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
-    """((K, d) initial vectors, what they are, e.g. "rand2: Tom Hanks") from the text encoder's token table."""
+    """((K, d) initial vectors, what they are, e.g. "rand2: Tom Hanks") from the text encoder's token table, or
+    the same tokens' rows of several tables side by side (SDXL: (K, 768 + 1280))."""
     if mode not in INIT_MODES:
         raise ValueError(f"face TI: init must be one of {INIT_MODES}, got {mode!r}")
     if k < 1:
         raise ValueError(f"face TI: need at least one vector, got K={k}")
-    t = table.detach().float().cpu()
+    tables = as_tables(table)
+
+    def t(ids: torch.Tensor) -> torch.Tensor:
+        return gather_rows(tables, ids)
+
     if mode == "face":
-        return _cycle(t[torch.tensor(tokenize(FACE_PHRASE))], k).clone(), f"face: {FACE_PHRASE!r}"
+        return _cycle(t(torch.tensor(tokenize(FACE_PHRASE))), k).clone(), f"face: {FACE_PHRASE!r}"
     kept, ids = name_token_pairs(names, tokenize)
     if not kept:
         raise ValueError("face TI: no celebrity name has two tokens; check the names list")
     if mode == "rand2":  # K distinct names (cycled when the list is shorter); name j gives token j % 2
         g = torch.Generator().manual_seed(int(seed))
         picks = _cycle(torch.randperm(len(kept), generator=g), k)
-        rows = t[ids[picks, torch.arange(k) % 2]]
+        rows = t(ids[picks, torch.arange(k) % 2])
         return rows.clone(), "rand2: " + ", ".join(f"{kept[int(i)]}[{j % 2}]" for j, i in enumerate(picks))
     else:
         if celeb_faces is None or face is None:
             raise ValueError("face TI: init='id' needs the celebrity face cache and the person's face embedding")
         j = celeb_faces.closest(face, kept)
         picks = torch.tensor([j])
-    rows = t[ids[picks].flatten()]
+    rows = t(ids[picks].flatten())
     return _cycle(rows, k).clone(), f"{mode}: " + ", ".join(kept[int(i)] for i in picks)
 
 
@@ -222,14 +242,22 @@ def load_celeb_faces(path: str | os.PathLike) -> CelebFaces:
     return CelebFaces(embeds.float(), found.bool(), names, model_hash, embedder, extra)
 
 
-def embedding_file(vectors: torch.Tensor, key: str, meta: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a face-TI embedding file (see ``save_embedding``)."""
-    return ({key: vectors.detach().float().cpu().contiguous()},
+def embedding_file(vectors: torch.Tensor, key: str | Sequence[str], meta: dict,
+                   dims: Sequence[int] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a face-TI embedding file (see ``save_embedding``). Several keys (SDXL: "clip_l",
+    "clip_g"): ``vectors`` (K, sum of ``dims``) is split into one (K, d) tensor per key."""
+    keys = [key] if isinstance(key, str) else list(key)
+    parts = [vectors] if len(keys) == 1 else torch.split(vectors, list(dims), dim=-1)
+    if len(parts) != len(keys) or sum(p.shape[-1] for p in parts) != vectors.shape[-1]:
+        raise ValueError(f"face TI: {tuple(vectors.shape)} vectors do not split into {keys} of widths {list(dims)}")
+    return ({k: p.detach().float().cpu().contiguous() for k, p in zip(keys, parts, strict=True)},
             {"facecond.kind": TI_KIND, **{k: str(v) for k, v in meta.items()}})
 
 
-def save_embedding(vectors: torch.Tensor, path: str | os.PathLike, key: str, meta: dict) -> None:
+def save_embedding(vectors: torch.Tensor, path: str | os.PathLike, key: str | Sequence[str], meta: dict,
+                   dims: Sequence[int] = ()) -> None:
     """A standard ComfyUI/A1111-style safetensors embedding: ``{key: (K, d)}`` (``sd1_clip.load_embed`` reads
-    the text encoder's key, e.g. ``clip_l``), plus our metadata (``facecond.kind = "face_ti"``)."""
-    tensors, metadata = embedding_file(vectors, key, meta)
+    the text encoder's key, e.g. ``clip_l``; SDXL files have ``clip_l`` (K, 768) and ``clip_g`` (K, 1280)), plus
+    our metadata (``facecond.kind = "face_ti"``)."""
+    tensors, metadata = embedding_file(vectors, key, meta, dims)
     save_file(tensors, str(path), metadata=metadata)

@@ -39,7 +39,8 @@ class WordModel:
     sigmas: torch.Tensor  # (T,) the model's discrete noise levels
     device: torch.device
     encode_images: Callable[[torch.Tensor], torch.Tensor]  # (B, H, W, 3) in [0, 1] -> (B, C, h, w) model latents
-    encode_text: Callable[[int, torch.Tensor], torch.Tensor]  # (template index, (K, d) vectors) -> (1, 77, C)
+    # (template index, (K, d) vectors) -> (1, 77, C); SDXL: ((1, 77, 2048), pooled (1, 1280)), passed on to denoise
+    encode_text: Callable[[int, torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     templates: int  # how many prompt templates encode_text knows
 
 
@@ -110,8 +111,9 @@ def word_loss(model: WordModel, g: torch.Generator, images: int, latent, vectors
     x0 = latent(i, g)
     sigma, _ = sample_sigmas(model.sigmas, 1, g)
     noise = sample_noise(x0, g)
-    context = model.encode_text(t, vectors(i))
-    return denoising_loss(model.denoise, x0, context.to(model.device), sigma, noise)
+    context = model.encode_text(t, vectors(i))  # (1, 77, C), or (context, pooled) for SDXL
+    context = tuple(c.to(model.device) for c in context) if isinstance(context, tuple) else context.to(model.device)
+    return denoising_loss(model.denoise, x0, context, sigma, noise)
 
 
 Save = Callable[[Trainer], None]  # save(trainer): write the run's files at the trainer's step
@@ -171,18 +173,19 @@ def train_celeb_basis(model: WordModel, basis: CelebBasis, images: torch.Tensor,
 
 
 def train_face_ti(model: WordModel, start: torch.Tensor, images: torch.Tensor, config: WordTrainConfig, *,
-                  reparam: str = "log_norm_e", resume_from: str | None = None,
+                  reparam: str = "log_norm_e", dims: tuple[int, ...] = (), resume_from: str | None = None,
                   save: Callable[[torch.Tensor, Trainer], None] | None = None, checkpoint_every: int = 0,
                   on_step: Progress | None = None,
                   check_interrupt: Callable[[], None] | None = None) -> tuple[torch.Tensor, Trainer]:
     """Train K textual-inversion vectors from ``start`` (K, d) on ``images`` (N, H, W, 3). Livshits 2023: Adam
-    β = (0.9, 0.98); with ``reparam`` 'none' an l2 term of 0.01, else v = a^n·d/||d||. ``resume_from`` / ``save``
+    β = (0.9, 0.98); with ``reparam`` 'none' an l2 term of 0.01, else v = a^n·d/||d|| (per text encoder's part of
+    d when ``dims`` has several, SDXL: (768, 1280)). ``resume_from`` / ``save``
     (called with the (K, d) float32 CPU vectors and the trainer) / ``checkpoint_every``: as for
     ``train_celeb_basis``. Returns ((K, d) float32 CPU vectors, trainer)."""
     if reparam not in REPARAM:
         raise ValueError(f"train_face_ti: reparam must be one of {list(REPARAM)}, got {reparam!r}")
     with torch.inference_mode(False):
-        vecs = TIVectors(start.detach().clone().to(model.device), reparam)
+        vecs = TIVectors(start.detach().clone().to(model.device), reparam, dims)
     latent = image_latents(model, images, config.augment)
 
     def loss_fn(step, g):

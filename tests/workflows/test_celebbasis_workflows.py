@@ -19,7 +19,9 @@ from PIL import Image
 
 from facecond_dev import host
 
-EXPECTED_IMAGES = {"celebbasis_one_photo.json": 1, "celebbasis_two_identities.json": 1, "ti_three_photos.json": 1}
+EXPECTED_IMAGES = {"celebbasis_one_photo.json": 1, "celebbasis_two_identities.json": 1, "ti_three_photos.json": 1,
+                   "celebbasis_sdxl.json": 1, "ti_sdxl.json": 1}
+SDXL = ("celebbasis_sdxl.json", "ti_sdxl.json")  # on the tiny SDXL checkpoint, linked as sd_xl_base_1.0.safetensors
 REPORT = re.compile(r"(\d+) steps.*loss first ([-\d.naninf]+) last ([-\d.naninf]+)")
 TRAINERS = ("FacecondTrainCelebBasis", "FacecondTrainFaceTI")
 
@@ -40,8 +42,12 @@ def celeb_server(server, shared_data):
                                       "ti_photo_3.jpg": faces / "obama" / "obama3.jpg"})
 
 
+SDXL_QUICK = {"FacecondTrainCelebBasis": {"steps": 1}, "FacecondTrainFaceTI": {"steps": 1}, "KSampler": {"steps": 1}}
+
+
 def _prompt(server, path: Path) -> dict:
-    return host.quick_prompt(path, server.object_info(), server.base_dir)
+    return host.quick_prompt(path, server.object_info(), server.base_dir,
+                             SDXL_QUICK if path.name in SDXL else None)  # full-size CLIP-G: one step each
 
 
 def _reports(prompt: dict, result) -> list[str]:
@@ -54,9 +60,12 @@ def _reports(prompt: dict, result) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_IMAGES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.family) if n in SDXL else n
+                                  for n in sorted(EXPECTED_IMAGES)])
 def test_example_workflow_runs(celeb_server, name):
     server = celeb_server
+    if name in SDXL:
+        host.link_family_checkpoint(Path(server.base_dir), "sdxl")
     prompt = _prompt(server, host.example_workflow(name))
     result = server.run(prompt)
     assert result.status == "success", (result.error or {}).get("exception_message", result.error)
@@ -66,13 +75,23 @@ def test_example_workflow_runs(celeb_server, name):
     reports = _reports(prompt, result)
     assert len(reports) == 1, f"{name}: expected one trainer report, got {reports}"
     m = REPORT.search(reports[0])
-    assert m and int(m.group(1)) == 2, reports[0]
+    assert m and int(m.group(1)) == (1 if name in SDXL else 2), reports[0]
     assert all(math.isfinite(float(m.group(i))) and float(m.group(i)) > 0 for i in (2, 3)), reports[0]
     if name == "celebbasis_two_identities.json":
         assert "2 identities, 2 images" in reports[0]
     if name == "celebbasis_one_photo.json":  # SaveCelebCoeffs kept the identity
-        saved = list((Path(server.base_dir) / "models" / "facecond" / "celebbasis" / "identities").glob("alice_*"))
+        saved = list((Path(server.base_dir) / "models" / "facecond" / "celebbasis" / "identities").glob("alice_0*"))
         assert saved, "SaveCelebCoeffs wrote nothing"
+    if name == "celebbasis_sdxl.json":  # an SDXL identity: it says so
+        from facecond.py.celebbasis.coeffs import load_coeffs
+
+        saved = list((Path(server.base_dir) / "models" / "facecond" / "celebbasis" / "identities").glob("alice_sdxl_*"))
+        assert saved and load_coeffs(saved[0]).facts.family == "SDXL"
+    if name == "ti_sdxl.json":  # a standard SDXL embedding
+        from safetensors import safe_open
+
+        with safe_open(Path(server.base_dir) / "models" / "embeddings" / "face_ti_person_sdxl.safetensors", "pt") as f:
+            assert {k: tuple(f.get_tensor(k).shape) for k in f.keys()} == {"clip_l": (2, 768), "clip_g": (2, 1280)}
 
 
 def test_every_celebbasis_and_ti_example_is_tested():

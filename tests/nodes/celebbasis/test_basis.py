@@ -109,13 +109,15 @@ def test_bad_inputs(tiny_model, basis):
         node.apply(clip, "<x>", "none")
 
 
-def test_text_encoder_rejects_sdxl_clip(tiny_model):
-    from comfy import sd, sdxl_clip
+def test_text_encoder_rejects_t5_clips(tiny_model):
+    from comfy import sd
+    from comfy.text_encoders import sd3_clip
 
     fake = sd.CLIP.__new__(sd.CLIP)
-    fake.cond_stage_model = sdxl_clip.SDXLClipModel.__new__(sdxl_clip.SDXLClipModel)
+    fake.cond_stage_model = sd3_clip.SD3ClipModel.__new__(sd3_clip.SD3ClipModel)
     fake.tokenizer = tiny_model[1].tokenizer
-    with pytest.raises(ValueError, match="SDXL"):
+    with pytest.raises(ValueError, match=r"CelebBasisCoeffs: this CLIP \(SD3ClipModel\) is neither one CLIP text "
+                       r"encoder \(SD1.x, SD2.x\) nor SDXL's CLIP-L \+ CLIP-G.*T5"):
         text_encoder(fake, "CelebBasisCoeffs")
 
 

@@ -164,3 +164,49 @@ def test_identities_labels_and_their_bound():
     with pytest.raises(ValueError, match=r"identities is 3,000,000 characters for 3 images"):
         parse_identities("a," * 1_500_000, 3, "TrainCelebBasis")
     assert parse_identities(",".join(["x" * MAX_LABEL_CHARS] * 3), 3, "TrainCelebBasis") == [0, 0, 0]
+
+
+def test_two_tables_one_joint_basis(table, tokenize):
+    """SDXL: one PCA over the CLIP-L and CLIP-G rows side by side; one set of coefficients gives both halves,
+    each listed name is exact in both tables at p = m - 1; one table is the computation it always was."""
+    g_table = torch.randn(49408, 40, generator=torch.Generator().manual_seed(1)) * 0.05
+    names = cb.load_names()[:60]
+    joint = cb.build_basis([table, g_table], names, tokenize, p=512)
+    m = len(joint.names)
+    assert joint.basis.shape == (2, m - 1, D + 40) and joint.parts == (D, 40) and joint.dims == (D, 40)
+    _, ids = cb.name_token_pairs(joint.names, tokenize)
+    own = torch.stack([torch.cat([table[ids[:, k]], g_table[ids[:, k]]], -1) for k in range(2)], dim=1)
+    assert torch.allclose(joint.embeddings(joint.project(own)), own, atol=1e-6)
+    # every principal direction is one combination of the names' centred rows, the same in both tables:
+    # a name's coefficients reconstruct its CLIP-L half from the CLIP-L part of the basis alone
+    one = joint.embeddings(joint.project(own[:1]))[0]
+    assert torch.allclose(one[:, :D], own[0, :, :D], atol=1e-6) and torch.allclose(one[:, D:], own[0, :, D:], atol=1e-6)
+    single = cb.build_basis(table, names, tokenize, p=512)
+    assert single.dims == () and single.parts == (D,)
+    assert torch.equal(single.basis, cb.build_basis([table], names, tokenize, p=512).basis)
+    assert cb.table_hash(table) == cb.table_hash([table]) != cb.table_hash([table, g_table])
+    with pytest.raises(ValueError, match="different vocabularies"):
+        cb.build_basis([table, g_table[:100]], names, tokenize)
+
+
+def test_family_recorded_and_checked(table, tokenize, tmp_path):
+    import dataclasses
+
+    names = cb.load_names()[:40]
+    b = dataclasses.replace(cb.build_basis(table, names, tokenize, p=8), family="SDXL")
+    c = CelebCoeffs(torch.zeros(2, 8), BasisFacts(8, b.table_hash, b.names_hash, family="SDXL"))
+    save_coeffs(c, tmp_path / "c.safetensors")
+    loaded = load_coeffs(tmp_path / "c.safetensors")
+    assert loaded.facts.family == "SDXL"
+    loaded.facts.check(b, "x")
+    save_mlp(new_mlp(4, b, 0), tmp_path / "m.safetensors", b, embedder="e", names=names, steps=0)
+    assert load_mlp(tmp_path / "m.safetensors")[1]["facts"].family == "SDXL"
+    sd1 = dataclasses.replace(b, family="SD1.x")
+    with pytest.raises(ValueError, match=r"coeffs was made for an SDXL model but this CLIP is SD1.x: .*CLIP-L 768 \+ "
+                       r"CLIP-G 1280.*Load an SDXL checkpoint"):
+        loaded.facts.check(sd1, "coeffs")
+    # files from before families were recorded: made on SD1.x / SD2.x; refused on SDXL, accepted there
+    old = BasisFacts(8, b.table_hash, b.names_hash)
+    old.check(sd1, "old")
+    with pytest.raises(ValueError, match=r"old was made for an SD1.x/SD2.x model but this CLIP is SDXL"):
+        old.check(b, "old")

@@ -167,3 +167,27 @@ def test_square_images_takes_the_centred_square_and_resizes():
     assert not tall.is_inference() and tall.shape == (1, 24, 16, 4)  # the input is untouched
     with pytest.raises(ValueError, match="multiple of 8"):
         square_images(tall, 12)
+
+
+def test_two_tables_inits_and_log_norm_per_table():
+    """SDXL: the init takes the same tokens' rows from both tables; the log-norm has one n per table."""
+    g_table = torch.randn(50, 5, generator=torch.Generator().manual_seed(3)) * 7.0
+    face, _ = inv.init_vectors("face", [TABLE, g_table], _tok, 3)
+    ref, _ = inv.init_vectors("face", TABLE, _tok, 3)
+    ids = torch.tensor(_tok(inv.FACE_PHRASE))[torch.arange(3) % 2]
+    assert face.shape == (3, D + 5) and torch.equal(face[:, :D], ref) and torch.equal(face[:, D:], g_table[ids])
+    r2, w2 = inv.init_vectors("rand2", [TABLE, g_table], _tok, 2, names=NAMES, seed=3)
+    assert torch.equal(r2[:, :D], inv.init_vectors("rand2", TABLE, _tok, 2, names=NAMES, seed=3)[0]) and "[0]" in w2
+    tv = inv.TIVectors(face, "log_norm_e", dims=(D, 5))
+    assert tv.params["n"].shape == (3, 2) and torch.allclose(tv.vectors(), face, atol=1e-5)
+    assert torch.allclose(tv.params["n"].exp(), torch.stack([face[:, :D].norm(dim=-1), face[:, D:].norm(dim=-1)], -1))
+    with torch.no_grad():
+        tv.params["n"][:, 1] += 1.0  # the CLIP-G part's norm grows by e; the CLIP-L part is unchanged
+    v = tv.vectors()
+    assert torch.allclose(v[:, :D], face[:, :D], atol=1e-5)
+    assert torch.allclose(v[:, D:].norm(dim=-1), face[:, D:].norm(dim=-1) * torch.e, rtol=1e-5)
+    tensors, meta = inv.embedding_file(v, ("clip_l", "clip_g"), {"family": "SDXL"}, (D, 5))
+    assert {k: tuple(t.shape) for k, t in tensors.items()} == {"clip_l": (3, D), "clip_g": (3, 5)}
+    assert meta["facecond.kind"] == "face_ti" and meta["family"] == "SDXL"
+    with pytest.raises(ValueError, match="not the encoders'"):
+        inv.TIVectors(face, "log_norm_e", dims=(D, 4))
