@@ -74,8 +74,9 @@ def meta_tensors(specs: dict[str, tuple[str, tuple[int, ...]]]) -> dict:
 def build(path: str | os.PathLike, factory: Callable[[], T], state: dict, *, what: str, kind: str | None = None,
           label: str | None = None, writer: str | None = None, dtype=None) -> T:
     """``factory()`` built on the meta device (no memory), its tensor names and shapes compared with ``state``'s,
-    then ``state`` assigned (float tensors as ``dtype``, float32 by default). With meta stand-ins (``meta_tensors``) this is the check
-    alone. A mismatch is a "wrong_shape" ``PackFileError`` listing only the tensors that differ."""
+    then ``state`` assigned (float tensors as ``dtype``, float32 by default). With meta stand-ins
+    (``meta_tensors``) this is the check alone. A mismatch is a "wrong_shape" ``PackFileError`` listing only the
+    tensors that differ."""
     import torch
 
     try:
