@@ -28,7 +28,8 @@ def _resampler(prefix: str, dim: int, input_dim: int, out_dim: int, depth: int, 
 
 def random_state_dict(kind: str, input_dim: int, layer_dims: list[int], cross_dim: int = 768, tokens: int = 4,
                       seed: int = 0, scale: float = 0.05, lora_rank: int = 0, clip_dim: int = 1280,
-                      depth: int = 1, inner: int | None = None, ff: int = 4) -> dict[str, torch.Tensor]:
+                      depth: int = 1, inner: int | None = None, ff: int = 4, dim: int | None = None
+                      ) -> dict[str, torch.Tensor]:
     """A random IP-Adapter in the real flat key layout (tests, benchmarks): ``layer_dims`` = inner width of each
     cross-attention (SD1.5: 320, 320, 640, 640, 1280, 1280, 1280 x3, 640 x3, 320 x3, 1280). ``lora_rank`` > 0 adds
     a FaceID LoRA (``ip_adapter.<n>.to_q_lora.down.weight``...) on both attentions of each transformer block:
@@ -38,8 +39,8 @@ def random_state_dict(kind: str, input_dim: int, layer_dims: list[int], cross_di
     FacePerceiverResampler over ``clip_dim``-wide CLIP hidden states, heads = cross_dim // 64 as the authors')."""
     g = torch.Generator().manual_seed(seed)
     if kind == "plus":  # a Resampler with learned queries
-        shapes = {"latents": (1, tokens, cross_dim),
-                  **_resampler("", cross_dim, input_dim, cross_dim, depth, inner or 128, ff)}
+        dim = dim or cross_dim  # the Resampler's width (1280 in the SDXL plus files)
+        shapes = {"latents": (1, tokens, dim), **_resampler("", dim, input_dim, cross_dim, depth, inner or 128, ff)}
     elif kind == "full":
         shapes = {"proj.0.weight": (input_dim, input_dim), "proj.0.bias": (input_dim,),
                   "proj.2.weight": (cross_dim, input_dim), "proj.2.bias": (cross_dim,),
