@@ -5,6 +5,9 @@
 # Each run uses that host's own venv and FACECOND_HOST pointing at it (scripts/facecond_dev/host.py).
 # A host that is not installed is skipped with a message; under CI=true it is an error. Arguments go to pytest.
 # FACECOND_TEST_HOSTS="0.28" picks hosts. Exit status: pytest's (5, "no tests collected", is a failure too).
+# Family tests (marker `family`: tiny SD2 / SD2-v / SDXL checkpoints, full-size text encoders) run on the hosts in
+# FACECOND_FAMILY_HOSTS (default "0.28"; "all" = every host); elsewhere they are deselected with -m "not family"
+# (a -m of your own, coming later on the command line, wins).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASE="${FACECOND_HOST_ROOT:-$ROOT/.host}"  # where setup_host.sh installed them
@@ -26,7 +29,13 @@ for name in ${FACECOND_TEST_HOSTS:-0.3.75 0.28}; do
   fi
   echo "[test] ===== ComfyUI $name ($dir) =====" >&2
   start=$(date +%s)
-  FACECOND_HOST="$dir" "$dir/venv/bin/python" -P -m pytest -ra "$@"
+  family_hosts="${FACECOND_FAMILY_HOSTS:-0.28}"
+  select=()
+  if [ "$family_hosts" != "all" ] && [[ " $family_hosts " != *" $name "* ]]; then
+    select=(-m "not family")
+    echo "[test] ComfyUI $name: family tests deselected (FACECOND_FAMILY_HOSTS=$family_hosts)" >&2
+  fi
+  FACECOND_HOST="$dir" "$dir/venv/bin/python" -P -m pytest -ra "${select[@]}" "$@"
   rc=$?
   echo "[test] ComfyUI $name: pytest exit $rc after $(( $(date +%s) - start )) s" >&2
   if [ "$rc" -eq 5 ]; then

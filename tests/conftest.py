@@ -101,6 +101,52 @@ def tiny_model(tiny_ckpt):
     return nodes.CheckpointLoaderSimple().load_checkpoint(tiny_ckpt)[:3]
 
 
+FAMILIES = ("sd2", "sd2v", "sdxl")  # the tiny non-SD1.5 checkpoints (tiny_model.FAMILY_UNETS)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "family: loads a tiny SD2 / SD2-v / SDXL checkpoint (slow: full-size text encoders); "
+        "scripts/test_hosts.sh runs these on the 0.28 host only unless FACECOND_FAMILY_HOSTS=all")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # every test that loads a family checkpoint is a family test, marked or not
+        if {"family", "family_model", "family_ckpt", "family_cond"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.family)
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request) -> str:
+    """A tiny checkpoint family: sd2, sd2v, sdxl. Session-scoped, so pytest groups the tests of one family and
+    holds one family's models at a time. One family only: ``@pytest.mark.parametrize("family", ["sdxl"],
+    indirect=True)``."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def family_ckpt(comfy_base, family) -> str:
+    """Checkpoint name (in models/checkpoints, the name users have: host.FAMILY_CKPTS) of the tiny ``family`` model."""
+    return host.link_family_checkpoint(comfy_base, family)
+
+
+@pytest.fixture(scope="session")
+def family_model(family_ckpt):
+    """(MODEL, CLIP, VAE) of the tiny ``family`` checkpoint, loaded once by ComfyUI's own CheckpointLoaderSimple."""
+    import nodes
+
+    return nodes.CheckpointLoaderSimple().load_checkpoint(family_ckpt)[:3]
+
+
+@pytest.fixture(scope="session")
+def family_cond(family_model):
+    """CLIPTextEncode of "a photo of a person" with the ``family`` model's CLIP, encoded once (SDXL's CLIP-G on the
+    CPU is the slow part of a family test). Copy before changing it."""
+    import nodes
+
+    return nodes.CLIPTextEncode().encode(family_model[1], "a photo of a person")[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_controlnet(comfy_base):
     """CONTROL_NET: the tiny random SD1.5 ControlNet (tiny_model.py), loaded by ComfyUI's own loader."""

@@ -23,8 +23,10 @@ import comfy.model_sampling
 import torch
 
 from ...py.celebbasis.train import WordModel
+from ...py.train import denoiser
 from ...py.train.core import Trainer
 from ...py.weights import atomic
+from ..model_family import NATIVE_TOOLTIP, native_resolution
 from .pseudo_words import add_pseudo_word, text_encoder
 
 log = logging.getLogger("facecond")
@@ -156,8 +158,8 @@ def model_denoiser(model, node: str):
     comfy.model_management.load_models_gpu([model])
     inner = model.model
 
-    def denoise(x, sigma, context, _keep=model):  # _keep: the wrapped clone stays alive while training
-        return inner.apply_model(x, sigma, c_crossattn=context)
+    def denoise(x, sigma, context, y=None, _keep=model):  # _keep: the wrapped clone stays alive while training
+        return denoiser.denoise(inner, x, sigma, context, y=y)  # y: SDXL's ADM vector (denoiser.adm_vector)
 
     return denoise, ms.sigmas, model.load_device
 
@@ -229,14 +231,6 @@ def encode_images(vae, model, images: torch.Tensor) -> torch.Tensor:
     return lat.clone()
 
 
-def native_resolution(model) -> int:
-    """The image side a checkpoint was trained at: 768 for SD2.x v-prediction models (SD 2.0/2.1 768-v), else
-    512 (SD1.x, SD 2.x-base)."""
-    ms = model.get_model_object("model_sampling")
-    conf = type(getattr(model.model, "model_config", None)).__name__
-    return 768 if isinstance(ms, comfy.model_sampling.V_PREDICTION) and conf.startswith("SD2") else 512
-
-
 def training_images(model, images: torch.Tensor, resolution: int, node: str) -> tuple[torch.Tensor, int]:
     """(images as resolution x resolution squares, the side used): resolution 0 = the model's native size."""
     from ...py.celebbasis.train import square_images
@@ -251,8 +245,8 @@ def training_images(model, images: torch.Tensor, resolution: int, node: str) -> 
 
 def resolution_input() -> tuple:
     return ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Side (px) the photos are trained "
-            "at: the centred square of each is resized to it. 0 = the model's native size (512 for SD1.x and SD "
-            "2.x-base, 768 for SD 2.x-v), as the papers train; smaller is faster."})
+            "at: the centred square of each is resized to it. " + NATIVE_TOOLTIP + " As the papers train; smaller "
+            "is faster."})
 
 
 def word_model(model, clip, vae, templates: list[str], node: str, k: int = 2) -> WordModel:

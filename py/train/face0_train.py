@@ -37,6 +37,7 @@ from .core import (
     sample_sigmas,
     step_generator,
 )
+from .denoiser import denoise
 from .face0_data import decode_sample, iter_shard, shard_keys
 from .lora import LoRASet
 
@@ -137,10 +138,10 @@ class Face0Model(nn.Module):
         for p in proj.parameters():
             p.requires_grad_(True)
 
-    def forward(self, x_t, sigma, context, embeds, drop):
+    def forward(self, x_t, sigma, context, embeds, drop, y=None):
         tokens = face_tokens(self.proj, embeds, drop=drop)  # (B, K, W); dropped rows → zeros
         ctx = override_tokens(context, tokens)  # the last K tokens of each 77-token chunk
-        return self.base.apply_model(x_t, sigma, c_crossattn=ctx)
+        return denoise(self.base, x_t, sigma, ctx, y=y)
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}

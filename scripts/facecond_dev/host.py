@@ -80,13 +80,14 @@ def data_required() -> bool:
     return os.environ.get("FACECOND_REQUIRE_DATA", "") not in ("", "0")
 
 
-def tiny_checkpoint_path() -> Path:
-    """The tiny SD1.5 checkpoint, generated once into the host cache (about 1 s, 280 MB)."""
+def tiny_checkpoint_path(family: str = "sd15") -> Path:
+    """The tiny random checkpoint of a model family (``tiny_model.FAMILIES``: sd15, sd2, sd2v, sdxl), generated once
+    into the host cache. SD1.5: about 1 s, 280 MB; the others: see docs/pending/25-families.md."""
     from .tiny_model import write_tiny_checkpoint
 
     data = shared_data()
     taesd = data / "models" / "taesd" if data and (data / "models" / "taesd").is_dir() else None
-    return write_tiny_checkpoint(HOST_DIR / "cache" / "tiny_sd15.safetensors", taesd_dir=taesd)
+    return write_tiny_checkpoint(HOST_DIR / "cache" / f"tiny_{family}.safetensors", taesd_dir=taesd, family=family)
 
 
 def tiny_controlnet_path() -> Path:
@@ -94,6 +95,25 @@ def tiny_controlnet_path() -> Path:
     from .tiny_model import write_tiny_controlnet
 
     return write_tiny_controlnet(HOST_DIR / "cache" / "tiny_sd15_controlnet.safetensors")
+
+
+# The names most users have for each family's base checkpoint: a test base links the tiny family checkpoint under it,
+# so an example workflow for that family runs unchanged on a test host and on a real install.
+FAMILY_CKPTS = {"sd15": EXAMPLE_CKPT, "sd2": "v2-1_512-ema-pruned.safetensors",
+                "sd2v": "v2-1_768-ema-pruned.safetensors", "sdxl": "sd_xl_base_1.0.safetensors"}
+
+
+def link_family_checkpoint(base: Path, family: str) -> str:
+    """Link the tiny ``family`` checkpoint into ``base``'s models/checkpoints under ``FAMILY_CKPTS[family]``
+    (generating it into the host cache the first time); returns that checkpoint name."""
+    if family not in FAMILY_CKPTS:
+        raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILY_CKPTS)}")
+    name = FAMILY_CKPTS[family]
+    link = base / "models" / "checkpoints" / name
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(tiny_checkpoint_path(family))
+    return name
 
 
 def prepare_base(base: Path, pack_dir: Path | None = REPO, pack_name: str = "facecond", *,
