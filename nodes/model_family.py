@@ -28,6 +28,11 @@ def family_name(model) -> str:
     return type(config).__name__
 
 
+def family_of_width(width: int) -> str:
+    """The model family whose text context is ``width`` wide (e.g. an IP-Adapter's W'_k input width)."""
+    return {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}.get(int(width), f"{width}-wide-context")
+
+
 def native_resolution(model) -> int:
     """The image side the checkpoint was trained at (512 for families the pack does not know)."""
     return NATIVE.get(family_name(model), 512)

@@ -40,7 +40,7 @@ FACENET="facenet-pytorch==2.5.3"
 # Test-only: `onnx` builds stand-in ONNX graphs at test time; insightface is the reference the parity tests compare
 # against. It is installed with --no-deps (beside its runtime deps listed here) because it asks for opencv-python,
 # which would clash with the opencv-python-headless already here (both provide cv2).
-TEST_DEPS="pytest ruff onnx scikit-image scipy tqdm"
+TEST_DEPS="pytest ruff onnx scikit-image scipy tqdm diffusers"  # diffusers: IP-Adapter FaceID Plus parity reference (tests only)
 INSIGHTFACE_REF="insightface==2.1"
 # Training extras (pyproject [project.optional-dependencies] train): the Face0 trainer runs on accelerate.
 TRAIN_DEPS="accelerate tensorboard"

@@ -25,6 +25,7 @@ import logging
 import os
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_management as mm
 import comfy.patcher_extension
 import folder_paths
 import torch
@@ -34,9 +35,10 @@ from ...py.ipadapter import aggregate as agg
 from ...py.ipadapter import lora as ipa_lora
 from ...py.ipadapter import regions
 from .. import model_cache
-from ..common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds
-from ..model_family import family_name
+from ..common import FACE_EMBEDS, FACES, IPADAPTER, REF_EMBEDS, require_embeds
+from ..model_family import family_name, family_of_width
 from ..paths import finite_floats, load_file, read_path
+from .faceid_plus import encode_face_and_clip
 from .lora import apply_lora
 
 log = logging.getLogger("facecond")
@@ -59,7 +61,8 @@ _KV = ipa.KV_ATTR  # the W'_k, W'_v of every layer, registered on the projection
 
 
 def _adapter_module(adapter: ipa.IPAdapter) -> torch.nn.Module:
-    """The module ComfyUI's model management moves and frees: the projection with the K/V weights attached."""
+    """The module ComfyUI's model management moves and frees: the projection with the K/V weights attached (the
+    LoRA stays on the CPU: ComfyUI's weight patching reads it from there)."""
     if not hasattr(adapter.proj, _KV):
         adapter.proj.register_module(_KV, torch.nn.ParameterList(
             [torch.nn.Parameter(t, requires_grad=False) for pair in adapter.kv for t in pair]))
@@ -78,10 +81,16 @@ def _adapter_on_device(adapter: ipa.IPAdapter) -> ipa.IPAdapter:
     return _with_module_kv(adapter)
 
 
-def _load_adapter(ipadapter_name: str) -> ipa.IPAdapter:
+def model_dtype() -> torch.dtype:
+    """The dtype ComfyUI picks for a diffusion model on its device (fp16/bf16 on a GPU, float32 on most CPUs):
+    the adapter's weights are kept in it (tokens and K', V' are still computed to float32)."""
+    return mm.unet_dtype(device=mm.get_torch_device())
+
+
+def _load_adapter(ipadapter_name: str, dtype: torch.dtype | None = None) -> ipa.IPAdapter:
     sd = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name, ipa.read_file)
     adapter = load_file("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name,
-                        lambda _path: ipa.from_state_dict(sd, ipadapter_name))
+                        lambda _path: ipa.from_state_dict(sd, ipadapter_name, dtype or model_dtype()))
     return _with_module_kv(adapter)  # no second copy of W'_k, W'_v outside the module
 
 
@@ -147,10 +156,13 @@ def check_not_replaced(patcher, keys: tuple) -> list:
 
 
 class LoadIPAdapter:
-    DESCRIPTION = ("Loads an IP-Adapter (SD1.5 or SDXL) from models/ipadapter (.safetensors, or .bin read as plain "
-                   "tensors only). The variant is read from the file's keys and shapes: plain (CLIP image "
-                   "embedding), plus (CLIP hidden states, Resampler) or FaceID (a face-recognition embedding). A "
-                   "FaceID file's LoRA is kept and applied by ApplyIPAdapter (lora_strength).")
+    DESCRIPTION = ("Loads an SD1.5 or SDXL IP-Adapter from models/ipadapter (.safetensors, or .bin read as plain "
+                   "tensors only), its weights in the dtype ComfyUI uses for the model (fp16/bf16 on a GPU). The "
+                   "variant is read from the file's keys and shapes: plain (CLIP image embedding), plus / plus-face "
+                   "and full-face (CLIP hidden states), FaceID and FaceID Portrait (face embeddings), FaceID Plus and "
+                   "Plus v2 (face embedding + CLIP hidden states of the face crop; v2 by its file name). Other "
+                   "layouts (InstantID, PuLID, FLUX, SD3) are refused by name. A FaceID file's LoRA is kept and "
+                   "applied by ApplyIPAdapter (lora_strength).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (IPADAPTER, "STRING")
@@ -162,24 +174,23 @@ class LoadIPAdapter:
     def INPUT_TYPES(cls):
         return {"required": {"ipadapter_name": (folder_paths.get_filename_list(IPADAPTER_FOLDER), {
             "tooltip": "IP-Adapter file in models/ipadapter, e.g. ip-adapter_sd15.safetensors, "
-                       "ip-adapter-plus_sd15.safetensors or ip-adapter-faceid_sd15.bin."})}}
+                       "ip-adapter-plus_sd15.safetensors, ip-adapter-faceid_sd15.bin, "
+                       "ip-adapter-faceid-plusv2_sdxl.bin or ip-adapter-faceid-portrait_sdxl.bin."})}}
 
     def load(self, ipadapter_name):
         path = read_path("LoadIPAdapter", "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name)
         adapter = model_cache.load("ipadapter", path, lambda _p: _load_adapter(ipadapter_name), _adapter_module)
         v = adapter.variant
-        info = (f"{ipadapter_name}: {v.name} IP-Adapter, takes {v.input_kind} ({v.input_dim}-d), {v.tokens} image "
-                f"tokens of width {v.cross_dim}, {len(adapter.kv)} cross-attention layers")
+        info = (f"{ipadapter_name}: {v.title} IP-Adapter ({v.name}), takes {v.input_kind} ({v.input_dim}-d"
+                f"{f' + {v.clip_dim}-d CLIP hidden states' if v.clip_dim else ''}), {v.tokens} image tokens of width "
+                f"{v.cross_dim}, {len(adapter.kv)} cross-attention layers, weights in "
+                f"{str(next(adapter.proj.parameters()).dtype).replace('torch.', '')} "
+                f"({adapter.resident_bytes() / 2**20:.1f} MiB)")
         if adapter.lora:
             info += (f", LoRA on {len(ipa_lora.processors(adapter.lora))} attention layers (rank "
                      f"{ipa_lora.rank(adapter.lora)}; ApplyIPAdapter's lora_strength)")
         log.info("[facecond] %s", info)
         return (adapter, info)
-
-
-def _family_of_width(width: int) -> str:
-    """The model family whose text context is ``width`` wide (an IP-Adapter's W'_k input width)."""
-    return {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}.get(int(width), f"{width}-wide-context")
 
 
 def _check_adapter(node: str, ipadapter) -> ipa.IPAdapter:
@@ -200,9 +211,10 @@ def drop_unusable(embeds: agg.RefEmbeds) -> agg.RefEmbeds:
 
 class IPAdapterEncode:
     DESCRIPTION = ("Turns reference photos into the embeddings an IP-Adapter takes, one row per reference: FaceID "
-                   "uses face_embeds (FaceEmbed); plain and plus encode image with clip_vision (ComfyUI's "
-                   "CLIPVisionLoader; image embeds for plain, penultimate hidden states for plus). Rows that are "
-                   "NaN or zero are skipped and reported, never fatal.")
+                   "and FaceID Portrait use face_embeds (FaceEmbed); plain, plus and full-face encode image with "
+                   "clip_vision (ComfyUI's CLIPVisionLoader; image embeds for plain, penultimate hidden states for "
+                   "plus); FaceID Plus / Plus v2 take face_embeds and faces and encode each face's aligned 224 crop "
+                   "of image with clip_vision. Rows that are NaN or zero are skipped and reported, never fatal.")
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = (REF_EMBEDS, "STRING")
@@ -222,12 +234,21 @@ class IPAdapterEncode:
                             "IP-Adapters); needed with image."}),
             "face_embeds": (FACE_EMBEDS, {"tooltip": "FaceID IP-Adapters: FaceEmbed output (use FaceDetectCrop "
                             "with no_face=skip so faceless photos are dropped, not fatal)."}),
+            "faces": (FACES, {"tooltip": "FaceID Plus / Plus v2 only: the FaceDetectCrop output FaceEmbed read; "
+                      "its keypoints cut each face's aligned 224 crop of image for clip_vision (insightface "
+                      "norm_crop, as the IP-Adapter authors do)."}),
         }}
 
-    def encode(self, ipadapter, crop, image=None, clip_vision=None, face_embeds=None):
+    def encode(self, ipadapter, crop, image=None, clip_vision=None, face_embeds=None, faces=None):
         node = "IPAdapterEncode"
         v = _check_adapter(node, ipadapter).variant
         notes = []
+        if v.input_kind == "face+clip_hidden":
+            embeds = drop_unusable(encode_face_and_clip(node, ipadapter, image, clip_vision, face_embeds, faces,
+                                                        notes))
+            report = "; ".join([f"{len(embeds)} references ({v.input_kind}, {embeds.model})", *embeds.notes])
+            log.info("[facecond] %s: %s", node, report)
+            return (embeds, report)
         if v.input_kind == "face":
             if face_embeds is None:
                 raise ValueError(f"{node}: {ipadapter.name} is a FaceID IP-Adapter: connect face_embeds "
@@ -240,7 +261,7 @@ class IPAdapterEncode:
                 notes.append(f"images {missing} had no usable face (skipped by FaceDetectCrop)")
         else:
             if image is None or clip_vision is None:
-                raise ValueError(f"{node}: {ipadapter.name} is a {v.name} IP-Adapter: connect image and "
+                raise ValueError(f"{node}: {ipadapter.name} is a {v.title} IP-Adapter: connect image and "
                                  "clip_vision (CLIPVisionLoader with the CLIP-ViT-H-14 image encoder).")
             out = clip_vision.encode_image(image, crop=crop == "center")
             x = (out["image_embeds"] if v.input_kind == "clip_embeds" else out["penultimate_hidden_states"]).float()
@@ -270,9 +291,9 @@ class ApplyIPAdapter:
     OUTPUT_TOOLTIPS = ("The patched clone (the input model is unchanged).",)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, weight=None, start_at=None, end_at=None, lora_strength=None):  # NaN/inf, min/max
+    def VALIDATE_INPUTS(cls, weight=None, start_at=None, end_at=None, lora_strength=None, s_scale=None):
         return finite_floats(cls, "ApplyIPAdapter", weight=weight, start_at=start_at, end_at=end_at,
-                             lora_strength=lora_strength)
+                             lora_strength=lora_strength, s_scale=s_scale)  # NaN/inf, min/max
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -302,9 +323,14 @@ class ApplyIPAdapter:
                               "(1: as trained, 0: off), on every step (start_at/end_at time the image term only). "
                               "Put on the whole model once, even when the node is applied again for another "
                               "region; files without LoRA ignore it."}),
+            "s_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip":
+                        "FaceID Plus v2 only: weight of the CLIP face-crop part against the face-embedding shortcut, "
+                        "tokens = x + s_scale·resampler(x, CLIP) (the authors' s_scale; 1 as trained, 0: the "
+                        "face embedding alone). Other variants ignore it."}),
         }}
 
-    def apply(self, model, ipadapter, embeds, weight, start_at, end_at, attn_mask=None, lora_strength=1.0):
+    def apply(self, model, ipadapter, embeds, weight, start_at, end_at, attn_mask=None, lora_strength=1.0,
+              s_scale=1.0):
         node = "ApplyIPAdapter"
         adapter = _check_adapter(node, ipadapter)
         v = adapter.variant
@@ -322,20 +348,25 @@ class ApplyIPAdapter:
         layers = cross_attention_layers(model)
         dims = [(k.shape[0], k.shape[1]) for k, _ in adapter.kv]
         if [(inner, ctx) for _, inner, ctx in layers] != dims:
-            made_for = _family_of_width(dims[0][1]) if dims else "no"
+            made_for = family_of_width(dims[0][1]) if dims else "no"
             this = family_name(model)
             model_ctx = layers[0][2] if layers else "no"
-            raise ValueError(f"{node}: {adapter.name} was made for {made_for} models ({len(dims)} cross-attention "
-                             f"layers, context width {dims[0][1] if dims else '-'}) but this model is {this} "
-                             f"({len(layers)} cross-attentions, context width {model_ctx}). An IP-Adapter only works "
+            raise ValueError(f"{node}: {adapter.name} ({v.title}) was made for {made_for} models ({len(dims)} "
+                             f"cross-attention layers, context width {dims[0][1] if dims else '-'}) but this model "
+                             f"is {this} ({len(layers)} cross-attentions, context width {model_ctx}). An IP-Adapter "
+                             "only works "
                              f"on the family it was trained for: load a {this} IP-Adapter, or use a {made_for} "
                              "checkpoint.")
         mask = None
         if attn_mask is not None:
             mask = (attn_mask if attn_mask.ndim == 3 else attn_mask[None]).float().clamp(0, 1).cpu()
         adapter = _adapter_on_device(adapter)
-        tokens = adapter.image_tokens(embeds.embeds)
-        negative = adapter.negative_tokens(embeds.embeds)
+        if v.input_kind == "face+clip_hidden" and (embeds.clip is None or embeds.clip_neg is None):
+            raise ValueError(f"{node}: embeds carry no CLIP hidden states of the face crops; {adapter.name} is "
+                             f"{v.title}: encode them with it in IPAdapterEncode (face_embeds, faces, image, "
+                             "clip_vision).")
+        tokens = adapter.image_tokens(embeds.embeds, embeds.clip, s_scale)
+        negative = adapter.negative_tokens(embeds.embeds, embeds.clip_neg, s_scale)
         ms = model.get_model_object("model_sampling")
         s_start, s_end = ms.percent_to_sigma(start_at), ms.percent_to_sigma(end_at)
         terms = ipa.layer_terms(adapter, tokens, negative, weight, s_start, s_end, mask)

@@ -70,7 +70,12 @@ class AggregateEmbeds:
             x, note = agg.aggregate(embeds.embeds, method, aggregator, seed)
         except ValueError as e:
             raise ValueError(f"{node}: {e}. Use an aggregator trained on these embeddings ({embeds.model}).") from None
-        out = agg.RefEmbeds(x, embeds.kind, embeds.model, (-1,), (*embeds.notes, note))
+        clip = None
+        if embeds.clip is not None:  # FaceID Plus: the face crops' CLIP hidden states, per position (self-attention:
+            clip, _ = agg.aggregate(embeds.clip, "mean" if method == "self-attention" else method, None, seed)  # mean)
+            note += f"; CLIP face-crop hidden states: {'mean' if method == 'self-attention' else method}"
+        out = agg.RefEmbeds(x, embeds.kind, embeds.model, (-1,), (*embeds.notes, note), clip=clip,
+                            clip_neg=embeds.clip_neg)
         report = "; ".join(out.notes)
         log.info("[facecond] %s: %s", node, report)
         return (out, report)

@@ -1,5 +1,6 @@
 """IP-Adapter (Ye et al. 2023, "IP-Adapter: Text Compatible Image Prompt Adapter for Text-to-Image Diffusion Models",
-arXiv 2308.06721) in plain torch: the image-projection modules of the public SD1.5 files, the decoupled
+arXiv 2308.06721) in plain torch: loading the public SD1.5 and SDXL files (variants: ``variants.py``, projection
+modules: ``projections.py``), the decoupled
 cross-attention, and the attention patch that adds it to each cross-attention of a UNet.
 
 Decoupled cross-attention (paper eq. 5), per cross-attention layer, with the text keys/values K, V and the image
@@ -20,139 +21,27 @@ is injected (ComfyUI's ``optimized_attention``). Random weights in this layout: 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..weights import packfile, packmeta
 from ..weights.manifest import load_state_dict
 from ..weights.packfile import clip
 from .lora import lora_weights
+from .projections import FullProj, LinearProj, ProjPlus, Resampler
 from .regions import chunk_windows, layer_grid, window_mask
+from .variants import INPUT_KINDS, MAX_DEPTH, MAX_LAYERS, MAX_TOKENS, MAX_WIDTH, SUPPORTED, Variant, detect_variant
+from .variants import unsupported as unsupported_layout
 
-# What each variant consumes: a CLIP image embedding (projected, e.g. 1024 for ViT-H), the CLIP penultimate
-# hidden states (257 x 1280 for ViT-H), or a face-recognition embedding (512 for insightface buffalo_l).
-INPUT_KINDS = {"plain": "clip_embeds", "plus": "clip_hidden", "faceid": "face"}
+__all__ = ["INPUT_KINDS", "MAX_DEPTH", "MAX_LAYERS", "MAX_TOKENS", "MAX_WIDTH", "FullProj", "LinearProj", "ProjPlus",
+           "Resampler", "Variant", "detect_variant"]
+
 KV_ATTR = "facecond_kv"  # a model manager may register the W'_k, W'_v on `proj` under this name (one module to move)
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str  # "plain" | "plus" | "faceid"
-    input_dim: int  # width of the embedding the projection takes
-    tokens: int  # image tokens it makes
-    cross_dim: int  # token width (the UNet's cross-attention context width, 768 for SD1.5)
-
-    @property
-    def input_kind(self) -> str:
-        return INPUT_KINDS[self.name]
-
-
-# Bounds on what a file's shapes may declare (README "Limits"; SD1.5 files: 1024-d input, 16 tokens, 768-d tokens,
-# a 4-layer Resampler, 16 cross-attention layers): checked before any module is built.
-MAX_WIDTH, MAX_TOKENS, MAX_DEPTH, MAX_LAYERS = 8192, 1024, 64, 256
 LABEL, WRITER = "IP-Adapter file", "its publisher (h94/IP-Adapter on Hugging Face)"
-
-
-def detect_variant(proj: dict[str, torch.Tensor]) -> Variant:
-    """The projection variant from the ``image_proj`` keys (prefix stripped) and their shapes; ValueError when the
-    layout is unknown or its shapes are outside ``MAX_WIDTH``/``MAX_TOKENS``."""
-    try:
-        v = _variant(proj)
-    except (IndexError, ZeroDivisionError):  # a tensor of too few dimensions or a zero width
-        v = None
-    if v is None:
-        raise ValueError(f"unsupported IP-Adapter image projection (keys {clip(sorted(proj)[:8])}...): supported "
-                         "are the SD1.5 plain (proj + norm), plus (Resampler: latents, proj_in, layers) and FaceID "
-                         "(proj.0/2 + norm) layouts; FaceID-plus and full-face files are not.")
-    if not (1 <= v.input_dim <= MAX_WIDTH and 1 <= v.tokens <= MAX_TOKENS and 1 <= v.cross_dim <= MAX_WIDTH):
-        raise ValueError(f"IP-Adapter image projection of {v.input_dim}-d input, {v.tokens} tokens of width "
-                         f"{v.cross_dim}: outside the sizes the pack loads (widths 1..{MAX_WIDTH}, 1..{MAX_TOKENS} "
-                         "tokens); the file is damaged or not an SD IP-Adapter.")
-    return v
-
-
-def _variant(proj: dict[str, torch.Tensor]) -> Variant | None:
-    if "latents" in proj and "proj_in.weight" in proj and "proj_out.weight" in proj:  # Resampler (IP-Adapter plus)
-        width, tokens = proj["proj_in.weight"].shape[1], proj["latents"].shape[1]
-        return Variant("plus", width, tokens, proj["proj_out.weight"].shape[0])
-    if "proj.weight" in proj and "norm.weight" in proj:  # Linear + LayerNorm (plain)
-        cross = proj["norm.weight"].shape[0]
-        return Variant("plain", proj["proj.weight"].shape[1], proj["proj.weight"].shape[0] // cross, cross)
-    if {"proj.0.weight", "proj.2.weight", "norm.weight"} <= proj.keys() and "proj.3.weight" not in proj:
-        cross = proj["norm.weight"].shape[0]  # MLPProjModel (FaceID): Linear, GELU, Linear, LayerNorm
-        return Variant("faceid", proj["proj.0.weight"].shape[1], proj["proj.2.weight"].shape[0] // cross, cross)
-    return None
-
-
-class LinearProj(nn.Module):
-    """Plain and FaceID projections: (B, D) -> (B, tokens, cross_dim); FaceID puts a GELU MLP before the norm."""
-
-    def __init__(self, v: Variant):
-        super().__init__()
-        self.tokens, self.cross_dim = v.tokens, v.cross_dim
-        out = v.tokens * v.cross_dim
-        if v.name == "faceid":
-            d = v.input_dim
-            self.proj = nn.Sequential(nn.Linear(d, d * 2), nn.GELU(), nn.Linear(d * 2, out))
-        else:
-            self.proj = nn.Linear(v.input_dim, out)
-        self.norm = nn.LayerNorm(v.cross_dim)
-
-    def forward(self, x):
-        return self.norm(self.proj(x).reshape(-1, self.tokens, self.cross_dim))
-
-
-class PerceiverAttention(nn.Module):
-    def __init__(self, dim: int, inner: int, dim_head: int = 64):
-        super().__init__()
-        self.heads, self.dim_head = inner // dim_head, dim_head
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def forward(self, x, latents):
-        x, latents = self.norm1(x), self.norm2(latents)
-        b, n, _ = latents.shape
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat((x, latents), dim=-2)).chunk(2, dim=-1)
-        q, k, v = (t.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))  # (B, h, T, d)
-        scale = 1 / math.sqrt(math.sqrt(self.dim_head))
-        w = torch.softmax(((q * scale) @ (k * scale).transpose(-2, -1)).float(), dim=-1).to(q.dtype)
-        return self.to_out((w @ v).transpose(1, 2).reshape(b, n, -1))
-
-
-class Resampler(nn.Module):
-    """IP-Adapter plus: learned queries (latents) attend to the CLIP hidden states (Perceiver resampler)."""
-
-    def __init__(self, sd: dict[str, torch.Tensor], v: Variant):
-        super().__init__()
-        dim = sd["latents"].shape[2]
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
-        inner, hidden = sd["layers.0.0.to_q.weight"].shape[0], sd["layers.0.1.1.weight"].shape[0]
-        self.latents = nn.Parameter(torch.zeros(1, v.tokens, dim))
-        self.proj_in = nn.Linear(v.input_dim, dim)
-        self.proj_out = nn.Linear(dim, v.cross_dim)
-        self.norm_out = nn.LayerNorm(v.cross_dim)
-        self.layers = nn.ModuleList(nn.ModuleList([
-            PerceiverAttention(dim, inner),
-            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden, bias=False), nn.GELU(),
-                          nn.Linear(hidden, dim, bias=False)),
-        ]) for _ in range(depth))
-
-    def forward(self, x):
-        latents = self.latents.repeat(x.shape[0], 1, 1)
-        x = self.proj_in(x)
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))
 
 
 @dataclass(frozen=True)
@@ -160,20 +49,47 @@ class IPAdapter:
     """A loaded IP-Adapter: its projection and the per-cross-attention W'_k, W'_v (index n = n-th layer)."""
 
     variant: Variant
-    proj: nn.Module
+    proj: torch.nn.Module
     kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     name: str = ""
     lora: dict = field(default_factory=dict, compare=False)  # FaceID: ``<n>.to_q_lora.down.weight``... (lora.py)
 
     @torch.no_grad()
-    def image_tokens(self, embeds: torch.Tensor) -> torch.Tensor:
-        """(N, D) or (N, T, D) reference embeddings -> (N, tokens, cross_dim) image tokens c_i (float32)."""
+    def image_tokens(self, embeds: torch.Tensor, clip: torch.Tensor | None = None, s_scale: float = 1.0
+                     ) -> torch.Tensor:
+        """(N, D) or (N, T, D) reference embeddings -> (N, tokens, cross_dim) image tokens c_i (float32). FaceID
+        Plus: ``embeds`` the (N, 512) face embeddings and ``clip`` the (N, T, clip_dim) CLIP hidden states of the
+        face crops; v2 adds the shortcut with ``s_scale`` (``projections.ProjPlus``). Computed in the weights'
+        dtype (ComfyUI's model dtype)."""
         p = next(self.proj.parameters())
-        return self.proj(embeds.to(p.device, p.dtype)).float()
+        x = embeds.to(p.device, p.dtype)
+        if isinstance(self.proj, ProjPlus):
+            if clip is None or clip.ndim != 3 or clip.shape[0] not in (1, x.shape[0]) \
+                    or clip.shape[-1] != self.variant.clip_dim:
+                raise ValueError(f"{self.name}: {self.variant.title} takes the CLIP hidden states (N, T, "
+                                 f"{self.variant.clip_dim}) of the face crops beside the face embeddings")
+            return self.proj(x, clip.to(p.device, p.dtype).expand(x.shape[0], -1, -1),
+                             shortcut=self.variant.name == "faceid_plusv2", scale=float(s_scale)).float()
+        return self.proj(x).float()
 
-    def negative_tokens(self, embeds: torch.Tensor) -> torch.Tensor:
-        """The unconditional image tokens: the projection of a zero embedding (IP-Adapter's CFG 'no image')."""
-        return self.image_tokens(torch.zeros_like(embeds[:1]))
+    def negative_tokens(self, embeds: torch.Tensor, clip_neg: torch.Tensor | None = None,
+                        s_scale: float = 1.0) -> torch.Tensor:
+        """The unconditional image tokens: the projection of a zero embedding (IP-Adapter's CFG 'no image'); FaceID
+        Plus: a zero face embedding with the CLIP hidden states of a zero image (``clip_neg``), as the authors'
+        ``IPAdapterFaceIDPlus.get_image_embeds``."""
+        return self.image_tokens(torch.zeros_like(embeds[:1]), clip_neg, s_scale)
+
+    def resident_bytes(self) -> int:
+        """Bytes held by the adapter's tensors (projection, W'_k/W'_v, LoRA), each storage counted once."""
+        seen, total = set(), 0
+        tensors = [*self.proj.parameters(), *self.proj.buffers(), *(t for pair in self.kv for t in pair),
+                   *self.lora.values()]
+        for t in tensors:
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+        return total
 
 
 def read_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -189,26 +105,43 @@ def read_file(path: str | Path) -> dict[str, torch.Tensor]:
     return load_state_dict(path, LABEL, WRITER, dtypes=ints, plan=plan)
 
 
-def _resampler_depth(proj: dict[str, torch.Tensor], name: str) -> None:
-    idx = {k.split(".")[1] for k in proj if k.startswith("layers.")}
+def _resampler_depth(proj: dict[str, torch.Tensor], name: str, prefix: str = "") -> None:
+    idx = {k[len(prefix):].split(".")[1] for k in proj if k.startswith(prefix + "layers.")}
+    need = {f"{prefix}layers.0.0.to_q.weight", f"{prefix}layers.0.1.1.weight"}
     if not idx or not all(i.isdigit() and len(i) <= 3 for i in idx) or max(map(int, idx)) >= MAX_DEPTH \
-            or not {"layers.0.0.to_q.weight", "layers.0.1.1.weight"} <= proj.keys():
+            or not need <= proj.keys():
         raise ValueError(f"{name}: the Resampler's layers {clip(sorted(idx)[:6])} are not numbered 0..n-1 with "
-                         f"n <= {MAX_DEPTH} (layers.0.0.to_q / layers.0.1.1 present); the file is damaged")
+                         f"n <= {MAX_DEPTH} ({prefix}layers.0.0.to_q / layers.0.1.1 present); the file is damaged")
 
 
-def from_state_dict(sd: dict[str, torch.Tensor], name: str = "") -> IPAdapter:
-    """The adapter of a flat state dict. The modules are built on the meta device and their shapes compared with
-    the tensors' before the tensors are assigned (so meta-device stand-ins check a file without reading it)."""
-    proj = {k[len("image_proj."):]: v for k, v in sd.items() if k.startswith("image_proj.")}
-    if not proj or not any(k.startswith("ip_adapter.") for k in sd):
-        raise ValueError(f"{name or 'IP-Adapter'}: not an IP-Adapter file (needs image_proj.* and ip_adapter.* keys)")
-    v = detect_variant(proj)
+def _projection(proj: dict[str, torch.Tensor], v: Variant, name: str):
     if v.name == "plus":
         _resampler_depth(proj, name)
-    module = packmeta.build(name, (lambda: Resampler(proj, v)) if v.name == "plus" else (lambda: LinearProj(v)), proj,
-                            what=f"its image projection does not have the shapes of an IP-Adapter {v.name} "
-                            "projection", label=LABEL, writer=WRITER)
+        return lambda: Resampler(proj, v)
+    if v.input_kind == "face+clip_hidden":
+        _resampler_depth(proj, name, ProjPlus.PREFIX)
+        return lambda: ProjPlus(proj, v)
+    if v.name == "full":
+        return lambda: FullProj(v)
+    return lambda: LinearProj(v)
+
+
+def from_state_dict(sd: dict[str, torch.Tensor], name: str = "", dtype: torch.dtype | None = None) -> IPAdapter:
+    """The adapter of a flat state dict, its tensors (projection, W'_k/W'_v, LoRA) in ``dtype`` (float32 by default;
+    the nodes pass ComfyUI's model dtype). The modules are built on the meta device and their shapes compared with
+    the tensors' before the tensors are assigned (so meta-device stand-ins check a file without reading it)."""
+    dtype = torch.float32 if dtype is None else dtype
+    proj = {k[len("image_proj."):]: v for k, v in sd.items() if k.startswith("image_proj.")}
+    known = unsupported_layout(sd, proj)
+    if known:
+        raise ValueError(f"{name or 'IP-Adapter'}: this is a {known[0]} file, which facecond does not load ({known[1]}"
+                         f"); {SUPPORTED}.")
+    if not proj or not any(k.startswith("ip_adapter.") for k in sd):
+        raise ValueError(f"{name or 'IP-Adapter'}: not an IP-Adapter file (needs image_proj.* and ip_adapter.* keys)")
+    lora = lora_weights(sd)
+    v = detect_variant(proj, has_lora=bool(lora), file_name=name)
+    module = packmeta.build(name, _projection(proj, v, name), proj, dtype=dtype, label=LABEL, writer=WRITER,
+                            what=f"its image projection does not have the shapes of an {v.title} projection")
     ids = sorted({int(k.split(".")[1]) for k in sd if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight")
                   and k.split(".")[1].isdigit() and len(k.split(".")[1]) <= 4})
     if not ids or ids != list(range(1, 2 * len(ids), 2)) or len(ids) > MAX_LAYERS:
@@ -221,12 +154,13 @@ def from_state_dict(sd: dict[str, torch.Tensor], name: str = "") -> IPAdapter:
                for t in pair):
             raise ValueError(f"{name}: ip_adapter.{i}.to_k_ip / to_v_ip must be (inner, {v.cross_dim}) weights with "
                              f"inner <= {MAX_WIDTH}; found {[None if t is None else tuple(t.shape) for t in pair]}")
-        kv.append(tuple(t.to(torch.float32, copy=True) for t in pair))
-    return IPAdapter(v, module.eval().requires_grad_(False), tuple(kv), name, lora_weights(sd))
+        kv.append(tuple(t.to(dtype, copy=True) for t in pair))
+    lora = {k: t.to(dtype, copy=True) for k, t in lora.items()}
+    return IPAdapter(v, module.eval().requires_grad_(False), tuple(kv), name, lora)
 
 
-def load(path: str | Path) -> IPAdapter:
-    return from_state_dict(read_file(path), Path(path).name)
+def load(path: str | Path, dtype: torch.dtype | None = None) -> IPAdapter:
+    return from_state_dict(read_file(path), Path(path).name, dtype)
 
 
 # --- attention -------------------------------------------------------------------------------------------
@@ -336,5 +270,10 @@ def layer_terms(adapter: IPAdapter, tokens: torch.Tensor, negative: torch.Tensor
     """One IPTerm per cross-attention layer; tokens (N, T, C) are concatenated along T (N references side by side)."""
     c = tokens.reshape(1, -1, tokens.shape[-1]).float()
     c_neg = negative.reshape(1, -1, negative.shape[-1]).expand(tokens.shape[0], -1, -1).reshape(1, -1, c.shape[-1])
-    return [IPTerm(c @ wk.T, c @ wv.T, c_neg.float() @ wk.T, c_neg.float() @ wv.T, float(weight), float(sigma_start),
-                   float(sigma_end), mask) for wk, wv in adapter.kv]
+    c, c_neg = c.to(adapter.kv[0][0].device), c_neg.float().to(adapter.kv[0][0].device)
+    out = []
+    for pair in adapter.kv:  # K' = c W'_k in float32 whatever dtype the weights are kept in
+        wk, wv = (w.float().T for w in pair)
+        out.append(IPTerm(c @ wk, c @ wv, c_neg @ wk, c_neg @ wv, float(weight), float(sigma_start),
+                          float(sigma_end), mask))
+    return out

@@ -55,10 +55,12 @@ class RefEmbeds:
     """The IPADAPTER_EMBEDS socket: N reference embeddings of one kind.
 
     embeds: (N, D) (CLIP image embeds, face embeddings) or (N, T, D) (CLIP hidden states), float32, CPU.
-    kind: "clip_embeds" | "clip_hidden" | "face" (what an IP-Adapter variant consumes,
-        adapter.INPUT_KINDS).
+    kind: "clip_embeds" | "clip_hidden" | "face" | "face+clip_hidden" (what an IP-Adapter variant consumes,
+        variants.INPUT_KINDS).
     model: the encoder that made them. source_index: each row's image in the input batch (-1: aggregated).
     notes: report lines carried downstream (references skipped and why).
+    clip: "face+clip_hidden" (FaceID Plus) only: (N, T, D) CLIP hidden states of each row's aligned face crop, and
+        clip_neg (1, T, D) those of the unconditional (zero after CLIP's normalisation) image.
     """
 
     embeds: torch.Tensor
@@ -66,6 +68,8 @@ class RefEmbeds:
     model: str
     source_index: tuple[int, ...]
     notes: tuple[str, ...] = ()
+    clip: torch.Tensor | None = None
+    clip_neg: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
@@ -73,7 +77,7 @@ class RefEmbeds:
     def select(self, rows: list[int], note: str | None = None) -> RefEmbeds:
         notes = self.notes + ((note,) if note else ())
         return replace(self, embeds=self.embeds[rows], source_index=tuple(self.source_index[i] for i in rows),
-                       notes=notes)
+                       notes=notes, clip=None if self.clip is None else self.clip[rows])
 
 
 def usable_rows(x: torch.Tensor) -> tuple[list[int], list[int]]:

@@ -72,10 +72,11 @@ def meta_tensors(specs: dict[str, tuple[str, tuple[int, ...]]]) -> dict:
 
 
 def build(path: str | os.PathLike, factory: Callable[[], T], state: dict, *, what: str, kind: str | None = None,
-          label: str | None = None, writer: str | None = None) -> T:
+          label: str | None = None, writer: str | None = None, dtype=None) -> T:
     """``factory()`` built on the meta device (no memory), its tensor names and shapes compared with ``state``'s,
-    then ``state`` assigned (float tensors as float32). With meta stand-ins (``meta_tensors``) this is the check
-    alone. A mismatch is a "wrong_shape" ``PackFileError`` listing only the tensors that differ."""
+    then ``state`` assigned (float tensors as ``dtype``, float32 by default). With meta stand-ins
+    (``meta_tensors``) this is the check alone. A mismatch is a "wrong_shape" ``PackFileError`` listing only the
+    tensors that differ."""
     import torch
 
     try:
@@ -91,6 +92,7 @@ def build(path: str | os.PathLike, factory: Callable[[], T], state: dict, *, wha
                           {k: v for k, v in found.items() if expected.get(k) != v}, kind=kind, label=label,
                           writer=writer, what=what)
     # copies: each parameter in its own, freshly allocated storage (as load_state_dict without assign gives)
-    module.load_state_dict({k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone()
+    dtype = torch.float32 if dtype is None else dtype
+    module.load_state_dict({k: v.to(dtype, copy=True) if v.is_floating_point() else v.clone()
                            for k, v in state.items()}, assign=True)
     return module
