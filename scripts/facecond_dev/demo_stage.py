@@ -197,8 +197,12 @@ def write_projection(path: Path) -> None:
     save_projection(random_projection(info, seed=0), path)
 
 
-def write_stand_in(need: Need, base: Path, ckpt: Path) -> str:
-    """Write the stand-in for ``need`` into ``base/models`` under its name; what it is, for the log."""
+STAND_IN_PACK = "demo_standin"  # insightface-folder stand-ins get their own name: the real ones are sha256-pinned
+
+
+def write_stand_in(need: Need, base: Path, ckpt: Path, prompt: dict) -> str:
+    """Write the stand-in for ``need`` into ``base/models`` (under its name, or under ``STAND_IN_PACK`` with the
+    prompt switched to it where the real file's hash is pinned); what it is, for the log."""
     path = base / "models" / need.folder / need.name
     if need.folder == "checkpoints":
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,14 +220,18 @@ def write_stand_in(need: Need, base: Path, ckpt: Path) -> str:
     if need.class_type == "FacecondFaceChainTagFaces":
         from .onnx_standins import genderage_model
 
-        genderage_model(path, 0.1, 0.9, 52)
-        return "a constant genderage model (male, 52)"
+        value = f"{STAND_IN_PACK}/genderage.onnx"
+        genderage_model(base / "models" / "insightface" / "models" / value, 0.1, 0.9, 52)
+        prompt[need.node]["inputs"][need.input] = value
+        return f"{value}: a constant genderage model (male, 52)"
     if need.class_type == "FacecondFaceFusion":
         from .stand_in_swap import write_stand_in as write_swap
 
-        write_swap(path, embed_dim=STAND_IN_DIM)
-        return "a random inswapper-format model"
-    return ""
+        value = f"{STAND_IN_PACK}_inswapper.onnx"
+        write_swap(base / "models" / "insightface" / value, embed_dim=STAND_IN_DIM)
+        prompt[need.node]["inputs"][need.input] = value
+        return f"{value}: a random inswapper-format model"
+    return "no stand-in"
 
 
 def switch_face_model(prompt: dict, need: Need, recogniser: str) -> str:
