@@ -197,8 +197,8 @@ def _run(args, workflow: Path, base: Path) -> int:
         pack.parent.mkdir(parents=True, exist_ok=True)
         pack.symlink_to(data / "models" / "insightface_testpack", target_is_directory=True)
     env_note = "" if args.comfyui is None else f" (your ComfyUI {comfy_root}, read-only)"
-    log.info("starting ComfyUI %s%s; its output follows", ".".join(map(str, host.comfy_version(args.comfyui))),
-             env_note)
+    log.info("starting ComfyUI %s%s on the base %s; its output follows",
+             ".".join(map(str, host.comfy_version(args.comfyui))), env_note, base)
     os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # nothing written into the ComfyUI tree, not even __pycache__
     server = host.ComfyServer(base, comfy_root=args.comfyui, python=args.python, extra_args=extra)
     follower = LogFollower(server.log_path)
