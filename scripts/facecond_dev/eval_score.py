@@ -26,7 +26,7 @@ def load_rgb(path) -> np.ndarray:
 def face_models(py, detector: str, recogniser: str | None):
     """(detector, recogniser) objects of the pack's face code: MTCNN with the weights facenet-pytorch ships, or an
     SCRFD file; an insightface-format ONNX recogniser, or a FaceNet state dict."""
-    from facecond.py.faces import detect, embed
+    from facecond.py.faces import detect
     from facecond.py.faces import onnx_pack as ifp
     from facecond.py.weights import manifest
 
@@ -35,11 +35,22 @@ def face_models(py, detector: str, recogniser: str | None):
                                                                                               "onet")))
     else:
         det = detect.SCRFD(ifp.make_session(Path(detector)), name=f"scrfd:{Path(detector).name}")
+    return det, load_recogniser(recogniser)
+
+
+def load_recogniser(recogniser: str | None):
+    """An insightface-format .onnx, a FaceNet .pt, or ``dlib`` (dlib's ResNet from face-recognition-models)."""
+    from facecond.py.faces import dlib_rec, embed
+
     if not recogniser:
-        raise SystemExit("give --recogniser: an insightface-format .onnx (e.g. antelopev2/glintr100.onnx) or the "
-                         "FaceNet VGGFace2 .pt")
-    rec = embed.load_onnx_recogniser(recogniser) if recogniser.endswith(".onnx") else embed.load_facenet(recogniser)
-    return det, rec
+        raise SystemExit("give --recogniser: an insightface-format .onnx (e.g. antelopev2/glintr100.onnx), the "
+                         f"FaceNet VGGFace2 .pt, or {dlib_rec.MODEL_NAME} (dlib's ResNet)")
+    if recogniser in ("dlib", dlib_rec.MODEL_NAME):
+        try:
+            return dlib_rec.DlibRecogniser()
+        except dlib_rec.DlibMissing as e:
+            raise SystemExit(f"--recogniser {recogniser}: {e}") from None
+    return embed.load_onnx_recogniser(recogniser) if recogniser.endswith(".onnx") else embed.load_facenet(recogniser)
 
 
 def score_rows(args, out: Path, idents: dict, prompts: list[str], py) -> tuple[list[dict], dict]:
