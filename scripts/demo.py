@@ -26,7 +26,6 @@ import signal
 import sys
 import tempfile
 import threading
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with python -P: the script dir is not on the path
@@ -51,14 +50,6 @@ def _on_signal(signum, _frame):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Stopped(signum)
-
-
-def _pack_py():
-    """The pack's torch-only ``py`` package importable as ``facecond.py`` without its ComfyUI nodes."""
-    if "facecond" not in sys.modules:
-        pkg = types.ModuleType("facecond")
-        pkg.__path__ = [str(host.REPO)]
-        sys.modules["facecond"] = pkg
 
 
 def _extra_model_paths(base: Path, models: Path) -> Path:
@@ -101,7 +92,7 @@ def _random_taesd_checkpoint(path: Path) -> Path:
 
 def _fetch_facenet() -> bool:
     """FaceNet VGGFace2 into DOWNLOADS/facenet, verified (the weights manifest); False when it cannot be had."""
-    _pack_py()
+    stage.pack_py()
     from facecond.py.weights import fetch, manifest
 
     entry = manifest.get_entry(stage.FACENET)
@@ -252,8 +243,8 @@ def _queue(args, workflow: Path, base: Path, models: Path, server: host.ComfySer
     if args.size == "demo" or (args.size == "auto" and on_stand_in):
         changed = stage.demo_size(prompt)
         if changed:
-            log.info("demo size (%s): %s", "the checkpoint is the tiny random stand-in" if on_stand_in else "--size demo",
-                     "; ".join(sorted(set(changed))))
+            why = "the checkpoint is the tiny random stand-in" if on_stand_in else "--size demo"
+            log.info("demo size (%s): %s", why, "; ".join(sorted(set(changed))))
     client.object_info(refresh=True)
     try:
         result = client.run(prompt, timeout=args.timeout)

@@ -98,6 +98,17 @@ def find(need: Need, roots: list[Path]) -> Path | None:
     return None
 
 
+def pack_py() -> None:
+    """The pack's torch-only ``py`` package importable as ``facecond.py`` without its ComfyUI nodes."""
+    import sys
+    import types
+
+    if "facecond" not in sys.modules:
+        pkg = types.ModuleType("facecond")
+        pkg.__path__ = [str(Path(__file__).resolve().parents[2])]
+        sys.modules["facecond"] = pkg
+
+
 # --- the photo -------------------------------------------------------------------------------------------------
 def write_photos(base: Path, names: list[str], given: list[Path]) -> dict[str, Path]:
     """The workflow's LoadImage files in ``base/input``: the given photos in turn, else the astronaut (mirrored
@@ -189,6 +200,7 @@ def write_ipadapter_faceid(path: Path, ckpt: Path) -> None:
 
 def write_projection(path: Path) -> None:
     """An untrained Face0 projection for any 128-d embedder (SD1.5 context)."""
+    pack_py()
     from facecond.py.face0.projection import ProjectionInfo, random_projection, save_projection
 
     info = ProjectionInfo(embedder="any", embed_dim=STAND_IN_DIM, base_model="sd1",
@@ -245,7 +257,7 @@ def switch_face_model(prompt: dict, need: Need, recogniser: str) -> str:
 def demo_size(prompt: dict) -> list[str]:
     """Cut every sampler, trainer and image size to ``DEMO_SIZE``; the changes, for the log."""
     changed = []
-    for node_id, node in prompt.items():
+    for node in prompt.values():
         for key, value in DEMO_SIZE.get(node["class_type"], {}).items():
             if key in node["inputs"] and node["inputs"][key] != value:
                 changed.append(f"{node['class_type']} {key} {node['inputs'][key]} -> {value}")

@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/
-import screenshot_workflow as shot  # noqa: E402
-from facecond_dev import host  # noqa: E402
+import screenshot_workflow as shot
+
+from facecond_dev import host
 
 
 def available() -> str | None:
