@@ -19,6 +19,8 @@
 # test-data folder (default: <repo>/../shared).
 #
 # Usage: scripts/setup_host.sh [0.3.75|0.28 ...]   (default: every host whose source is available)
+#   One version installs that host only (`make demo` installs the one it runs: 0.3.75, or 0.28 with
+#   HOST=.host/comfyui-0.28); a version named here whose source is missing is an error.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -106,8 +108,8 @@ host_0375() {
 
 host_028() {
   if [ ! -f "$C28_ARCHIVE" ]; then
-    if [ "${CI:-}" = "true" ]; then
-      log "ERROR: $C28_ARCHIVE is missing; CI tests ComfyUI 0.28 too. Put the shared folder beside the repo (or set FACECOND_SHARED)."
+    if [ "${CI:-}" = "true" ] || [ "$EXPLICIT" = 1 ]; then
+      log "ERROR: $C28_ARCHIVE is missing: ComfyUI 0.28 is unpacked from it (CI tests 0.28 too). Put the shared folder beside the repo (or set FACECOND_SHARED), or use the 0.3.75 host."
       exit 1
     fi
     log "skipping ComfyUI 0.28: $C28_ARCHIVE is not here (tests then run on 0.3.75 only)"
@@ -130,7 +132,8 @@ host_028() {
 }
 
 hosts=("$@")
-[ ${#hosts[@]} -eq 0 ] && hosts=(0.3.75 0.28)
+EXPLICIT=1
+[ ${#hosts[@]} -eq 0 ] && hosts=(0.3.75 0.28) && EXPLICIT=0
 for h in "${hosts[@]}"; do
   case "$h" in
     0.3.75) host_0375 ;;

@@ -1,0 +1,121 @@
+"""``scripts/demo.py`` (what ``make demo`` runs) as a new user runs it, in a subprocess on the ComfyUI under test.
+
+A machine with nothing but the package registries: FACECOND_SHARED points at an empty folder (no ../shared: no
+test pack, no TAESD, no photos) and FACECOND_OFFLINE=1 (no model hub). The demo must still run the default example
+end to end (photo from scikit-image, MTCNN from facenet-pytorch, dlib's ResNet from PyPI, the tiny checkpoint with a
+random TAESD) and write its images into a numbered folder. It is pointed at this host's own ComfyUI tree as a
+user's ComfyUI (--comfyui): that tree must not change (no file newer than before the run). SIGTERM once the
+server is up: the server process ends and the temp base is removed, with no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from facecond_dev import host
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def _env(tmp_path: Path) -> dict:
+    empty = tmp_path / "no_shared"
+    empty.mkdir(exist_ok=True)
+    return dict(os.environ, FACECOND_SHARED=str(empty), FACECOND_OFFLINE="1", FACECOND_HOST=str(host.HOST_DIR),
+                PYTHONUNBUFFERED="1")
+
+
+def _cmd(tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-P", str(ROOT / "scripts" / "demo.py"), "--out", str(tmp_path / "out"), *extra]
+
+
+def _newer_than(root: Path, t: float) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            try:
+                if p.lstat().st_mtime > t:
+                    found.append(str(p))
+            except OSError:
+                continue
+    return found
+
+
+def test_demo_without_shared_offline_writes_images_and_nothing_into_comfyui(tmp_path):
+    tree = host.comfy_dir()
+    before = time.time()
+    time.sleep(0.05)
+    proc = subprocess.run(_cmd(tmp_path, "--comfyui", str(tree), "--python", sys.executable), env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=900, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    folder = Path(proc.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path / "out" and folder.name == "001-" + host.example_workflow(
+        "face0_single_photo").stem, folder
+    images = sorted(folder.glob("*.png"))
+    assert images, out[-3000:]
+    with Image.open(images[0]) as im:
+        assert im.size == (64, 64)  # the demo size on the stand-in checkpoint
+    assert "MISSING checkpoints/v1-5-pruned-emaonly-fp16.safetensors" in out
+    assert "facenet/20180402-114759-vggface2.pt: dlib_resnet_v1 instead" in out, out[-3000:]
+    assert "scikit-image's astronaut()" in out and "noise-like" in proc.stdout
+    assert "Traceback" not in out
+    assert _newer_than(tree, before) == []
+
+
+def test_numbered_folders_never_overwrite(tmp_path):
+    import demo
+
+    wf = Path("x/face0_single_photo.json")
+    first = demo._numbered_folder(tmp_path, wf)
+    (first / "12-SaveImage-1.png").write_bytes(b"a")
+    (tmp_path / "007-other").mkdir()
+    second = demo._numbered_folder(tmp_path, wf)
+    assert (first.name, second.name) == ("001-face0_single_photo", "008-face0_single_photo")
+    assert (first / "12-SaveImage-1.png").read_bytes() == b"a"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_sigterm_stops_the_server_and_removes_the_base(tmp_path, sig):
+    proc = subprocess.Popen(_cmd(tmp_path), env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    for line in proc.stdout:  # the extra_model_paths line names the base; the server is being started then
+        lines.append(line)
+        if "starting ComfyUI" in line:
+            break
+    base = next((Path(m[0]) for m in map(re.compile(r"/\S*facecond-demo-\w+").search, lines) if m), None)
+    assert base is not None and base.is_dir(), "".join(lines)[-3000:]
+    server: list[int] = []
+    deadline = time.monotonic() + 120
+    while not server and time.monotonic() < deadline:  # SIGTERM while ComfyUI starts up
+        server = [pid for pid in _pids() if f"--base-directory {base}" in _cmdline(pid)]
+        time.sleep(0.1)
+    assert server, "no ComfyUI process with the base"
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, rest[-3000:]
+    assert "stopped by SIGTERM" in rest and "Traceback" not in rest, rest[-3000:]
+    assert not base.exists()
+    assert [pid for pid in server if pid in _pids() and str(base) in _cmdline(pid)] == []
+
+
+def _pids() -> set[int]:
+    return {int(p) for p in os.listdir("/proc") if p.isdigit()}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
