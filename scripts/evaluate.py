@@ -129,7 +129,9 @@ def overrides(args, preset: dict) -> dict[str, dict]:
     sampler = {k: v for k, v in preset.get("sampler", {}).items() if k in SAMPLER_KEYS}
     for cls in ("KSampler", "FacecondThreeWayCFGSampler", "KSamplerAdvanced"):
         sets.setdefault(cls, {}).update(sampler)
-    if "size" in preset:
+    # "native" (the shipped presets): each workflow keeps its EmptyLatentImage size, which the examples set to their
+    # model's native size (SD1.x 512, SDXL 1024); a number forces that side on every workflow
+    if preset.get("size", "native") != "native":
         sets.setdefault("EmptyLatentImage", {}).update({"width": preset["size"], "height": preset["size"]})
     if args.quick:
         for cls, vals in host.QUICK.items():

@@ -61,6 +61,7 @@ class Person:
     embeds: torch.Tensor  # (M, ...) one row per usable image
     latents: torch.Tensor  # (M, 4, h, w) in the model's latent space
     contexts: torch.Tensor  # (M, 77, C) caption encodings
+    adms: torch.Tensor | None = None  # (M, D) SDXL's ADM vectors y (pooled caption + size conditioning); else None
 
 
 def split_people(names: list[str], seed: int) -> tuple[list[str], list[str]]:
@@ -96,6 +97,8 @@ def embed_images(images: torch.Tensor, adapter, recogniser: str, clip_vision) ->
 
 def build_people(data: Path, names: list[str], model, clip, vae, adapter, *, size: int, caption: str,
                  recogniser: str, clip_vision, max_images: int) -> list[Person]:
+    from facecond.py.train import denoiser
+
     out = []
     for name in names:
         files = sorted(p for p in (data / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_images]
@@ -115,12 +118,17 @@ def build_people(data: Path, names: list[str], model, clip, vae, adapter, *, siz
             small = torch.nn.functional.interpolate(images[kept].movedim(-1, 1), size=(size, size), mode="bilinear",
                                                     antialias=True, align_corners=False).movedim(1, -1)
             latents = model.model.process_latent_in(vae.encode(small)).float()
-            contexts = []
+            contexts, adms = [], []
             for i in kept:
                 txt = files[i].with_suffix(files[i].suffix + ".txt")
                 text = txt.read_text().strip() if txt.is_file() else caption
-                contexts.append(clip.encode_from_tokens(clip.tokenize(text)).float())
-        out.append(Person(name, embeds.float().clone(), latents.clone(), torch.cat(contexts).clone()))
+                context, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+                contexts.append(context.float())
+                # square centre crops resized to `size`: original = target = size, crop (0, 0), as ComfyUI samples
+                adm = denoiser.adm_vector(model.model, pooled, size, size)
+                adms.append(adm.float() if adm is not None else None)
+        y = torch.cat(adms).clone() if adms and adms[0] is not None else None
+        out.append(Person(name, embeds.float().clone(), latents.clone(), torch.cat(contexts).clone(), y))
     return out
 
 
@@ -147,7 +155,7 @@ def leave_one_out_loss(person: Person, aggregate, adapter, layers, denoise, sigm
 
     def call(x, s, context):
         opts = {"patches_replace": {"attn2": patches}, "sigmas": s, "cond_or_uncond": [0]}
-        return denoise(x, s, context, opts)
+        return denoise(x, s, context, opts, None if person.adms is None else person.adms[t:t + 1])
 
     return denoising_loss(call, x0, person.contexts[t:t + 1], sigma, noise)
 
@@ -163,6 +171,7 @@ def train(people_train: list[Person], people_test: list[Person], model, adapter,
     from facecond.nodes.ipadapter.adapter import cross_attention_layers
     from facecond.py.ipadapter import finetune
     from facecond.py.ipadapter.aggregate import SelfAttentionAggregator
+    from facecond.py.train import denoiser
     from facecond.py.train.core import TrainConfig, Trainer, step_generator
 
     if not people_train:
@@ -173,8 +182,8 @@ def train(people_train: list[Person], people_test: list[Person], model, adapter,
     ms = model.get_model_object("model_sampling")
     inner = model.model
 
-    def denoise(x, sigma, context, opts):
-        return inner.apply_model(x, sigma, c_crossattn=context, transformer_options=opts)
+    def denoise(x, sigma, context, opts, y=None):
+        return denoiser.denoise(inner, x, sigma, context, y=y, transformer_options=opts)
 
     dim = people_train[0].embeds.shape[-1]
     torch.manual_seed(seed)
@@ -229,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=512, help="training image side (pixels)")
+    ap.add_argument("--size", type=int, default=0,
+                    help="training image side (pixels); 0: the model's native size (SD1.x 512, SD2-v 768, SDXL 1024)")
     ap.add_argument("--max-images", type=int, default=10, help="images per person (paper: 10)")
     ap.add_argument("--caption", default="a photo of a person", help="caption of images without a .txt")
     ap.add_argument("--name", default="aggregator", help="output file name (models/facecond/aggregators; "
@@ -268,7 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     names = [p.name for p in args.data.iterdir() if p.is_dir()]
     train_names, test_names = split_people(names, args.seed)
     log.info("%d people: %d train, %d test", len(names), len(train_names), len(test_names))
-    kw = dict(size=args.size, caption=args.caption, recogniser=args.recogniser, clip_vision=cv,
+    from facecond.nodes.model_family import resolve_resolution
+
+    size = resolve_resolution(args.size, model, "train_aggregator", "--size")
+    log.info("training at %d px", size)
+    kw = dict(size=size, caption=args.caption, recogniser=args.recogniser, clip_vision=cv,
               max_images=args.max_images)
     people_train = build_people(args.data, train_names, model, clip, vae, adapter, **kw)
     people_test = build_people(args.data, test_names, model, clip, vae, adapter, **kw)

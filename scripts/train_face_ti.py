@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--precompute-celeb-faces", action="store_true",
                     help="only build the celebrity-face cache for --init id (see above), then exit")
     ap.add_argument("--precompute-steps", type=int, default=20)
-    ap.add_argument("--precompute-size", type=int, default=512)
+    ap.add_argument("--precompute-size", type=int, default=0,
+                    help="side (px) of the generated celebrity portraits; 0: the model's native size")
     ap.add_argument("--max-names", type=int, default=0, help="precompute for the first N names only (0: all)")
     ap.add_argument("--celeb-photos", help="--init id: folder with one sub-folder of photos per celebrity")
     ap.add_argument("--celeb-filter", type=float, default=None,

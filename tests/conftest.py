@@ -112,7 +112,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:  # every test that loads a family checkpoint is a family test, marked or not
-        if {"family", "family_model", "family_ckpt"} & set(getattr(item, "fixturenames", ())):
+        if {"family", "family_model", "family_ckpt", "family_cond"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.family)
 
 
@@ -136,6 +136,15 @@ def family_model(family_ckpt):
     import nodes
 
     return nodes.CheckpointLoaderSimple().load_checkpoint(family_ckpt)[:3]
+
+
+@pytest.fixture(scope="session")
+def family_cond(family_model):
+    """CLIPTextEncode of "a photo of a person" with the ``family`` model's CLIP, encoded once (SDXL's CLIP-G on the
+    CPU is the slow part of a family test). Copy before changing it."""
+    import nodes
+
+    return nodes.CLIPTextEncode().encode(family_model[1], "a photo of a person")[0]
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from ...py.celebbasis.train import WordTrainConfig
 from ...py.celebbasis.train import train_face_ti as train_vectors
 from ...py.faces.types import FaceEmbeds
 from ..common import CELEB_FACES, FACE_EMBEDS, Progress, seed_input, steps_input
+from ..model_family import NATIVE_TOOLTIP, native_resolution, resolve_resolution
 from ..paths import finite_floats, write_path
 from .basis import DEFAULT_TEMPLATES, FOLDER
 from .celeb_photos import require_celeb_faces
@@ -62,7 +63,7 @@ def celeb_faces_path(model, clip, embedder: str, node: str) -> str:
 
 
 def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, embedder: str, *, steps: int = 20,
-                           size: int = 512, seed: int = 0, prompt: str = FACE_PROMPT,
+                           size: int = 0, seed: int = 0, prompt: str = FACE_PROMPT,
                            node: str = "PrecomputeCelebFaces") -> tuple[str, inv.CelebFaces]:
     """Generate one image per name with this model, detect (largest face) and embed it; write the cache.
     A cache already written for the same names and settings is read instead of generated again."""
@@ -71,6 +72,7 @@ def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, em
     from ...py.faces.crop import NoFaceError
     from ..faces.detect_embed import FacecondFaceDetectCrop, FacecondFaceEmbed
 
+    size = resolve_resolution(size, model, node, "size")  # 0: the model's native size
     settings = {"prompt": prompt, "steps": steps, "size": size, "seed": seed}
     old = _reusable_cache(model, clip, names, detector, embedder, settings, node)
     if old is not None:
@@ -99,7 +101,8 @@ def precompute_celeb_faces(model, clip, vae, names: list[str], detector: str, em
         bar(i + 1)
     if model_id is None:
         raise ValueError(f"{node}: no face was detected in any of the {len(names)} generated images; this model "
-                         "does not draw faces at this size/steps. Raise size (512) and steps (20).")
+                         f"does not draw faces at {size} px / {steps} steps. Use the model's native size "
+                         f"({native_resolution(model)} px: size 0) and more steps (20).")
     dim = next(r for r in rows if r is not None).shape[0]
     embeds = torch.stack([r if r is not None else torch.full((dim,), float("nan")) for r in rows])
     faces_cache = inv.CelebFaces(embeds, torch.tensor([r is not None for r in rows]), tuple(names),
@@ -163,13 +166,15 @@ class PrecomputeCelebFaces:
             "embedder": (emb[0], {**emb[1], "tooltip": "Face recogniser: the same FaceEmbed model you will use for "
                          "your person's photos."}),
             "steps": steps_input("Sampling steps per celebrity.", most=200),
-            "size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Image side in pixels."}),
+            "size": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "Image side in pixels. "
+                     + NATIVE_TOOLTIP}),
             "seed": seed_input("Seed of the first name (name i uses seed + i).", control_after_generate=False),
         }, "optional": names_inputs()}
 
     def precompute(self, model, clip, vae, detector, embedder, steps, size, seed, names_list=BUNDLED, names_text=""):
         node = "PrecomputeCelebFaces"
         names = resolve_names(node, names_list, names_text)
+        size = resolve_resolution(size, model, node, "size")
         path, c = precompute_celeb_faces(model, clip, vae, names, detector, embedder, steps=steps, size=size,
                                          seed=seed, node=node)
         return (f"{node}: {int(c.found.sum())} of {len(c.names)} names gave a face; {os.path.basename(path)}", c)

@@ -24,8 +24,10 @@ import comfy.model_sampling
 import torch
 
 from ...py.celebbasis.train import WordModel
+from ...py.train import denoiser
 from ...py.train.core import Trainer
 from ...py.weights import atomic
+from ..model_family import NATIVE_TOOLTIP, native_resolution
 from .text_forward import encode_with, template_tokens
 
 log = logging.getLogger("facecond")
@@ -158,9 +160,7 @@ def model_denoiser(model, node: str):
     inner = model.model
 
     def denoise(x, sigma, context, y=None, _keep=model):  # _keep: the wrapped clone stays alive while training
-        if y is None:
-            return inner.apply_model(x, sigma, c_crossattn=context)
-        return inner.apply_model(x, sigma, c_crossattn=context, y=y)
+        return denoiser.denoise(inner, x, sigma, context, y=y)  # y: SDXL's ADM vector (denoiser.adm_vector)
 
     return denoise, ms.sigmas, model.load_device
 
@@ -170,14 +170,6 @@ def encode_images(vae, model, images: torch.Tensor) -> torch.Tensor:
         lat = vae.encode(images[..., :3])
         lat = model.model.process_latent_in(lat)
     return lat.clone()
-
-
-def native_resolution(model) -> int:
-    """The image side a checkpoint was trained at: 768 for SD2.x v-prediction models (SD 2.0/2.1 768-v), else
-    512 (SD1.x, SD 2.x-base)."""
-    ms = model.get_model_object("model_sampling")
-    conf = type(getattr(model.model, "model_config", None)).__name__
-    return 768 if isinstance(ms, comfy.model_sampling.V_PREDICTION) and conf.startswith("SD2") else 512
 
 
 def training_images(model, images: torch.Tensor, resolution: int, node: str) -> tuple[torch.Tensor, int]:
@@ -194,8 +186,8 @@ def training_images(model, images: torch.Tensor, resolution: int, node: str) -> 
 
 def resolution_input() -> tuple:
     return ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Side (px) the photos are trained "
-            "at: the centred square of each is resized to it. 0 = the model's native size (512 for SD1.x and SD "
-            "2.x-base, 768 for SD 2.x-v), as the papers train; smaller is faster."})
+            "at: the centred square of each is resized to it. " + NATIVE_TOOLTIP + " As the papers train; smaller "
+            "is faster."})
 
 
 def word_model(model, clip, vae, templates: list[str], node: str, k: int = 2) -> WordModel:
@@ -213,10 +205,7 @@ def word_model(model, clip, vae, templates: list[str], node: str, k: int = 2) ->
         # SDXL: the text forward gave (context, pooled); y as ComfyUI builds it when it samples (width and height
         # default to the latent's size in pixels, no crop)
         context, pooled = context
-        w, h = x.shape[-1] * 8, x.shape[-2] * 8
-        y = base.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
-                            target_height=h, device=pooled.device)
-        return denoise(x, sigma, context, y=y.to(x.device))
+        return denoise(x, sigma, context, y=denoiser.adm_vector(base, pooled, x.shape[-1] * 8, x.shape[-2] * 8))
 
     return WordModel(denoise=word_denoise, sigmas=sigmas, device=device,
                      encode_images=lambda images: encode_images(vae, model, images),

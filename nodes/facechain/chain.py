@@ -21,6 +21,7 @@ from ...py.facechain import fusion, ranking, retouch
 from ...py.facechain import quality as face_quality
 from ...py.faces.types import Faces
 from ..common import FACE_EMBEDS, FACES, image_to_numpy, numpy_to_image, require_embeds, require_faces
+from ..model_family import NATIVE_TOOLTIP, resolve_resolution
 from ..paths import finite_floats
 
 log = logging.getLogger("facecond")
@@ -193,8 +194,9 @@ class FacecondFaceChainPreprocess:
             "image": ("IMAGE", {"tooltip": "The user's photos (the IMAGE that went into FaceDetectCrop)."}),
             "faces": (FACES, {"tooltip": "FaceDetectCrop's faces of 'image' (upright=rotate_if_no_face finds "
                       "faces on their side; select=largest keeps one face per photo)."}),
-            "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip":
-                           "Training resolution (FaceChain: 512 for SD1.5)."}),
+            "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip":
+                           "Training resolution (FaceChain trains SD1.5 at 512). " + NATIVE_TOOLTIP + " Without "
+                           "'model' connected, 0 is 512."}),
             "context": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 4.0, "step": 0.05, "tooltip":
                         "Crop side in units of the aligned face region: 1 is the face only, 2 head and a little "
                         "shoulder (FaceChain centres the head)."}),
@@ -210,10 +212,13 @@ class FacecondFaceChainPreprocess:
                                  "(bilateral) smoothing inside a skin-colour mask of the head ellipse. 0: off "
                                  "(the crop is unchanged), 1: fully smoothed skin; eyes, brows, lips and hair keep "
                                  "their edges."}),
+            "model": ("MODEL", {"tooltip": "The checkpoint the crops will train (only its family is read): "
+                      "resolution 0 becomes its native size."}),
         }}
 
-    def prepare(self, image, faces, resolution, context, head_mask, background, retouch_strength=0.0):
+    def prepare(self, image, faces, resolution, context, head_mask, background, retouch_strength=0.0, model=None):
         node = "FaceChainPreprocess"
+        resolution = resolve_resolution(resolution, model, node)
         imgs = image_to_numpy(image, node)
         faces = check_faces(node, faces, imgs)
         rows = [r for r in range(len(faces)) if real_face(faces, r)]

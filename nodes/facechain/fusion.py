@@ -31,6 +31,7 @@ from ..common import (
     steps_input,
 )
 from ..faces.detect_embed import insightface_roots
+from ..model_family import NATIVE_TOOLTIP, resolve_resolution
 from ..paths import finite_floats
 from .chain import CATEGORY, check_faces, real_face
 
@@ -86,8 +87,8 @@ class FacecondFaceFusion:
             "faces": (FACES, {"tooltip": "FaceDetectCrop on the same 'images' (no_face='passthrough' or 'skip' "
                       "so faceless images do not stop the graph)."}),
             **_sampler_inputs(),
-            "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip":
-                           "Working size of the face crop (512 for SD1.5, 1024 for SDXL)."}),
+            "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip":
+                           "Working size of the face crop. " + NATIVE_TOOLTIP}),
             "context": ("FLOAT", {"default": 1.6, "min": 1.0, "max": 4.0, "step": 0.05, "tooltip":
                         "Crop side in units of the aligned face region (1: the 112-px ArcFace crop area; more gives "
                         "the model hair and background to blend with)."}),
@@ -118,6 +119,7 @@ class FacecondFaceFusion:
              denoise, resolution, context, mask_shape, feather, template=None, template_image=None,
              template_embeds=None, template_strength=0.5, swap_model="none"):
         node = "FaceFusion"
+        resolution = resolve_resolution(resolution, model, node)
         imgs = image_to_numpy(images, node, "images")
         faces = check_faces(node, faces, imgs, "images")
         if mask_shape not in MASK_SHAPES:

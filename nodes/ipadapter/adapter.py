@@ -35,6 +35,7 @@ from ...py.ipadapter import lora as ipa_lora
 from ...py.ipadapter import regions
 from .. import model_cache
 from ..common import FACE_EMBEDS, IPADAPTER, REF_EMBEDS, require_embeds
+from ..model_family import family_name
 from ..paths import finite_floats, load_file, read_path
 from .lora import apply_lora
 
@@ -146,10 +147,10 @@ def check_not_replaced(patcher, keys: tuple) -> list:
 
 
 class LoadIPAdapter:
-    DESCRIPTION = ("Loads an SD1.5 IP-Adapter from models/ipadapter (.safetensors, or .bin read as plain tensors "
-                   "only). The variant is read from the file's keys and shapes: plain (CLIP image embedding), plus "
-                   "(CLIP hidden states, Resampler) or FaceID (a face-recognition embedding). A FaceID file's LoRA "
-                   "is kept and applied by ApplyIPAdapter (lora_strength).")
+    DESCRIPTION = ("Loads an IP-Adapter (SD1.5 or SDXL) from models/ipadapter (.safetensors, or .bin read as plain "
+                   "tensors only). The variant is read from the file's keys and shapes: plain (CLIP image "
+                   "embedding), plus (CLIP hidden states, Resampler) or FaceID (a face-recognition embedding). A "
+                   "FaceID file's LoRA is kept and applied by ApplyIPAdapter (lora_strength).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (IPADAPTER, "STRING")
@@ -174,6 +175,11 @@ class LoadIPAdapter:
                      f"{ipa_lora.rank(adapter.lora)}; ApplyIPAdapter's lora_strength)")
         log.info("[facecond] %s", info)
         return (adapter, info)
+
+
+def _family_of_width(width: int) -> str:
+    """The model family whose text context is ``width`` wide (an IP-Adapter's W'_k input width)."""
+    return {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}.get(int(width), f"{width}-wide-context")
 
 
 def _check_adapter(node: str, ipadapter) -> ipa.IPAdapter:
@@ -271,7 +277,8 @@ class ApplyIPAdapter:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD1.5 model (existing patches are kept)."}),
+            "model": ("MODEL", {"tooltip": "A model of the family the IP-Adapter was made for (SD1.5 or SDXL; "
+                      "existing patches are kept)."}),
             "ipadapter": (IPADAPTER, {"tooltip": "From LoadIPAdapter."}),
             "embeds": (REF_EMBEDS, {"tooltip": "From IPAdapterEncode or AggregateEmbeds."}),
             "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip":
@@ -315,9 +322,14 @@ class ApplyIPAdapter:
         layers = cross_attention_layers(model)
         dims = [(k.shape[0], k.shape[1]) for k, _ in adapter.kv]
         if [(inner, ctx) for _, inner, ctx in layers] != dims:
-            raise ValueError(f"{node}: {adapter.name} has {len(dims)} layers for a UNet with {len(layers)} "
-                             "cross-attentions of other widths: it was made for another base model (SD1.5 "
-                             "IP-Adapters need an SD1.5 checkpoint).")
+            made_for = _family_of_width(dims[0][1]) if dims else "no"
+            this = family_name(model)
+            model_ctx = layers[0][2] if layers else "no"
+            raise ValueError(f"{node}: {adapter.name} was made for {made_for} models ({len(dims)} cross-attention "
+                             f"layers, context width {dims[0][1] if dims else '-'}) but this model is {this} "
+                             f"({len(layers)} cross-attentions, context width {model_ctx}). An IP-Adapter only works "
+                             f"on the family it was trained for: load a {this} IP-Adapter, or use a {made_for} "
+                             "checkpoint.")
         mask = None
         if attn_mask is not None:
             mask = (attn_mask if attn_mask.ndim == 3 else attn_mask[None]).float().clamp(0, 1).cpu()

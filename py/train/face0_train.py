@@ -37,12 +37,14 @@ from .core import (
     sample_sigmas,
     step_generator,
 )
+from .denoiser import denoise
 from .face0_data import decode_sample, iter_shard, shard_keys
 from .lora import LoRASet
 
 STATE_FORMAT = "facecond.face0_train_state.v1"
-# ComfyUI model-config class -> the projection's base_model; Face0 needs a 77-token CLIP context without the
-# extra conditionings SDXL-style models take.
+# ComfyUI model-config class -> the projection's base_model. SDXL is not here yet: its ADM vector y needs the pooled
+# text output and the original size / crop of each image, which face0_prepare.py's shards do not hold
+# (docs/TRAINING.md); the denoiser call (denoiser.denoise) already takes y.
 FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2"}
 PREDICTIONS = ("EPS", "V_PREDICTION")
 
@@ -137,10 +139,10 @@ class Face0Model(nn.Module):
         for p in proj.parameters():
             p.requires_grad_(True)
 
-    def forward(self, x_t, sigma, context, embeds, drop):
+    def forward(self, x_t, sigma, context, embeds, drop, y=None):
         tokens = face_tokens(self.proj, embeds, drop=drop)  # (B, K, W); dropped rows → zeros
         ctx = override_tokens(context, tokens)  # the last K tokens of each 77-token chunk
-        return self.base.apply_model(x_t, sigma, c_crossattn=ctx)
+        return denoise(self.base, x_t, sigma, ctx, y=y)
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}

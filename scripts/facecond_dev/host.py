@@ -148,7 +148,14 @@ def install_stand_in_models(base: Path) -> None:
     if not pack.exists():
         pack.parent.mkdir(parents=True, exist_ok=True)
         pack.symlink_to(data / "models" / "insightface_testpack", target_is_directory=True)
-    proj = base / "models" / "facecond" / "face0" / STAND_IN_PROJECTION
+    install_stand_in_projection(base, STAND_IN_PROJECTION, 768, "sd1")
+
+
+def install_stand_in_projection(base: Path, name: str, context_dim: int, base_model: str) -> None:
+    """An untrained Face0 projection for the test pack's 128-d recogniser, making ``context_dim``-wide tokens (768
+    SD1.x, 1024 SD2.x, 2048 SDXL), as ``models/facecond/face0/<name>`` (the SD1.5 one: ``install_stand_in_models``)."""
+    pack = base / "models" / "insightface" / "models" / TEST_PACK
+    proj = base / "models" / "facecond" / "face0" / name
     if not proj.exists():
         load_pack(REPO, "facecond")
         from facecond.py.face0.projection import ProjectionInfo, random_projection, save_projection
@@ -156,7 +163,7 @@ def install_stand_in_models(base: Path) -> None:
 
         recogniser = pack / STAND_IN_RECOGNISER.split("/", 1)[1]
         embedder = f"insightface/{recogniser.name}@{sha256_file(recogniser)[:8]}"  # FaceEmbed's id for it
-        info = ProjectionInfo(embedder=embedder, embed_dim=128, base_model="sd1",
+        info = ProjectionInfo(embedder=embedder, embed_dim=128, context_dim=context_dim, base_model=base_model,
                               extra={"note": "untrained stand-in for tests and the demo"})
         proj.parent.mkdir(parents=True, exist_ok=True)
         save_projection(random_projection(info, seed=0), proj)
