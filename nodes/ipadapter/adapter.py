@@ -218,8 +218,9 @@ class IPAdapterEncode:
                      "CLIP vision only: center crops the square middle of each photo, none squashes it."}),
         }, "optional": {
             "image": ("IMAGE", {"tooltip": "Reference photos (plain / plus IP-Adapters), one per batch entry."}),
-            "clip_vision": ("CLIP_VISION", {"tooltip": "ComfyUI's CLIPVisionLoader output (ViT-H for the SD1.5 "
-                            "IP-Adapters); needed with image."}),
+            "clip_vision": ("CLIP_VISION", {"tooltip": "ComfyUI's CLIPVisionLoader output: the image encoder the "
+                            "IP-Adapter was trained with (ViT-H for SD1.5 and the SDXL vit-h files, ViT-bigG for the "
+                            "SDXL base ones); needed with image."}),
             "face_embeds": (FACE_EMBEDS, {"tooltip": "FaceID IP-Adapters: FaceEmbed output (use FaceDetectCrop "
                             "with no_face=skip so faceless photos are dropped, not fatal)."}),
         }}
@@ -248,7 +249,8 @@ class IPAdapterEncode:
         if x.shape[-1] != v.input_dim:
             raise ValueError(f"{node}: the embeddings are {x.shape[-1]}-d ({model}) but {ipadapter.name} takes "
                              f"{v.input_dim}-d {v.input_kind}. Use the encoder it was trained with (FaceID: "
-                             "insightface buffalo_l 512-d; plain/plus SD1.5: CLIP-ViT-H-14).")
+                             "insightface buffalo_l 512-d; plain/plus: CLIP-ViT-H-14, or ViT-bigG-14 for SDXL base "
+                             "files).")
         embeds = agg.RefEmbeds(x.cpu(), v.input_kind, model, src, tuple(notes))
         embeds = drop_unusable(embeds)
         report = "; ".join([f"{len(embeds)} references ({v.input_kind}, {model})", *embeds.notes])

@@ -59,7 +59,8 @@ def apply_lora(node: str, m, adapter: ipa.IPAdapter, strength: float) -> int:
     done = m.add_patches(patches, strength)
     if len(done) != len(keys):
         raise RuntimeError(f"{node}: only {len(done)} of {len(keys)} LoRA weights of {adapter.name} found a place "
-                           "in the model; it was made for another base model (SD1.5 FaceID needs SD1.5).")
+                           "in the model; it was made for another model family (an SD1.5 FaceID file needs an SD1.5 "
+                           "checkpoint, an SDXL one an SDXL checkpoint).")
     m.model_options[APPLIED] = (*m.model_options.get(APPLIED, ()), adapter.name)
     log.info("[facecond] %s: LoRA of %s on %d attention weights (rank %d, strength %g).", node, adapter.name,
              len(done), ipa_lora.rank(adapter.lora), strength)
