@@ -223,10 +223,7 @@ def word_model(model, clip, vae, templates: list[str], node: str, k: int = 2) ->
         # SDXL: the text forward gave (context, pooled); y as ComfyUI builds it when it samples (width and height
         # default to the latent's size in pixels, no crop)
         context, pooled = context
-        w, h = x.shape[-1] * 8, x.shape[-2] * 8
-        y = base.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
-                            target_height=h, device=pooled.device)
-        return denoise(x, sigma, context, y=y.to(x.device))
+        return denoise(x, sigma, context, y=denoiser.adm_vector(base, pooled, x.shape[-1] * 8, x.shape[-2] * 8))
 
     return WordModel(denoise=word_denoise, sigmas=sigmas, device=device,
                      encode_images=lambda images: encode_images(vae, model, images),
