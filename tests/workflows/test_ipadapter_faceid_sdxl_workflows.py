@@ -78,7 +78,7 @@ def sdxl_server(server, shared_data):
 
 def _run(server, workflow, prefix, overrides):
     prompt = host.quick_prompt(workflow, server.object_info(), server.base_dir, overrides)
-    result = server.run(prompt)
+    result = server.run(prompt, timeout=900)  # SDXL CLIP-G and the ViT-H stand-in on a CPU: minutes
     assert result.status == "success", (result.error or {}).get("exception_message", result.error)
     out = [p for p in server.output_images(result) if prefix in p.name]
     assert len(out) == 1
