@@ -190,7 +190,10 @@ def _main(argv: list[str] | None) -> Path:
             "dlib", dlib_rec.MODEL_NAME) else "none"
     check_fidelity(args, preset)  # before any generation: a wrong or missing file ends the run now
     idents = ej.identities(Path(args.identities))
-    specs = [ej.parse_method(s) for s in args.method]
+    try:
+        specs = [ej.parse_method(s) for s in args.method]
+    except ValueError as e:
+        raise SystemExit(f"evaluate.py: {e}") from None
     if not specs and not args.score_only:
         raise SystemExit("give at least one --method WORKFLOW")
     for _, path, _ in specs:
@@ -200,11 +203,17 @@ def _main(argv: list[str] | None) -> Path:
         from facecond_dev import eval_gen
 
         sets = overrides(args, preset)
-        jobs = eval_gen.generate(args, out, specs, idents, prompts, seeds, sets)
-        run = {"jobs": [j.key for j in jobs], "preset": args.preset, "prompts": prompts, "seeds": seeds,
+        run = {"preset": args.preset, "prompts": prompts, "seeds": seeds,
                "methods": {label: str(path) for label, path, _ in specs}, "set": args.set, "quick": args.quick,
                "stand_ins": args.stand_ins, "overrides": sets, "urls": args.url or ["(the pack's headless host)"]}
-        run_file.write_text(json.dumps(run, indent=1))
+
+        def planned(jobs):  # written before the first image: a --score-only after a kill scores this run
+            run["jobs"] = [j.key for j in jobs]
+            tmp = run_file.with_suffix(".part")
+            tmp.write_text(json.dumps(run, indent=1))
+            tmp.replace(run_file)
+
+        eval_gen.generate(args, out, specs, idents, prompts, seeds, sets, planned)
     elif run_file.is_file():
         run = json.loads(run_file.read_text())
     else:

@@ -140,8 +140,9 @@ class _Worker(threading.Thread):
 
 
 def generate(args, out: Path, methods_specs, idents: dict, prompts: list[str], seeds: list[int],
-             sets: dict) -> list[ej.Job]:
-    """Bind the methods, build the jobs, run those not in runs.jsonl over every server; returns all jobs."""
+             sets: dict, planned=None) -> list[ej.Job]:
+    """Bind the methods, build the jobs (``planned(jobs)`` is told them before any runs), run those not in
+    runs.jsonl over every server; returns all jobs."""
     server = None
     urls = list(dict.fromkeys(args.url or []))
     base = None
@@ -164,6 +165,8 @@ def generate(args, out: Path, methods_specs, idents: dict, prompts: list[str], s
         roots = [Path(p) for p in (args.models_dir or [])] + ([base / "models"] if base is not None else [])
         jobs = build_jobs(methods, idents, prompts, seeds, sets, ej.ModelIds(out, roots),
                           base if args.stand_ins and base is not None else None)
+        if planned is not None:
+            planned(jobs)
         ledger = ej.Ledger(out)
         todo = [j for j in jobs if not ledger.done(j)]
         log.info("%d image job(s): %d done, %d to go on %d server(s)", len(jobs), len(jobs) - len(todo), len(todo),

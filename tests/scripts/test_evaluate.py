@@ -166,7 +166,7 @@ def _plain_cmd(d: Path, data: Path, out: Path, url: str, method: str | None = No
     return ["--out", str(out), "--identities", str(d / "ids"), "--prompts", str(d / "prompts.txt"), "--seeds", "0-2",
             "--method", method, "--quick", "--url", url,
             "--recogniser", str(data / REC), "--no-face", "passthrough", "--aggregate", "face0",
-            "--request-timeout", "600", "--retries", "2"]
+            "--independent-recogniser", "none", "--request-timeout", "600", "--retries", "2"]
 
 
 def test_a_server_killed_mid_run_ends_it_with_one_line_and_the_rerun_resumes(setup, shared_data, tmp_path):

@@ -42,7 +42,7 @@ BASELINE = {
 
 def _run(args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-P", str(ROOT / "scripts" / "evaluate.py"), *args], check=False,
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)
+                          capture_output=True, text=True, timeout=1500, env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_two_servers_killed_and_resumed_changed_settings_and_score_only(two_serv
     (d / "baseline.json").write_text(json.dumps(BASELINE))
     out = d / "out"
 
-    def args(*extra, seeds="0-2", urls=(a.url, b.url), o=out):
+    def args(*extra, seeds="0-1", urls=(a.url, b.url), o=out):
         return ["--out", str(o), "--identities", str(_ids(d, shared_data)), "--prompts", str(d / "prompts.txt"),
                 "--seeds", seeds, "--method", f"plain={d / 'baseline.json'} prompt='positive prompt.text'",
                 "--quick", *[x for u in urls for x in ("--url", u)], "--recogniser", str(shared_data / REC),
@@ -79,9 +79,9 @@ def test_two_servers_killed_and_resumed_changed_settings_and_score_only(two_serv
     proc = subprocess.Popen([sys.executable, "-P", str(ROOT / "scripts" / "evaluate.py"), *args()], stdout=log,
                             stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     ledger = out / "runs.jsonl"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900
     while proc.poll() is None and time.monotonic() < deadline:
-        if ledger.exists() and len(ledger.read_text().splitlines()) >= 3:
+        if ledger.exists() and len(ledger.read_text().splitlines()) >= 2:
             break
         time.sleep(0.1)
     assert proc.poll() is None, (d / "run1.log").read_text()[-3000:]
@@ -90,13 +90,13 @@ def test_two_servers_killed_and_resumed_changed_settings_and_score_only(two_serv
     log.close()
     first = [json.loads(x) for x in ledger.read_text().splitlines()]
     done = {e["job"]: {f: (out / f).stat().st_mtime_ns for f in e["files"]} for e in first}
-    assert 3 <= len(done) < 12
+    assert 2 <= len(done) < 8
 
     run2 = _run(args())
     assert run2.returncode == 0, run2.stderr[-4000:]
-    assert f"12 image job(s): {len(done)} done, {12 - len(done)} to go on 2 server(s)" in run2.stderr
+    assert f"8 image job(s): {len(done)} done, {8 - len(done)} to go on 2 server(s)" in run2.stderr
     entries = [json.loads(x) for x in ledger.read_text().splitlines()]
-    assert len(entries) == 12 == len({e["job"] for e in entries})  # nothing generated twice
+    assert len(entries) == 8 == len({e["job"] for e in entries})  # nothing generated twice
     assert {e["server"] for e in entries} == {a.url, b.url}  # both servers took jobs
     for files in done.values():
         assert all((out / f).stat().st_mtime_ns == t for f, t in files.items())
