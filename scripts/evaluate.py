@@ -26,25 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
-import time
 import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # python -P does not put the script's folder on the path
 from facecond_dev import eval_jobs as ej
 from facecond_dev import host
-from facecond_dev.client import (
-    REQUEST_TIMEOUT,
-    RETRIES,
-    ComfyClient,
-    ServerError,
-    ServerGone,
-    WorkflowError,
-    load_workflow,
-)
+from facecond_dev.client import REQUEST_TIMEOUT, RETRIES, ServerError, ServerGone, WorkflowError, load_workflow
+from facecond_dev.eval_protocol import parse_seeds
 
 log = logging.getLogger("facecond.evaluate")
 PRESETS = host.REPO / "evaluation" / "presets"
@@ -81,7 +71,12 @@ def parse_args(argv):
     ap.add_argument("--seeds", help="seeds, e.g. 0-7 or 1,2,3; default: the preset's")
     ap.add_argument("--set", action="append", default=[], metavar="CLASS.input=VALUE",
                     help="override an input of every node of a class, e.g. KSampler.steps=50 (JSON values)")
-    ap.add_argument("--url", help="a running ComfyUI; default: start the pack's headless host")
+    ap.add_argument("--url", action="append", default=[],
+                    help="a running ComfyUI (repeat for several: the jobs are spread over them, one ComfyUI per "
+                    "GPU); default: start the pack's headless host")
+    ap.add_argument("--models-dir", action="append", default=[],
+                    help="with --url: the servers' models folder(s), so each job's identity holds the sha256 of "
+                    "the model files it names (else their names only)")
     ap.add_argument("--base", help="host mode: ComfyUI base directory (default OUT/comfy_base, tiny checkpoint)")
     ap.add_argument("--stand-ins", action="store_true", help="host mode: stand-in face models (tests, demo)")
     ap.add_argument("--quick", action="store_true", help="64x64 images and 2 steps (tests, demo)")
@@ -92,10 +87,23 @@ def parse_args(argv):
     ap.add_argument("--retries", type=int, default=RETRIES,
                     help="a refused or reset status poll is asked again this many times (after 1, 2, 4 ... s) "
                     "before the run stops")
-    ap.add_argument("--detector", default="mtcnn", help="mtcnn, or an SCRFD .onnx file")
-    ap.add_argument("--recogniser", help="face recogniser: an insightface-format .onnx, or a FaceNet .pt")
+    ap.add_argument("--detector", default="mtcnn",
+                    help="face detector for the identity score: mtcnn (default; facenet-pytorch's MTCNN, Face0's "
+                    "detector) or an SCRFD .onnx file (insightface's detector: use it with --preprocess insightface "
+                    "to reproduce FaceAnalysis)")
+    ap.add_argument("--recogniser", help="face recogniser of the ID column (the one the methods are conditioned on): "
+                    "an insightface-format .onnx, a FaceNet .pt, or dlib_resnet_v1")
+    ap.add_argument("--independent-recogniser", default="auto",
+                    help="a second recogniser, shown beside --recogniser: dlib_resnet_v1 (default when dlib-bin and "
+                    "face-recognition-models are installed), a file as --recogniser, or none")
+    ap.add_argument("--preprocess", default="auto", choices=("auto", "insightface", "facecond"),
+                    help="detector input and crop: insightface = FaceAnalysis exactly (SCRFD letterbox, norm_crop); "
+                    "facecond = the pack's resampling; auto (default): insightface for .onnx recognisers")
     ap.add_argument("--reference-mode", default="mean", choices=("mean", "max", "centroid"))
-    ap.add_argument("--no-face", default="flag", choices=("flag", "zero", "passthrough"))
+    ap.add_argument("--no-face", choices=("flag", "zero", "passthrough"),
+                    help="how an image without a face counts: zero = identity 0 in every mean (default: the "
+                    "preset's choice, else zero; no paper we follow states one); flag = left out of the ID and "
+                    "aggregate means (CLIP still counts it); passthrough = the centre square scored as the face")
     ap.add_argument("--clip-model", help="folder of a CLIP model in the transformers CLIPModel layout")
     ap.add_argument("--clip-subject", default="a person", help='what "{}" becomes in the CLIP score\'s text')
     ap.add_argument("--aggregate", choices=("livshits", "face0"), help="default: the preset's, else livshits")
@@ -105,23 +113,6 @@ def parse_args(argv):
     ap.add_argument("--device", default="cpu", help="device for scoring (cpu, cuda)")
     ap.add_argument("--score-only", action="store_true", help="do not generate; score and report what is there")
     return ap.parse_args(argv)
-
-
-def parse_seeds(text) -> list[int]:
-    if isinstance(text, list):
-        return [int(s) for s in text]
-    out = []
-    for part in str(text).split(","):
-        a, _, b = part.partition("-")
-        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    return out
-
-
-def apply_overrides(graph: dict, sets: dict[str, dict]) -> None:
-    for node in graph.values():
-        for key, value in sets.get(node["class_type"], {}).items():
-            if key in node["inputs"] and not isinstance(node["inputs"][key], list):
-                node["inputs"][key] = value
 
 
 def overrides(args, preset: dict) -> dict[str, dict]:
@@ -147,100 +138,29 @@ def overrides(args, preset: dict) -> dict[str, dict]:
     return sets
 
 
-class Host:
-    """The pack's headless ComfyUI in OUT/comfy_base; a server left by a killed run is stopped first."""
+def _dlib_rec():
+    pack_py()
+    from facecond.py.faces import dlib_rec
 
-    def __init__(self, out: Path, base: Path, stand_ins: bool):
-        self.pid_file = out / "comfyui.pid"
-        self._stop_stale(base)
-        host.import_comfy(base)
-        host.load_pack(host.REPO, "facecond")
-        host.prepare_base(base, host.REPO, "facecond")
-        if stand_ins:
-            host.install_stand_in_models(base)
-        self.server = host.ComfyServer(base, pack_name="facecond")
-        self.server.start()
-        self.pid_file.write_text(f"{self.server.proc.pid} {base}\n")
-
-    def _stop_stale(self, base: Path) -> None:
-        try:
-            pid, where = self.pid_file.read_text().split(maxsplit=1)
-            cmd = Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace")
-        except (OSError, ValueError):
-            return
-        if str(base) in cmd and where.strip() == str(base):
-            log.info("stopping the ComfyUI (pid %s) a killed run left behind", pid)
-            os.killpg(int(pid), signal.SIGKILL)
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.pid_file.unlink(missing_ok=True)
+    return dlib_rec
 
 
-def generate(args, out: Path, methods_specs, idents, prompts, seeds, sets) -> None:
-    server = None
-    if args.url:
-        url, base = args.url, None
-    else:
-        base = Path(args.base).resolve() if args.base else out / "comfy_base"
-        server = Host(out, base, args.stand_ins)
-        url = server.server.url
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on a plain kill too
+def check_fidelity(args, preset: dict) -> None:
+    """FID/IS inputs checked before anything is generated: torch-fidelity installed, the Inception weights read
+    (without unpickling code) and recognised, the --fid-real folder holding images."""
+    if not (args.fid_real or args.inception_score or preset.get("inception_score")):
+        return
+    pack_py()
+    from facecond.py.evaluate import fidelity
+
+    if args.fid_real:
+        real = Path(args.fid_real)
+        if not real.is_dir() or not any(p.suffix.lower() in (".jpg", ".jpeg", ".png") for p in real.rglob("*")):
+            raise SystemExit(f"evaluate.py: --fid-real {real}: no folder of .jpg/.png images there")
     try:
-        client = ComfyClient(url, request_timeout=args.request_timeout, retries=args.retries)
-        info = client.object_info()
-        try:
-            methods = [ej.bind_method(label, path, opts, info) for label, path, opts in methods_specs]
-        except ValueError as e:  # a node the server lacks, a binding the workflow lacks
-            raise WorkflowError(str(e)) from None
-        jobs = [ej.Job(m.label, ident, pi, seed) for m in methods for ident in idents
-                for pi in range(len(prompts)) for seed in seeds]
-        ledger = ej.Ledger(out)
-        todo = [j for j in jobs if not ledger.done(j)]
-        log.info("%d image job(s): %d done, %d to go", len(jobs), len(jobs) - len(todo), len(todo))
-        uploaded: dict[str, list[str]] = {}
-        by_label = {m.label: m for m in methods}
-        t0 = time.monotonic()
-        for n, job in enumerate(todo, 1):
-            m = by_label[job.method]
-            if job.identity not in uploaded:
-                uploaded[job.identity] = [ej.upload_image(url, p, f"{job.identity}_{k}{p.suffix.lower()}",
-                                                          timeout=args.request_timeout)
-                                          for k, p in enumerate(idents[job.identity])]
-            text = prompts[job.prompt_index].replace("{}", m.subject)
-            graph = ej.fill_prompt(m, uploaded[job.identity], text, job.seed)
-            apply_overrides(graph, sets)
-            if args.stand_ins and base is not None:
-                graph = host.use_stand_ins(graph, base)
-            start = time.monotonic()
-            try:
-                res = client.run(graph, timeout=args.timeout)
-            except TimeoutError as e:
-                raise ServerError(url, f"{job.key}: {e} (--timeout {args.timeout:.0f}); rerun with the same --out "
-                                  "to resume, with a larger --timeout if the server is slow") from None
-            if res.status != "success":
-                raise RuntimeError(f"{job.key}: ComfyUI reported an error: {json.dumps(res.error)[:1500]}")
-            images = [img for nid in m.outputs for img in res.outputs.get(nid, {}).get("images", [])]
-            if not images:
-                raise RuntimeError(f"{job.key}: no images from output node(s) {m.outputs}")
-            files = []
-            for k, img in enumerate(images):
-                rel = f"{job.stem()}_{k:02d}.png"
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                tmp = out / (rel + ".part")
-                tmp.write_bytes(ej.fetch_image(url, img, timeout=args.request_timeout))
-                os.replace(tmp, out / rel)
-                files.append(rel)
-            total = time.monotonic() - start
-            ledger.add({"key": job.key, "method": job.method, "identity": job.identity,
-                        "prompt_index": job.prompt_index, "seed": job.seed, "prompt": text, "files": files,
-                        "prompt_id": res.prompt_id, "seconds_total": total,
-                        "seconds_sampling": ej.exec_seconds(res.messages), "finished": time.time()})
-            eta = (time.monotonic() - t0) / n * (len(todo) - n)
-            log.info("[%d/%d] %s: %.2f s (about %.0f s to go)", n, len(todo), job.key, total, eta)
-    finally:
-        if server is not None:
-            server.stop()
+        fidelity.load_inception(args.inception_weights, "cpu")
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"evaluate.py: FID/IS: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -263,19 +183,46 @@ def _main(argv: list[str] | None) -> Path:
     prompts = (Path(args.prompts).read_text().splitlines() if args.prompts else preset.get("prompts", []))
     prompts = [p.strip() for p in prompts if p.strip() and not p.lstrip().startswith("#")]
     seeds = parse_seeds(args.seeds if args.seeds is not None else preset.get("seeds", [0]))
-    if not prompts:
+    if not prompts and not args.score_only:
         raise SystemExit("no prompts: give --prompts FILE or a --preset")
+    args.no_face = args.no_face or preset.get("no_face", "zero")
+    if args.independent_recogniser == "auto":
+        dlib_rec = _dlib_rec()
+        args.independent_recogniser = dlib_rec.MODEL_NAME if dlib_rec.available() and args.recogniser not in (
+            "dlib", dlib_rec.MODEL_NAME) else "none"
+    check_fidelity(args, preset)  # before any generation: a wrong or missing file ends the run now
     idents = ej.identities(Path(args.identities))
-    specs = [ej.parse_method(s) for s in args.method]
+    try:
+        specs = [ej.parse_method(s) for s in args.method]
+    except ValueError as e:
+        raise SystemExit(f"evaluate.py: {e}") from None
     if not specs and not args.score_only:
         raise SystemExit("give at least one --method WORKFLOW")
     for _, path, _ in specs:
         load_workflow(path)  # before a server is started: WorkflowError for a file that is not one
+    run_file = out / "run.json"
     if not args.score_only:
-        generate(args, out, specs, idents, prompts, seeds, overrides(args, preset))
+        from facecond_dev import eval_gen
+
+        sets = overrides(args, preset)
+        run = {"preset": args.preset, "prompts": prompts, "seeds": seeds,
+               "methods": {label: str(path) for label, path, _ in specs}, "set": args.set, "quick": args.quick,
+               "stand_ins": args.stand_ins, "overrides": sets, "urls": args.url or ["(the pack's headless host)"]}
+
+        def planned(jobs):  # written before the first image: a --score-only after a kill scores this run
+            run["jobs"] = [j.key for j in jobs]
+            tmp = run_file.with_suffix(".part")
+            tmp.write_text(json.dumps(run, indent=1))
+            tmp.replace(run_file)
+
+        eval_gen.generate(args, out, specs, idents, prompts, seeds, sets, planned)
+    elif run_file.is_file():
+        run = json.loads(run_file.read_text())
+    else:
+        run = {}  # an output folder without run.json: every finished job in runs.jsonl
     from facecond_dev import eval_score
 
-    return eval_score.score_and_report(args, out, preset, idents, prompts, seeds, pack_py())
+    return eval_score.score_and_report(args, out, preset, idents, run, pack_py())
 
 
 if __name__ == "__main__":

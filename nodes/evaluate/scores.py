@@ -103,17 +103,28 @@ class FacecondIdentityScore:
             "images_per_group": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": _GROUP_TIP}),
             "min_size": ("INT", {"default": 20, "min": 8, "max": 4096, "tooltip":
                          "Smallest face to count, in pixels."}),
+        }, "optional": {
+            "preprocess": (["auto", "insightface", "facecond"], {"default": "auto", "tooltip":
+                           "How the generated images' faces are found and cut (FaceDetectCrop's preprocess). auto: "
+                           "insightface for an insightface recogniser (FaceAnalysis exactly: its SCRFD letterbox and "
+                           "norm_crop, so the score is insightface's), facecond for FaceNet and dlib. Cut the "
+                           "reference photos the same way (FaceDetectCrop's preprocess)."}),
         }}
 
-    def score(self, images, reference, detector, model, reference_mode, no_face, images_per_group, min_size):
+    def score(self, images, reference, detector, model, reference_mode, no_face, images_per_group, min_size,
+              preprocess="auto"):
         node = "IdentityScore"
         if not isinstance(reference, FaceEmbeds) or len(reference) == 0:
             raise ValueError(f"{node}: input 'reference' must be a non-empty FACE_EMBEDS; connect FaceEmbed of the "
                              "reference photo(s).")
         image_to_numpy(images, node, "images")  # shape, channel and NaN checks with this node's name
+        if preprocess not in ("auto", "insightface", "facecond"):
+            raise ValueError(f"{node}: preprocess {preprocess!r} is not one of auto, insightface, facecond.")
+        if preprocess == "auto":
+            preprocess = "insightface" if model.endswith(".onnx") else "facecond"
         faces = FacecondFaceDetectCrop().detect(images, detector=detector, select="largest", face_index=0,
                                                 min_size=min_size, margin_scale=1.0, upright="rotate_if_no_face",
-                                                no_face="passthrough")[0]
+                                                no_face="passthrough", preprocess=preprocess)[0]
         gen = FacecondFaceEmbed().embed(faces, model=model, facenet_layer="bottleneck_512", normalize="auto")[0]
         if gen.model != reference.model or gen.dim != reference.dim:
             raise ValueError(f"{node}: 'reference' was embedded with {reference.model!r} ({reference.dim}-d) but "
@@ -123,6 +134,7 @@ class FacecondIdentityScore:
                                          model=gen.model)
         scores = ImageScores("identity", res.scores, res.model)
         best, mean, lines = _scores_output(scores, images_per_group, node)
+        lines.insert(1, f"preprocessing {preprocess}, detector {detector}")
         if res.faceless:
             log.info("[facecond] %s: no face in image(s) %s (%s)", node, res.faceless, no_face)
             lines.insert(1, f"no face in image(s) {res.faceless} (no_face={no_face})")

@@ -249,7 +249,7 @@ class FacecondFaceEmbed:
             rec = model_cache.load("onnx-recogniser", path, lambda p: embed.load_onnx_recogniser(
                 p, model_cache.onnx_session(p)), lambda r: r.session)
             model_cache.to_device(rec.session)
-            vecs = rec.embed(faces.crops_arcface, progress=progress)
+            vecs = rec.embed(faces.crops_arcface, progress=progress, exact=faces.preprocess == "insightface")
             model_id, default_norm = rec.model_id, True
         norm = default_norm if normalize == "auto" else normalize == "l2"
         if norm:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,15 @@ def load_inception(weights: str | os.PathLike | None = None, device: str | torch
     if path is None and os.environ.get("FACECOND_OFFLINE") == "1":
         raise RuntimeError(f"FID/IS: no Inception weights and FACECOND_OFFLINE=1. Download {url} and pass its path "
                            f"(--inception-weights), or put it at {hub_cache_file()}.")
+    tmp = None
+    if path is not None:
+        # torch-fidelity reads the file with torch.load(weights_only=False), which would run any pickled code:
+        # read it here without unpickling code (safetensors, or torch.load(weights_only=True)), check it, and hand
+        # torch-fidelity a private file holding only those tensors (torch.save of a plain dict).
+        tmp = tempfile.NamedTemporaryFile(suffix=".pth", delete=False)
+        torch.save(read_inception_state_dict(path, url), tmp)
+        tmp.close()
+        path = Path(tmp.name)
     try:
         net = extractor("inception-v3-compat", ["2048", "logits_unbiased"],
                         feature_extractor_weights_path=str(path) if path else None)
@@ -59,7 +69,40 @@ def load_inception(weights: str | os.PathLike | None = None, device: str | torch
         raise RuntimeError(f"FID/IS: could not download the Inception weights ({e}). Download {url} on a machine "
                            f"with internet and pass its path (--inception-weights), or put it at "
                            f"{hub_cache_file()}.") from None
+    finally:
+        if tmp is not None:
+            os.unlink(tmp.name)
     return net.eval().to(device)
+
+
+# A few of torch-fidelity's InceptionV3 keys and shapes: enough to tell its weights from any other file.
+_INCEPTION_KEYS = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "fc.weight": (1008, 2048), "fc.bias": (1008,)}
+
+
+def read_inception_state_dict(path: str | os.PathLike, url: str = "") -> dict[str, torch.Tensor]:
+    """torch-fidelity's Inception weights (``.pth`` or ``.safetensors``) read without unpickling code; a file that
+    is not them gets one message saying what it is and where the right one comes from."""
+    path = Path(path)
+    fix = f"pass torch-fidelity's {WEIGHTS_NAME}" + (f" (from {url})" if url else "")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip, safetensors header errors: all "not a weights file"
+        raise ValueError(f"--inception-weights {path}: not a weights file that loads without running code "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {fix}.") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"--inception-weights {path}: holds a {type(sd).__name__}, not a state dict of tensors; "
+                         f"{fix}.")
+    wrong = {k: tuple(sd[k].shape) if k in sd else None for k, shape in _INCEPTION_KEYS.items()
+             if k not in sd or tuple(sd[k].shape) != shape}
+    if wrong:
+        raise ValueError(f"--inception-weights {path}: a state dict, but not torch-fidelity's InceptionV3 (keys/shapes "
+                         f"{wrong} instead of {_INCEPTION_KEYS}); {fix}.")
+    return sd
 
 
 @torch.no_grad()

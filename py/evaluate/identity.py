@@ -95,7 +95,7 @@ def embed_faces(recogniser, faces) -> torch.Tensor:
         return F.normalize(recogniser.embed(faces.crops_dlib), dim=1)
     if hasattr(recogniser, "net"):  # embed.FaceNet
         return recogniser.embed(faces.crops_facenet, "bottleneck_512")
-    return recogniser.embed(faces.crops_arcface)
+    return recogniser.embed(faces.crops_arcface, exact=faces.preprocess == "insightface")
 
 
 def recogniser_id(recogniser) -> str:

@@ -102,11 +102,18 @@ class OnnxRecogniser:
         self.width = int(width) if isinstance(width, int) else None
         self.model_id = f"insightface/{self.path.name}@{sha256_file(self.path)[:8]}"
 
-    def embed(self, crops: torch.Tensor, progress=None) -> torch.Tensor:
+    def embed(self, crops: torch.Tensor, progress=None, exact: bool = False) -> torch.Tensor:
+        """exact: the crops are uint8 / 255 (preprocess="insightface"): the blob is built as insightface's
+        ArcFaceONNX.get_feat builds it (cv2.dnn.blobFromImages: (u - mean) * (1 / std) in float32 on the
+        integer pixels), bit for bit."""
         x = crops.permute(0, 3, 1, 2).float()
         if x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        blob = ((x * 255.0 - self.mean) / self.std).numpy().astype(np.float32)
+        if exact:
+            u = (x * 255.0).round().numpy().astype(np.float32)
+            blob = ((u - np.float32(self.mean)) * np.float32(1.0 / self.std)).astype(np.float32)
+        else:
+            blob = ((x * 255.0 - self.mean) / self.std).numpy().astype(np.float32)
         step = 1 if self.fixed_batch else BATCH
         out = []
         for i in range(0, blob.shape[0], step):

@@ -3,8 +3,11 @@ a resumable ledger, and the HTTP calls that upload photos and fetch images (they
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shlex
+import threading
 import urllib.parse
 import urllib.request
 import uuid
@@ -33,13 +36,18 @@ class Method:
 
 def parse_method(spec: str) -> tuple[str, Path, dict[str, list[str]]]:
     """``"[LABEL=]PATH [photo=NODE.input,...] [prompt=NODE.input] [seed=NODE.input] [subject=WORDS] [output=NODE]"``;
-    NODE is a node id or title. ``subject`` takes the rest of the spec when it has spaces, so put it last."""
+    NODE is a node id or title; quote a title with spaces (``prompt='positive prompt.text'``). ``subject`` takes
+    the rest of the spec when it has spaces, so put it last (or quote it)."""
     head, _, rest = spec.strip().partition(" ")
     label, _, path = head.rpartition("=")
     path = Path(path)
     opts: dict[str, list[str]] = {}
     key = None
-    for tok in rest.split():
+    try:
+        toks = shlex.split(rest)
+    except ValueError as e:  # an unclosed quote
+        raise ValueError(f"--method {spec!r}: {e}") from None
+    for tok in toks:
         if "=" in tok and tok.split("=", 1)[0] in ("photo", "prompt", "seed", "subject", "output"):
             key, val = tok.split("=", 1)
             opts.setdefault(key, []).append(val)
@@ -104,19 +112,103 @@ def bind_method(label: str, path: Path, opts: dict[str, list[str]], object_info:
     return Method(label, Path(path), photos, prompt, seeds, subject, outputs, api)
 
 
+MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".dat", ".gguf", ".sft")
+
+
 @dataclass(frozen=True)
 class Job:
+    """One image job. Its id is the sha256 of everything that makes its image: the API graph after every
+    substitution (prompt text, seed, --set/--quick/preset settings, stand-ins) with each photo input holding the
+    photo file's sha256, and the identity (sha256) of every model file the graph names. A changed input is a new
+    job with new files; finished images are never relabelled."""
+
     method: str
     identity: str
     prompt_index: int
     seed: int
+    prompt: str                 # the text in the workflow's prompt input
+    graph: dict = field(compare=False, hash=False, repr=False)  # photo inputs hold "sha256:<hex>" placeholders
+    models: dict = field(compare=False, hash=False, repr=False)  # file name in the graph -> sha256 or "name-only"
+    template: str = ""          # the prompt line ({} = the person)
 
     @property
     def key(self) -> str:
-        return f"{self.method}|{self.identity}|{self.prompt_index}|{self.seed}"
+        # the labels too: a workflow without photo inputs (a plain baseline) makes the same image for every person,
+        # and each person's row needs its own job
+        blob = json.dumps({"graph": self.graph, "models": self.models, "method": self.method,
+                           "identity": self.identity}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}|{self.identity}|p{self.prompt_index}|s{self.seed}"
 
     def stem(self) -> str:
-        return f"images/{self.method}/{self.identity}/p{self.prompt_index:02d}_s{self.seed}"
+        return f"images/{self.method}/{self.identity}/p{self.prompt_index:02d}_s{self.seed}_{self.key[:12]}"
+
+
+class ModelIds:
+    """sha256 of model files named in graphs, found under model roots (ComfyUI models folders); cached in
+    OUT/model_hashes.json by path, size and mtime. A name found under no root is identified by its name only."""
+
+    def __init__(self, out: Path, roots: list[Path]):
+        self.roots = [Path(r) for r in roots]
+        self.cache_path = Path(out) / "model_hashes.json"
+        try:
+            self.cache = json.loads(self.cache_path.read_text())
+        except (OSError, ValueError):
+            self.cache = {}
+        self.found: dict[str, str] = {}
+
+    def _find(self, name: str) -> Path | None:
+        for root in self.roots:
+            for cand in (root / name, *root.glob(f"*/{name}"), *root.glob(f"*/models/{name}")):
+                if cand.is_file():
+                    return cand
+        return None
+
+    def of(self, name: str) -> str:
+        if name in self.found:
+            return self.found[name]
+        path = self._find(name)
+        if path is None:
+            ident = "name-only"
+        else:
+            st = path.stat()
+            stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+            ident = self.cache.get(stamp) or _sha256(path)
+            self.cache[stamp] = ident
+            self.cache_path.write_text(json.dumps(self.cache, indent=1))
+        self.found[name] = ident
+        return ident
+
+    def of_graph(self, graph: dict) -> dict[str, str]:
+        names = {v for node in graph.values() for v in node["inputs"].values()
+                 if isinstance(v, str) and v.lower().endswith(MODEL_EXTS)}
+        return {n: self.of(n) for n in sorted(names)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def photo_ids(idents: dict[str, list[Path]]) -> dict[str, list[str]]:
+    """The placeholder each photo input holds in a job's graph: its file's sha256."""
+    return {name: [f"sha256:{_sha256(p)}" for p in paths] for name, paths in idents.items()}
+
+
+def with_uploads(graph: dict, uploaded: dict[str, str]) -> dict:
+    """The job's graph with its photo placeholders replaced by the names the server's upload gave."""
+    out = json.loads(json.dumps(graph))
+    for node in out.values():
+        for k, v in node["inputs"].items():
+            if isinstance(v, str) and v in uploaded:
+                node["inputs"][k] = uploaded[v]
+    return out
 
 
 def identities(folder: Path) -> dict[str, list[Path]]:
@@ -144,30 +236,33 @@ def fill_prompt(method: Method, photos: list[str], text: str, seed: int) -> dict
 
 
 class Ledger:
-    """``runs.jsonl`` in the output folder: one line per finished job, written after its images are on disk."""
+    """``runs.jsonl`` in the output folder: one line per finished job (its id, labels, prompt text, settings and
+    graph), written after its images are on disk; safe to add to from several threads."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
         self.path = self.out / "runs.jsonl"
         self.entries: dict[str, dict] = {}
+        self.lock = threading.Lock()
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
                     e = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-                if all((self.out / f).is_file() for f in e.get("files", [])) and e.get("files"):
-                    self.entries[e["key"]] = e
+                if e.get("files") and "job" in e and all((self.out / f).is_file() for f in e["files"]):
+                    self.entries[e["job"]] = e
 
     def done(self, job: Job) -> bool:
         return job.key in self.entries
 
     def add(self, entry: dict) -> None:
-        self.entries[entry["key"]] = entry
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with self.lock:
+            self.entries[entry["job"]] = entry
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def upload_image(url: str, path: Path, name: str, subfolder: str = "facecond_eval",

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import eval_report
+from . import eval_protocol, eval_report
 from .eval_jobs import Ledger
 
 log = logging.getLogger("facecond.evaluate")
@@ -53,40 +54,90 @@ def load_recogniser(recogniser: str | None):
     return embed.load_onnx_recogniser(recogniser) if recogniser.endswith(".onnx") else embed.load_facenet(recogniser)
 
 
-def score_rows(args, out: Path, idents: dict, prompts: list[str], py) -> tuple[list[dict], dict]:
+@dataclass
+class Judge:
+    """One recogniser scoring the images: its detector, preprocessing and the identities' reference embeddings."""
+
+    role: str          # "conditioning" (--recogniser) or "independent" (--independent-recogniser)
+    name: str          # as given
+    rec: object
+    det: object
+    preprocess: str
+    sha256: str | None
+    refs: dict = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        from facecond.py.evaluate import identity
+
+        return identity.recogniser_id(self.rec)
+
+
+def preprocess_for(recogniser: str, choice: str) -> str:
+    """auto: insightface's FaceAnalysis exactly for an insightface-format .onnx recogniser, the pack's otherwise."""
+    if choice != "auto":
+        return choice
+    return "insightface" if str(recogniser).endswith(".onnx") else "facecond"
+
+
+def judges(args, idents: dict, py) -> list[Judge]:
+    from facecond.py.evaluate import identity
+
+    out = []
+    for role, name in (("conditioning", args.recogniser), ("independent", args.independent_recogniser)):
+        if not name or name == "none":
+            continue
+        det, rec = face_models(py, args.detector, name)
+        pre = preprocess_for(name, args.preprocess)
+        j = Judge(role, name, rec, det, pre, eval_protocol.file_sha256(name))
+        j.refs = {i: identity.reference_embeds([load_rgb(p) for p in ps], det, rec, preprocess=pre)
+                  for i, ps in idents.items()}
+        out.append(j)
+    return out
+
+
+def stored_entries(out: Path, run: dict) -> list[dict]:
+    """The finished jobs of the run in run.json (all of runs.jsonl for a folder without one)."""
+    ledger = Ledger(out).entries
+    ids = run.get("jobs")
+    entries = [ledger[j] for j in ids if j in ledger] if ids else list(ledger.values())
+    return sorted(entries, key=lambda e: (e["method"], e["identity"], e["prompt_index"], e["seed"]))
+
+
+def score_rows(args, out: Path, entries: list[dict], js: list[Judge]) -> tuple[list[dict], dict]:
     from facecond.py.evaluate import clip_score, identity, metrics
 
-    entries = sorted(Ledger(out).entries.values(),
-                     key=lambda e: (e["method"], e["identity"], e["prompt_index"], e["seed"]))
-    det, rec = face_models(py, args.detector, args.recogniser)
     clip = clip_score.load_clip_scorer(args.clip_model, args.device) if args.clip_model else None
     agg = args.aggregate
-    refs = {i: identity.reference_embeds([load_rgb(p) for p in ps], det, rec) for i, ps in idents.items()}
     rows, timing = [], {"identity": 0.0, "clip": 0.0}
     for e in entries:
-        if e["identity"] not in refs:
+        if any(e["identity"] not in j.refs for j in js):
             continue
         imgs = [load_rgb(out / f) for f in e["files"]]
         t = time.monotonic()
-        shapes = {a.shape for a in imgs}
-        ids = [identity.score_images(a[None], refs[e["identity"]], det, rec, no_face=args.no_face,
-                                     mode=args.reference_mode) for a in imgs] if len(shapes) > 1 else \
-            [identity.score_images(np.stack(imgs), refs[e["identity"]], det, rec, no_face=args.no_face,
-                                   mode=args.reference_mode)]
-        id_vals = [s for r in ids for s in r.scores]
-        has = [f for r in ids for f in r.has_face]
+        per_judge = []
+        for j in js:
+            kw = {"no_face": args.no_face, "mode": args.reference_mode, "preprocess": j.preprocess}
+            res = [identity.score_images(a[None], j.refs[e["identity"]], j.det, j.rec, **kw) for a in imgs]
+            per_judge.append(([s for r in res for s in r.scores], [f for r in res for f in r.has_face]))
         timing["identity"] += time.monotonic() - t
-        text = prompts[e["prompt_index"]].replace("{}", args.clip_subject)
+        # the CLIP text: the stored prompt template with --clip-subject for the person (the stored text itself for
+        # a ledger written before templates were stored)
+        text = e["prompt_template"].replace("{}", args.clip_subject) if e.get("prompt_template") else e["prompt"]
         t = time.monotonic()
         clip_vals = [float(clip.cosines(torch.from_numpy(a[None]), [text])[0]) for a in imgs] if clip else \
             [float("nan")] * len(imgs)
         timing["clip"] += time.monotonic() - t
         for k, f in enumerate(e["files"]):
-            rows.append({"method": e["method"], "identity": e["identity"], "prompt_index": e["prompt_index"],
-                         "prompt": text, "seed": e["seed"], "image": k, "file": f, "has_face": bool(has[k]),
-                         "id": id_vals[k], "clip": clip_vals[k],
-                         "aggregate": metrics.aggregate(agg, clip_vals[k], id_vals[k]) if clip else float("nan"),
-                         "seconds_total": e["seconds_total"], "seconds_sampling": e.get("seconds_sampling")})
+            id_vals, has = per_judge[0]
+            row = {"method": e["method"], "identity": e["identity"], "prompt_index": e["prompt_index"],
+                   "prompt": text, "seed": e["seed"], "image": k, "file": f, "has_face": bool(has[k]),
+                   "id": id_vals[k], "id_independent": per_judge[1][0][k] if len(js) > 1 else float("nan"),
+                   "clip": clip_vals[k],
+                   "aggregate": metrics.aggregate(agg, clip_vals[k], id_vals[k]) if clip else float("nan"),
+                   "seconds_total": e["seconds_total"], "seconds_sampling": e.get("seconds_sampling"),
+                   "job": e["job"]}
+            rows.append(row)
     n = max(len(rows), 1)
     timing = {f"{k}_seconds_per_image": v / n for k, v in timing.items()}
     return rows, timing
@@ -119,24 +170,38 @@ def fidelity_scores(args, out: Path, rows: list[dict]) -> dict[str, dict]:
     return res
 
 
-def score_and_report(args, out: Path, preset: dict, idents: dict, prompts: list[str], seeds: list[int], py) -> Path:
+def score_and_report(args, out: Path, preset: dict, idents: dict, run: dict, py) -> Path:
     from facecond.py.evaluate.metrics import best_of_n
 
     args.aggregate = args.aggregate or preset.get("aggregate", "livshits")
     args.inception_score = args.inception_score or bool(preset.get("inception_score"))
-    rows, timing = score_rows(args, out, idents, prompts, py)
-    if not rows:
+    entries = stored_entries(out, run)
+    if not entries:
         raise SystemExit(f"{out}: no generated images to score yet")
+    js = judges(args, idents, py)
+    rows, timing = score_rows(args, out, entries, js)
+    if not rows:
+        raise SystemExit(f"{out}: no generated images of the given --identities to score")
     summary = eval_report.summarise(rows, best_of_n)
     fid = fidelity_scores(args, out, rows)
     for m, vals in fid.items():
         summary[m].update(vals)
+    per_method = eval_protocol.settings(entries)
     meta = {"preset": preset.get("name"), "paper": preset.get("paper", ""), "aggregate": args.aggregate,
             "published": preset.get("published", []), "published_note": preset.get("published_note", ""),
-            "identities": sorted(idents), "prompts": prompts, "seeds": seeds,
+            "identities": sorted({e["identity"] for e in entries}),
+            "prompts": list(dict.fromkeys(r["prompt"] for r in rows)),
+            "seeds": sorted({e["seed"] for e in entries}),
+            "jobs_planned": len(run.get("jobs", [])) or len(entries), "jobs_scored": len(entries),
             "recogniser": Path(args.recogniser).name, "detector": args.detector, "no_face": args.no_face,
             "reference_mode": args.reference_mode,
-            "clip_model": Path(args.clip_model).name if args.clip_model else None, "timing": timing}
+            "judges": [{"role": j.role, "name": Path(j.name).name, "model_id": j.model_id, "preprocess": j.preprocess,
+                        "conditioned": eval_protocol.conditioned_on(entries, j.name, j.sha256),
+                        "calibration": eval_protocol.calibration(j.refs, args.reference_mode)} for j in js],
+            "settings": per_method, "run": {k: v for k, v in run.items() if k != "jobs"},
+            "deviations": eval_protocol.deviations(preset, per_method, run, args.no_face),
+            "clip_model": Path(args.clip_model).name if args.clip_model else None, "clip_subject": args.clip_subject,
+            "timing": timing}
     eval_report.write_tables(out, rows, summary, meta)
     eval_report.plot(out, rows, summary, args.aggregate)
     path = eval_report.write_html(out, rows, summary, meta, fid)

@@ -71,7 +71,7 @@ def _cmd(d: Path, data: Path) -> list[str]:
             "--method", "face0=" + str(ROOT / "example_workflows" / "face0_single_photo.json"),
             "--method", f"plain={d / 'baseline.json'} prompt=positive_prompt.text", "--stand-ins", "--quick",
             "--recogniser", str(data / REC), "--clip-model", str(d / "clip" / "tiny"), "--no-face", "passthrough",
-            "--aggregate", "face0"]
+            "--aggregate", "face0", "--independent-recogniser", "none"]
 
 
 def _alive(pid: int) -> bool:
@@ -100,7 +100,7 @@ def test_evaluate_runs_resumes_and_reports_recomputable_numbers(setup, shared_da
     log1.close()
     server_pid = int((out / "comfyui.pid").read_text().split()[0])
     first = [json.loads(x) for x in ledger.read_text().splitlines()]
-    done = {e["key"]: {f: (out / f).stat().st_mtime_ns for f in e["files"]} for e in first}
+    done = {e["job"]: {f: (out / f).stat().st_mtime_ns for f in e["files"]} for e in first}
     assert 3 <= len(done) < 16
 
     try:
@@ -113,7 +113,7 @@ def test_evaluate_runs_resumes_and_reports_recomputable_numbers(setup, shared_da
     assert f"16 image job(s): {len(done)} done, {16 - len(done)} to go" in run2.stderr
     assert "stopping the ComfyUI" in run2.stderr and not _alive(server_pid)
     entries = [json.loads(x) for x in ledger.read_text().splitlines()]
-    assert len(entries) == 16 and len({e["key"] for e in entries}) == 16  # nothing generated twice
+    assert len(entries) == 16 and len({e["job"] for e in entries}) == 16  # nothing generated twice
     for key, files in done.items():
         for f, mtime in files.items():
             assert (out / f).stat().st_mtime_ns == mtime, f"{key}: {f} was regenerated"
@@ -132,7 +132,8 @@ def test_evaluate_runs_resumes_and_reports_recomputable_numbers(setup, shared_da
     recomputed = {}
     for r in rows:
         img = load(out / r["file"])
-        ids = identity.score_images(img[None], refs[r["identity"]], det, rec, no_face="passthrough")
+        ids = identity.score_images(img[None], refs[r["identity"]], det, rec, no_face="passthrough",
+                                    preprocess="insightface")
         cos = float(scorer.cosines(torch.from_numpy(img[None]), [r["prompt"]])[0])
         assert float(r["id"]) == pytest.approx(ids.scores[0], abs=1e-6)
         assert float(r["clip"]) == pytest.approx(cos, abs=1e-6)
@@ -165,7 +166,7 @@ def _plain_cmd(d: Path, data: Path, out: Path, url: str, method: str | None = No
     return ["--out", str(out), "--identities", str(d / "ids"), "--prompts", str(d / "prompts.txt"), "--seeds", "0-2",
             "--method", method, "--quick", "--url", url,
             "--recogniser", str(data / REC), "--no-face", "passthrough", "--aggregate", "face0",
-            "--request-timeout", "600", "--retries", "2"]
+            "--independent-recogniser", "none", "--request-timeout", "600", "--retries", "2"]
 
 
 def test_a_server_killed_mid_run_ends_it_with_one_line_and_the_rerun_resumes(setup, shared_data, tmp_path):
@@ -205,7 +206,7 @@ def test_a_server_killed_mid_run_ends_it_with_one_line_and_the_rerun_resumes(set
         srv2.stop()
     assert run2.returncode == 0, run2.stderr[-4000:]
     assert f"12 image job(s): {done} done, {12 - done} to go" in run2.stderr
-    keys = [json.loads(x)["key"] for x in ledger.read_text().splitlines()]
+    keys = [json.loads(x)["job"] for x in ledger.read_text().splitlines()]
     assert len(keys) == 12 == len(set(keys))
 
 

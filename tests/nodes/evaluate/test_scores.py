@@ -54,6 +54,7 @@ def test_identity_score_own_person_first_faceless_flagged(shared_data):
     assert v[0] > 0.4 and v[1] < v[0] - 0.3 and v[2] < v[0] - 0.3 and math.isnan(v[3]), report
     assert best == pytest.approx((v[0] + v[2]) / 2) and mean == pytest.approx(sum(v[:3]) / 3)
     assert "no face in image(s) [3]" in report and torch.equal(images, before)
+    assert "preprocessing insightface, detector mtcnn" in report  # auto: insightface-exact for an .onnx recogniser
     with torch.inference_mode(), pytest.raises(ValueError, match="IdentityScore: 'reference' was embedded with"):
         FacecondIdentityScore().score(images[:1], ref.with_embeds(ref.embeds, model="facenet-vggface2/bottleneck"),
                                       detector="mtcnn", model=REC, reference_mode="mean", no_face="flag",
