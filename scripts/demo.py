@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:
         log.info("demo: stopped by %s; ComfyUI ended and %s removed", e, base)
         return 128 + e.signum
+    except (FileNotFoundError, RuntimeError, TimeoutError) as e:  # no ComfyUI there, a bad workflow, no start-up
+        log.error("demo: %s", e)
+        return 1
     finally:
         if base is not None:
             shutil.rmtree(base, ignore_errors=True)

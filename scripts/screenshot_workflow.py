@@ -21,6 +21,9 @@ checkpoint draws noise). It fails, printing the server log, if a node type is no
 end (the pack did not load), and warns about nodes saved smaller than their widgets or overlapping.
 Pillow, if installed, re-encodes the PNG with a 256-colour palette (a third of the size).
 
+The layout check alone, for every example of a host's range, without pictures: ``facecond_dev/layout_check.py``
+(``--fix`` rewrites them; the opt-in test ``tests/workflows/test_example_layout.py`` runs it).
+
 Options: ``--size 1600x900`` (the window), ``--scale 1`` (device pixel ratio), ``--max-zoom 1.3``,
 ``--chrome`` keeps the front end's menus and side bar (default: canvas only), ``--out DIR``.
 """

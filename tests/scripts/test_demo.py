@@ -51,6 +51,8 @@ def _newer_than(root: Path, t: float) -> list[str]:
     return found
 
 
+@pytest.mark.skipif(host.comfy_version()[:2] != (0, 3), reason="the end-to-end demo run costs 40-60 s on 2 cores: "
+                    "run once, on the default demo host (ComfyUI 0.3.75); on 0.28 `make demo HOST=.host/comfyui-0.28`")
 def test_demo_without_shared_offline_writes_images_and_nothing_into_comfyui(tmp_path):
     tree = host.comfy_dir()
     before = time.time()
