@@ -200,15 +200,6 @@ def _check_adapter(node: str, ipadapter) -> ipa.IPAdapter:
     return ipadapter
 
 
-def drop_unusable(embeds: agg.RefEmbeds) -> agg.RefEmbeds:
-    """``embeds`` without its NaN or all-zero rows; the skipped references are added to its notes."""
-    kept, dropped = agg.usable_rows(embeds.embeds)
-    if not dropped:
-        return embeds
-    skipped = [embeds.source_index[i] for i in dropped]
-    return embeds.select(kept, f"references {skipped} skipped (NaN or zero embedding)")
-
-
 class IPAdapterEncode:
     DESCRIPTION = ("Turns reference photos into the embeddings an IP-Adapter takes, one row per reference: FaceID "
                    "and FaceID Portrait use face_embeds (FaceEmbed); plain, plus and full-face encode image with "
@@ -245,7 +236,7 @@ class IPAdapterEncode:
         v = _check_adapter(node, ipadapter).variant
         notes = []
         if v.input_kind == "face+clip_hidden":
-            embeds = drop_unusable(encode_face_and_clip(node, ipadapter, image, clip_vision, face_embeds, faces,
+            embeds = agg.drop_unusable(encode_face_and_clip(node, ipadapter, image, clip_vision, face_embeds, faces,
                                                         notes))
             report = "; ".join([f"{len(embeds)} references ({v.input_kind}, {embeds.model})", *embeds.notes])
             log.info("[facecond] %s: %s", node, report)
@@ -273,7 +264,7 @@ class IPAdapterEncode:
                              "insightface buffalo_l 512-d; plain/plus: CLIP-ViT-H-14, or ViT-bigG-14 for SDXL base "
                              "files).")
         embeds = agg.RefEmbeds(x.cpu(), v.input_kind, model, src, tuple(notes))
-        embeds = drop_unusable(embeds)
+        embeds = agg.drop_unusable(embeds)
         report = "; ".join([f"{len(embeds)} references ({v.input_kind}, {model})", *embeds.notes])
         log.info("[facecond] %s: %s", node, report)
         return (embeds, report)

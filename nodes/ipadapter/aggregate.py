@@ -14,7 +14,7 @@ import folder_paths
 from ...py.ipadapter import aggregate as agg
 from .. import model_cache
 from ..common import REF_EMBEDS, seed_input
-from .adapter import CATEGORY, drop_unusable
+from .adapter import CATEGORY
 
 log = logging.getLogger("facecond")
 
@@ -53,7 +53,7 @@ class AggregateEmbeds:
         node = "AggregateEmbeds"
         if not isinstance(embeds, agg.RefEmbeds):
             raise ValueError(f"{node}: input 'embeds' must come from IPAdapterEncode (got {type(embeds).__name__}).")
-        embeds = drop_unusable(embeds)
+        embeds = agg.drop_unusable(embeds)
         if len(embeds) == 0:
             report = "; ".join(["no usable reference: the IP-Adapter will be skipped", *embeds.notes])
             log.warning("[facecond] %s: %s", node, report)

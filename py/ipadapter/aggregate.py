@@ -87,6 +87,15 @@ def usable_rows(x: torch.Tensor) -> tuple[list[int], list[int]]:
     return (~bad).nonzero().flatten().tolist(), bad.nonzero().flatten().tolist()
 
 
+def drop_unusable(embeds: RefEmbeds) -> RefEmbeds:
+    """``embeds`` without its NaN or all-zero rows; the skipped references are added to its notes."""
+    kept, dropped = usable_rows(embeds.embeds)
+    if not dropped:
+        return embeds
+    skipped = [embeds.source_index[i] for i in dropped]
+    return embeds.select(kept, f"references {skipped} skipped (NaN or zero embedding)")
+
+
 def fit_count(x: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     """x with exactly n rows: the first n if there are more; all of them plus rows resampled with replacement
     (seeded) if there are fewer. Returns the rows and a report line."""
