@@ -33,22 +33,12 @@ from facecond.py.weights import manifest
 from facecond_dev import host
 from facecond_dev.client import ComfyClient, ServerGone
 from facecond_dev.tiny_clip import write_tiny_clip
+from facecond_dev.txt2img import txt2img_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 REC = "models/insightface_testpack/mobilefacenet_128.onnx"
 
-BASELINE = {  # API format; the prompt node is found by its title
-    "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": host.EXAMPLE_CKPT}},
-    "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "{prompt}, high quality", "clip": ["1", 1]},
-          "_meta": {"title": "positive_prompt"}},
-    "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
-    "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
-    "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                               "latent_image": ["4", 0], "seed": 7, "steps": 20, "cfg": 7.0,
-                                               "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-    "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-    "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "baseline"}},
-}
+BASELINE = txt2img_workflow("{prompt}, high quality")  # API format; the prompt node is found by its title
 
 
 @pytest.fixture(scope="module")

@@ -22,22 +22,12 @@ import torch
 from PIL import Image
 
 from facecond_dev import host
+from facecond_dev.txt2img import txt2img_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 REC = "models/insightface_testpack/mobilefacenet_128.onnx"
 DET = "models/insightface_testpack/det_2.5g.onnx"
-BASELINE = {
-    "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": host.EXAMPLE_CKPT}},
-    "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "{prompt}", "clip": ["1", 1]},
-          "_meta": {"title": "positive prompt"}},  # a title with a space: named as "positive prompt.text"
-    "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
-    "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
-    "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                               "latent_image": ["4", 0], "seed": 7, "steps": 20, "cfg": 7.0,
-                                               "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-    "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-    "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "baseline"}},
-}
+BASELINE = txt2img_workflow(title="positive prompt")  # a title with a space: named as "positive prompt.text"
 
 
 def _run(args, **kw) -> subprocess.CompletedProcess:
