@@ -6,8 +6,8 @@ Face0's unconditional input is *empty text + zero face*, its text-only input *te
 was trained with the projected tokens zeroed 10% of the time, so "no face" means zero tokens.
 
 Long prompts: the face never replaces a prompt token or an end-of-text token. Where the prompt ends is read from the
-conditioning's pooled output (``prompt_ends``; exact for SD1.x at the default CLIP layer, first chunk) or, for
-SDXL, through CLIP-G's own last layers (``prompt_end.clip_prompt_ends``, first chunk); a chunk
+conditioning's pooled output (``prompt_ends``; exact for SD1.x at the default CLIP layer, first chunk) or through
+the text encoder's own last layers (``prompt_end.clip_prompt_ends``: SDXL, SD2, SD1.x with CLIP skip 2); a chunk
 without visible padding at tokens 75-77 keeps its tokens and the face goes into an added chunk (``place_face_tokens``).
 """
 
@@ -129,8 +129,8 @@ class ProjectToContext:
                            "the face (prompts over 75 tokens are several chunks). each: one face per chunk (the face "
                            "keeps its share of attention); first / last: one face, for that chunk. A chunk gets the "
                            "face at its tokens 75-77 only where they are padding (at most 72 prompt tokens in it, and "
-                           "its end visible: SD1.x at the default CLIP layer and SDXL, first chunk). Otherwise (a long "
-                           "prompt; SD2 or SD1.x with CLIP skip, whose end is unknown) the chunk stays whole and its "
+                           "its end found: SD1.x, SD2 and SDXL, first chunk). Otherwise (a long prompt; token weights, "
+                           "or CLIP skip 3+ on SD1.x/SD2, whose end cannot be found) the chunk stays whole and its "
                            "face goes into an added chunk, the empty prompt + face, appended after the prompt "
                            "(logged)."}),
             },
@@ -150,7 +150,7 @@ class ProjectToContext:
     DESCRIPTION = (
         "Face0: puts the projected face embedding into the text context as K (=3) tokens: tokens 75-77 of a "
         "77-token chunk, as in the paper, where they are padding; a prompt too long for that (or whose end the "
-        "conditioning does not show: SD2, SD1.x with CLIP skip) is kept whole and gets an added chunk (empty prompt + "
+        "conditioning cannot show: token weights, CLIP skip 3+ on SD1.x/SD2) is kept whole and gets an added chunk (empty prompt + "
         "face). A zero embedding (or the text_only / negative outputs) gives zero tokens, the training-time 'no "
         "face' input. SDXL: needs a 2048-wide projection; the pooled output is left alone. Never edits its inputs.")
 
