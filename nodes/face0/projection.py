@@ -152,7 +152,8 @@ class ProjectToContext:
         "77-token chunk, as in the paper, where they are padding; a prompt too long for that (or whose end the "
         "conditioning cannot show: token weights, CLIP skip 3+ on SD1.x/SD2) is kept whole and gets an added chunk "
         "(empty prompt + face). A zero embedding (or the text_only / negative outputs) gives zero tokens, the "
-        "training-time 'no face' input. SDXL: needs a 2048-wide projection; the pooled output is left alone. Never edits its inputs.")
+        "training-time 'no face' input. SDXL: needs a 2048-wide projection; the pooled output is left alone. Never "
+        "edits its inputs.")
 
     def project(self, conditioning, face_embeds, projection, clip, chunks, empty_conditioning=None):
         node = "ProjectToContext"
