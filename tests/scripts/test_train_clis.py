@@ -118,7 +118,7 @@ def test_train_aggregator_cli_paper_adapter_files_load_in_the_nodes(cli_base, sh
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest / "cli_kazistova.safetensors")
     adapter, info = LoadIPAdapter().load("cli_kazistova.safetensors")
-    assert "faceid IP-Adapter" in info and torch.equal(adapter.kv[0][0], full["ip_adapter.1.to_k_ip.weight"])
+    assert "IP-Adapter (faceid)" in info and torch.equal(adapter.kv[0][0], full["ip_adapter.1.to_k_ip.weight"])
     x = torch.nn.functional.normalize(torch.randn(4, 128, generator=torch.Generator().manual_seed(0)), dim=-1)
     embeds = IPAdapterEncode().encode(adapter, "center", face_embeds=FaceEmbeds(x, "t", True, (0, 1, 2, 3)))[0]
     one, report = AggregateEmbeds().aggregate(embeds, "self-attention", "cli_kazistova.safetensors", 0)
