@@ -68,7 +68,7 @@ def _check_context(node: str, input_name: str, conditioning, proj) -> None:
 
 
 def apply_face_tokens(conditioning, tokens: torch.Tensor | None, k: int, chunks: str, node: str,
-                      empty_chunk: torch.Tensor, is_empty: bool = False, clip=None):
+                      empty_chunk: torch.Tensor, is_empty: bool = False, clip=None, found: dict | None = None):
     """A copy of ``conditioning`` with ``tokens`` (N, K, W), or zeros if None, placed by ``place_face_tokens``:
     at the end of the chunks ``chunks`` names where that is padding, else in added chunks (``empty_chunk`` + face).
 
@@ -95,9 +95,14 @@ def apply_face_tokens(conditioning, tokens: torch.Tensor | None, k: int, chunks:
             else:
                 raise ValueError(f"{node}: {n} face embeddings for a conditioning batch of {b}. Give one face, "
                                  f"one prompt, or as many faces as prompts.")
-        ends = prompt_ends(ctx, opts.get("pooled_output"))
-        if ends[0] is None and clip is not None and not is_empty:
-            ends[0] = clip_prompt_ends(clip, ctx, opts.get("pooled_output"))
+        if found is not None and id(ctx) in found:  # positive and text_only share the prompt: search once
+            ends = list(found[id(ctx)])
+        else:
+            ends = prompt_ends(ctx, opts.get("pooled_output"))
+            if ends[0] is None and clip is not None and not is_empty:
+                ends[0] = clip_prompt_ends(clip, ctx, opts.get("pooled_output"))
+            if found is not None:
+                found[id(ctx)] = tuple(ends)
         if is_empty and ends == [None]:
             ends = [1]
         placed, added = place_face_tokens(base, tok, chunks, ends, empty_chunk)
@@ -172,8 +177,9 @@ class ProjectToContext:
             tokens = face_tokens(projection, x).cpu()  # (N, K, W); zero rows → zero tokens
         k = projection.info.tokens
         empty_chunk = empty_conditioning[0][0][:1, :TOKENS_PER_CHUNK]  # (1, 77, W): the empty prompt's encoding
-        positive = apply_face_tokens(conditioning, tokens, k, chunks, node, empty_chunk, clip=clip)
-        text_only = apply_face_tokens(conditioning, None, k, chunks, node, empty_chunk, clip=clip)
+        found = {}  # where each prompt entry ends, found once for positive and text_only
+        positive = apply_face_tokens(conditioning, tokens, k, chunks, node, empty_chunk, clip=clip, found=found)
+        text_only = apply_face_tokens(conditioning, None, k, chunks, node, empty_chunk, clip=clip, found=found)
         face_only = apply_face_tokens(empty_conditioning, tokens, k, chunks, node, empty_chunk, is_empty=True)
         negative = apply_face_tokens(empty_conditioning, None, k, chunks, node, empty_chunk, is_empty=True)
         mark_entries(positive, text_only, face_only, negative)  # the guider pairs the entries by this mark
