@@ -55,6 +55,32 @@ def umeyama(src: np.ndarray, dst: np.ndarray, dtype=np.float32) -> np.ndarray:
     return np.concatenate([scale * r, t[:, None]], axis=1).astype(dtype)
 
 
+def norm_crop_matrix(landmarks: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
+    """insightface's ``estimate_norm`` bit for bit: (2, 3) float64. insightface hands skimage's
+    ``SimilarityTransform.estimate`` float32 landmarks and a float32 template, so the means, the covariance and
+    the SVD run in float32 (skimage 0.26 ``_umeyama``, repeated here step for step, same order); ``umeyama``
+    above works in float64 and lands up to 4e-5 away, enough to move a few pixels of the crop by one grey level.
+    """
+    src = np.asarray(landmarks, np.float32)
+    dst = ARCFACE_DST * np.float32(size / ARCFACE_SIZE)
+    n, dim = src.shape
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_demean, dst_demean = src - src_mean, dst - dst_mean
+    a = dst_demean.T @ src_demean / n
+    d = np.ones((dim,), dtype=np.float64)
+    if np.linalg.det(a) < 0:
+        d[dim - 1] = -1
+    t = np.eye(dim + 1, dtype=np.float64)
+    u, s, v = np.linalg.svd(a)
+    if np.count_nonzero(s > s.max() * max(a.shape) * np.finfo(float).eps) < dim:
+        raise ValueError("norm_crop_matrix: the landmarks are degenerate (all on one line)")
+    t[:dim, :dim] = u @ np.diag(d) @ v
+    scale = 1.0 / src_demean.var(axis=0).sum() * (s @ d)
+    t[:dim, dim] = dst_mean - scale * (t[:dim, :dim] @ src_mean.T)
+    t[:dim, :dim] *= scale
+    return t[:2].copy()
+
+
 def arcface_affine(landmarks: np.ndarray, size: int = ARCFACE_SIZE, dtype=np.float32) -> np.ndarray:
     """(2, 3) image->crop matrix aligning 5 landmarks to the ArcFace template at ``size`` (112 multiple).
     dtype=np.float64 keeps the full precision of insightface's ``estimate_norm`` (skimage, float64)."""

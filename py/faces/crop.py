@@ -22,6 +22,7 @@ from .align import (
     eye_angle,
     face0_affine,
     norm_crop,
+    norm_crop_matrix,
     rot90_points,
     transform_points,
     warp_crop,
@@ -169,7 +170,7 @@ def crop_faces(images01: np.ndarray, per_image: list[list[Found]], *, no_face: s
         m_arc = arcface_affine(f.landmarks, ARCFACE_SIZE)
         fn.append(warp_crop(images01[i], m_fn, FACENET_SIZE))
         if exact:
-            m64 = arcface_affine(f.landmarks, ARCFACE_SIZE, np.float64)
+            m64 = norm_crop_matrix(f.landmarks, ARCFACE_SIZE)
             arc.append(norm_crop(u8[i], m64, ARCFACE_SIZE).astype(np.float32) / 255.0)
         else:
             arc.append(warp_crop(images01[i], m_arc, ARCFACE_SIZE))

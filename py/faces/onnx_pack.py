@@ -41,11 +41,31 @@ def providers(cuda: bool = True) -> list[str]:
     return [p for p in wanted if p in avail] or avail
 
 
+DETECTOR_SIZE = 640  # SCRFD's input side, as FaceAnalysis.prepare(det_size=(640, 640)) sets it
+
+
 def make_session(path: str | os.PathLike, cuda: bool = True):
+    """An onnxruntime session for one file. A SCRFD detector (>= 5 outputs) whose input height and width are
+    symbolic is opened with those dimensions fixed at DETECTOR_SIZE, as insightface 2.1's FaceAnalysis opens it
+    (`model_zoo/scrfd.py`, a static-shape session per detection size): onnxruntime optimises a static graph
+    differently, and a dynamic session's landmarks differ from FaceAnalysis's by one float32 step (3e-5 px),
+    enough to move a few pixels of the 112 crop by one grey level. Fixed, they are bit-identical."""
     ort = import_ort()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers(cuda))
+
+    def open_with(overrides=()):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        for name in overrides:
+            opts.add_free_dimension_override_by_name(name, DETECTOR_SIZE)
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers(cuda))
+
+    session = open_with()
+    shape = session.get_inputs()[0].shape
+    if len(session.get_outputs()) >= 5 and len(shape) == 4:
+        symbolic = [d for d in shape[2:] if not isinstance(d, int)]
+        if symbolic and all(isinstance(d, str) and d for d in symbolic):  # unnamed dimensions cannot be fixed
+            session = open_with(sorted(set(symbolic)))
+    return session
 
 
 class SessionModule(nn.Module):

@@ -5,8 +5,9 @@ code makes it (h94/IP-Adapter-FaceID model card; tencent-ailab/IP-Adapter ``ip_a
     face_image = face_align.norm_crop(image, landmark=faces[0].kps, image_size=224)
 
 ``norm_crop`` aligns the 5 keypoints to the ArcFace template scaled to 224 (similarity transform, skimage's
-estimate: ``align.arcface_affine`` in float64) and warps the uint8 image with one ``cv2.warpAffine`` (bilinear, black
-outside). The CLIP processor then sees a 224 x 224 square: its resize and centre crop leave it as it is.
+estimate on float32 keypoints: ``align.norm_crop_matrix``, bit for bit) and warps the uint8 image with one
+``cv2.warpAffine`` (bilinear, black outside). The CLIP processor then sees a 224 x 224 square: its resize and
+centre crop leave it as it is.
 
 One deviation, deliberate: the authors' snippets crop the BGR array OpenCV/insightface work in and hand it to CLIP
 unconverted; ComfyUI images are RGB and the crop stays RGB here (as in IPAdapter_plus). The unconditional input is a
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..faces.align import arcface_affine, norm_crop
+from ..faces.align import norm_crop, norm_crop_matrix
 
 CLIP_CROP = 224  # image_size=224 in the reference
 
@@ -28,9 +29,9 @@ def clip_face_crops(images: torch.Tensor, landmarks: np.ndarray, source_index, s
     """(B, H, W, 3) images in [0, 1] (ComfyUI IMAGE), (N, 5, 2) keypoints in source pixels and each face's image
     index -> (N, size, size, 3) aligned crops in [0, 1] (uint8 steps, as insightface crops the uint8 image)."""
     out = []
-    for kps, i in zip(np.asarray(landmarks, np.float64), source_index):
+    for kps, i in zip(np.asarray(landmarks, np.float32), source_index):
         img = (images[int(i)].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        out.append(norm_crop(img, arcface_affine(kps, size, np.float64), size))
+        out.append(norm_crop(img, norm_crop_matrix(kps, size), size))
     if not out:
         return torch.zeros(0, size, size, 3)
     return torch.from_numpy(np.stack(out)).float() / 255.0

@@ -138,10 +138,9 @@ def _face_analysis(shared_data):
 
 def test_report_equals_face_analysis_in_insightface_mode(tmp_path, shared_data):
     """--score-only over stored images (real photos standing in for generated ones): every ID equals insightface
-    2.1's FaceAnalysis (largest face, normed_embedding, mean cosine over the references). Measured: within 3.4e-5
-    (not the 1e-5 asked): the embeddings agree to cosine 1 - 1.4e-7; what is left is onnxruntime's SCRFD
-    landmarks differing by one float32 ulp between the two sessions, which moves 3-4 pixels of the 112 crop by one
-    grey level."""
+    2.1's FaceAnalysis (largest face, normed_embedding, mean cosine over the references) to 1e-5. The detector
+    session is opened at FaceAnalysis's static 640 x 640 shape (`onnx_pack.make_session`); opened with dynamic
+    shapes its landmarks were one float32 step off and the IDs 3.4e-5 apart."""
     app = _face_analysis(shared_data)
 
     def small(src: Path, dst: Path):
@@ -173,10 +172,13 @@ def test_report_equals_face_analysis_in_insightface_mode(tmp_path, shared_data):
 
     rows = list(csv.DictReader(open(out / "images.csv")))
     assert len(rows) == 3
+    worst = 0.0
     for r in rows:
         refs = [emb(p) for p in sorted((tmp_path / "ids" / r["identity"]).iterdir())]
         want = float(torch.stack([emb(out / r["file"]) @ e for e in refs]).mean())
-        assert float(r["id"]) == pytest.approx(want, abs=1e-4), r
+        assert float(r["id"]) == pytest.approx(want, abs=1e-5), r
+        worst = max(worst, abs(float(r["id"]) - want))
+    print(f"report vs FaceAnalysis: largest ID difference {worst:.2e}")
     meta = json.loads((out / "summary.json").read_text())["meta"]
     assert meta["judges"][0]["preprocess"] == "insightface"
     assert "preprocessing insightface" in (out / "report.html").read_text()
