@@ -108,6 +108,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "family: loads a tiny SD2 / SD2-v / SDXL checkpoint (slow: full-size text encoders); "
         "scripts/test_hosts.sh runs these on the 0.28 host only unless FACECOND_FAMILY_HOSTS=all")
+    config.addinivalue_line(
+        "markers", "every_host: a family test that scripts/test_hosts.sh runs on every host all the same (an issue "
+        "asks for it on both hosts)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -25,7 +25,7 @@ from facecond_dev.random_clip_vision import NAME as CLIP_VISION_NAME
 from facecond_dev.random_clip_vision import write_random_vit_h
 from facecond_dev.random_weights import random_state_dict
 
-pytestmark = pytest.mark.family
+pytestmark = [pytest.mark.family, pytest.mark.every_host]  # queued on both hosts (issue 20), not only 0.28
 
 PLUS = host.example_workflow("ipadapter_faceid_plusv2_sdxl.json")
 PORTRAIT = host.example_workflow("ipadapter_faceid_portrait_sdxl.json")
