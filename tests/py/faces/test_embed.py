@@ -63,13 +63,19 @@ def test_batch_and_single_runs_agree(identity_embeds):
 
 
 def test_onnx_graph_reader_matches_onnxruntime(pack):
+    ort = ifp.import_ort()
     for f in pack.glob("*.onnx"):
-        sess = ifp.make_session(f)
+        sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])  # the file's own, dynamic shapes
         ins, n_out = ifp.onnx_io(f)
         assert n_out == len(sess.get_outputs())
         assert [d if isinstance(d, int) else "?" for d in ins[0]] == \
             [d if isinstance(d, int) else "?" for d in sess.get_inputs()[0].shape]
-        assert ifp.classify_file(f) == ifp.classify(sess)
+        assert ifp.classify_file(f) == ifp.classify(sess) == ifp.classify(ifp.make_session(f))
+    # the pack opens SCRFD at FaceAnalysis's static 640 x 640 shape (bit-identical detections); the recogniser as is
+    assert ifp.make_session(pack / "det_2.5g.onnx").get_inputs()[0].shape == [1, 3, 640, 640]
+    rec = pack / "mobilefacenet_128.onnx"
+    assert ifp.make_session(rec).get_inputs()[0].shape == \
+        ort.InferenceSession(str(rec), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
     assert ifp.classify_file(pack / "det_2.5g.onnx") == "detection"
     assert ifp.classify_file(pack / "mobilefacenet_128.onnx") == "recognition"
     assert ifp.recogniser_normalisation(pack / "mobilefacenet_128.onnx") == (127.5, 127.5)
