@@ -109,14 +109,34 @@ def pytest_configure(config):
         "markers", "family: loads a tiny SD2 / SD2-v / SDXL checkpoint (slow: full-size text encoders); "
         "scripts/test_hosts.sh runs these on the 0.28 host only unless FACECOND_FAMILY_HOSTS=all")
     config.addinivalue_line(
+        "markers", "hostless: a test of the pure-torch py/ package that never reaches ComfyUI; both host venvs hold "
+        "the same torch and packages (scripts/setup_host.sh pins them), so scripts/test_hosts.sh runs these on the "
+        "0.28 host only unless FACECOND_HOSTLESS_HOSTS=all")
+    config.addinivalue_line(
         "markers", "every_host: a family test that scripts/test_hosts.sh runs on every host all the same (an issue "
         "asks for it on both hosts)")
 
 
+# A test file under tests/py (the pure-torch ``py/`` package, which imports nothing of ComfyUI) that mentions none of
+# these never reaches ComfyUI: not in-process, not through a CLI or a server. It is marked ``hostless``.
+HOST_WORDS = ("comfy", "facecond_dev", "nodes", "tiny_", "family", "server", "subprocess", "sys.executable")
+
+
+def _hostless(path: Path, seen: dict) -> bool:
+    if path not in seen:
+        inside = (ROOT / "tests" / "py") in path.parents
+        seen[path] = inside and not any(w in path.read_text() for w in HOST_WORDS)
+    return seen[path]
+
+
 def pytest_collection_modifyitems(config, items):
+    seen: dict = {}
     for item in items:  # every test that loads a family checkpoint is a family test, marked or not
         if {"family", "family_model", "family_ckpt", "family_cond"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.family)
+        if _hostless(Path(str(item.fspath)).resolve(), seen) and not set(getattr(item, "fixturenames", ())) & {
+                "tiny_model", "tiny_ckpt", "comfy_base", "stand_in_models", "server", "tiny_controlnet"}:
+            item.add_marker(pytest.mark.hostless)
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
