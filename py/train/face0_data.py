@@ -13,7 +13,8 @@ width of the decoded photo before resizing, ``crop_top_left`` (2,) int64 top, le
 image's pixels; metadata ``embedder``, ``normalized``, ``source``). The last two are SDXL's micro-conditioning
 (Podell et al. 2023, "SDXL", sec. 2.2: the U-Net's ADM vector embeds the original size, the crop's top-left corner
 and the target size); shards written before they existed lack them, which SD1.x / SD2.x training never reads.
-Keys are the item's global index (``%09d``), so every machine that enumerates the same sources agrees on which item goes into which shard.
+Keys are the item's global index (``%09d``), so every machine that enumerates the same sources agrees on which item goes
+into which shard.
 """
 
 from __future__ import annotations
