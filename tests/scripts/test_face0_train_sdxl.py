@@ -5,7 +5,8 @@ LoRA steps in a subprocess (the CLI as users run it), then in-process: step 0's 
 denoising loss through ComfyUI's own ``apply_model(..., y=...)``, with y built by ComfyUI's sampler code from
 CLIPTextEncode's pooled output + the stored size and crop, and the face placed by ProjectToContext (the inference
 path); the exported projection loads in LoadFace0Projection and drives ProjectToContext on SDXL (both halves); the
-LoRA loads in LoraLoader. Cheap by design: 64 px, batch 2, 2 steps, four SDXL text encodes in-process.
+LoRA loads in LoraLoader. Cheap by design: 64 px, batch 2 (one caption, two photos of other sizes), 2 steps; in this
+process one SDXL text encode (the empty prompt) besides the session's shared family_cond.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "scripts" / "face0_train.py")
 PHOTOS = ("biden/biden.jpg", "obama/obama.jpg")  # the order folder_items lists them in
 SIDE = 64
+CAPTION = "a photo of a person"  # family_cond's text: the session's one SDXL encode of it is reused here
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def sdxl_shards(shared_data, family_model, mtcnn, tmp_path_factory) -> Path:
     src.mkdir()
     for name in PHOTOS:
         shutil.copy(shared_data / "faces" / name, src / Path(name).name)
-        (src / Path(name).name).with_suffix(".txt").write_text(f"a photo of {Path(name).stem}")
+        (src / Path(name).name).with_suffix(".txt").write_text(CAPTION)
     rec = embed.load_onnx_recogniser(shared_data / "models/insightface_testpack/mobilefacenet_128.onnx")
     fm = fd.FaceModel(mtcnn, lambda faces: embed.l2_normalize(rec.embed(faces.crops_arcface)), rec.model_id, True)
     vae = family_model[2]
@@ -53,6 +55,13 @@ def sdxl_shards(shared_data, family_model, mtcnn, tmp_path_factory) -> Path:
                            fd.PrepConfig(SIDE, detect_max_side=512), lambda imgs: vae.encode(imgs).float())
     assert rep.written == 2
     return out
+
+
+@pytest.fixture(scope="module")
+def empty_cond(family_model):
+    import nodes
+
+    return nodes.CLIPTextEncode().encode(family_model[1], "")[0]
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +111,8 @@ def _comfy_y(model, cond, latent):
     return conds[0]["model_conds"]["y"].cond
 
 
-def test_first_step_loss_equals_comfy_model_call_with_y(sdxl_run, sdxl_shards, family_model):
-    import nodes
+def test_first_step_loss_equals_comfy_model_call_with_y(sdxl_run, sdxl_shards, family_model, family_cond,
+                                                         empty_cond):
     from facecond.nodes.face0.projection import ProjectToContext
 
     out, proj = sdxl_run
@@ -113,12 +122,12 @@ def test_first_step_loss_equals_comfy_model_call_with_y(sdxl_run, sdxl_shards, f
     stream = ft.sample_stream([str(sdxl_shards / "shard-000000.tar")], 0, 1, 0)  # the trainer's first batch
     batch = ft.collate([next(stream) for _ in range(2)])
     x0 = model.model.process_latent_in(batch["latent"]).float()
-    empty = nodes.CLIPTextEncode().encode(clip, "")[0]
     contexts, ys = [], []
-    for i, caption in enumerate(batch["captions"]):
-        cond = nodes.CLIPTextEncode().encode(clip, caption)[0]
+    assert batch["captions"] == [CAPTION, CAPTION]
+    for i in range(2):
+        cond = family_cond  # CLIPTextEncode(CAPTION); ProjectToContext copies it
         fe = FaceEmbeds(batch["embeds"][i:i + 1], batch["embedder"], True, (0,))
-        positive = ProjectToContext().project(cond, fe, proj, clip, "each", empty_conditioning=empty)[0]
+        positive = ProjectToContext().project(cond, fe, proj, clip, "each", empty_conditioning=empty_cond)[0]
         contexts.append(positive[0][0][:, :77])
         (h, w), (top, left) = batch["original_sizes"][i], batch["crops_top_left"][i]
         sized = [[positive[0][0], {"pooled_output": cond[0][1]["pooled_output"], "width": w, "height": h,
@@ -140,7 +149,7 @@ def test_first_step_loss_equals_comfy_model_call_with_y(sdxl_run, sdxl_shards, f
 
 
 def test_exports_drive_project_to_context_and_lora_loads(sdxl_run, sdxl_shards, family_model, family_cond,
-                                                         comfy_base):
+                                                         empty_cond, comfy_base):
     import nodes
     from facecond.nodes.face0.projection import LoadFace0Projection, ProjectToContext
 
@@ -158,7 +167,8 @@ def test_exports_drive_project_to_context_and_lora_loads(sdxl_run, sdxl_shards, 
         tokens, untrained = proj(fe.embeds)[0], start(fe.embeds)[0]
     assert not torch.allclose(tokens, untrained)  # the projection trained
     before = family_cond[0][0].clone()
-    pos, text_only, _, _ = ProjectToContext().project(family_cond, fe, proj, clip, "each")
+    pos, text_only, _, _ = ProjectToContext().project(family_cond, fe, proj, clip, "each",
+                                                      empty_conditioning=empty_cond)
     assert torch.equal(family_cond[0][0], before)
     # the face in tokens 75-77 of both halves: CLIP-L's 768 channels and CLIP-G's 1280
     torch.testing.assert_close(pos[0][0][0, 74:77, :768], tokens[:, :768])
