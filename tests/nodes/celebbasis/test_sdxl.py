@@ -162,7 +162,12 @@ def test_precompute_celeb_faces_on_sdxl(family_model, tiny_model, stand_in_model
     output into y, ComfyUI's sampler) and detects on the decoded image; the tiny random model draws no faces, so it
     ends in the clear error naming SDXL's native size. Its cache is keyed by both token tables (not SD1.5's key) and
     a cache written for the same names and settings is returned without sampling again."""
-    from facecond.nodes.celebbasis.inversion import FACE_PROMPT, PrecomputeCelebFaces, model_hash
+    from facecond.nodes.celebbasis.inversion import (
+        FACE_PROMPT,
+        PrecomputeCelebFaces,
+        model_hash,
+        precompute_celeb_faces,
+    )
     from facecond.py.celebbasis import inversion as inv
     from facecond_dev import host
 
@@ -171,7 +176,8 @@ def test_precompute_celeb_faces_on_sdxl(family_model, tiny_model, stand_in_model
     node, names = PrecomputeCelebFaces(), ["Ada Lovelace", "Alan Turing"]
     with torch.inference_mode(), pytest.raises(ValueError, match=r"PrecomputeCelebFaces: no face was detected in any "
                                                r"of the 1 generated images.*native size \(1024 px: size 0\)"):
-        node.precompute(model, clip, vae, "mtcnn", host.STAND_IN_RECOGNISER, 1, 64, 0, names_text=names[0])
+        precompute_celeb_faces(model, clip, vae, names[:1], "mtcnn", host.STAND_IN_RECOGNISER, steps=1, size=64,
+                               node="PrecomputeCelebFaces")  # the node's loop, one name (the node wants >= 2)
     _untouched(model, clip, snap)
     key = model_hash(model, clip, "t")
     assert key != model_hash(tiny_model[0], tiny_model[1], "t")
