@@ -178,3 +178,17 @@ def test_exports_drive_project_to_context_and_lora_loads(sdxl_run, sdxl_shards, 
     lora_model, _ = nodes.LoraLoader().load_lora(model, clip, "f0_sdxl_test_lora.safetensors", 1.0, 0.0)
     n_layers = len(load_file(str(out / "face0_unet_lora.safetensors"))) // 3
     assert n_layers > 0 and len(lora_model.patches) == n_layers  # every LoRA key mapped onto an SDXL U-Net weight
+
+
+def test_shards_without_size_and_crop(sdxl_shards, family_model, tiny_model):
+    """Shards written before SDXL support (no original size / crop): SD1.x trains on them as before (y None); SDXL
+    refuses them, saying to prepare the data again."""
+    batch = ft.collate([fd.decode_sample(g) for _, g in fd.iter_shard(sdxl_shards / "shard-000000.tar")])
+    old = {**batch, "original_sizes": [None, None], "crops_top_left": [None, None]}
+    pooled = torch.zeros(2, 1280)
+    assert ft.batch_adm(tiny_model[0].model, old, None, SIDE) is None
+    with pytest.raises(ValueError, match=r"face0_train: this SDXL checkpoint needs each sample's original size and "
+                                         r"crop .*re-run scripts/face0_prepare.py"):
+        ft.batch_adm(family_model[0].model, old, pooled, SIDE)
+    y = ft.batch_adm(family_model[0].model, batch, pooled, SIDE)
+    assert y.shape == (2, 2816) and not torch.equal(y[0], y[1])
