@@ -6,6 +6,8 @@ Stability AI's SD 2 model cards; Podell et al. 2023, "SDXL"). Every training or 
 defaults to it (a widget value of 0 = "the model's native size").
 ``family_name(model) -> str``: "SD1.5", "SD2", "SD2-v", "SDXL" or ComfyUI's config class name for others.
 ``resolve_resolution(value, model, node, input) -> int``: a widget value with 0 meaning native, checked.
+``checkpoint_native_resolution(path) -> int``: the same for a checkpoint file, from its U-Net keys (ComfyUI's own
+detection) without building the model (the CLIs that only need its VAE).
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ import comfy.supported_models as supported
 NATIVE = {"SD1.5": 512, "SD2": 512, "SD2-v": 768, "SDXL": 1024}
 
 
-def family_name(model) -> str:
-    config = getattr(model.model, "model_config", None)
+def _family(config, v_prediction) -> str:
     if isinstance(config, (supported.SDXL, supported.SDXLRefiner)):
         return "SDXL"
     if isinstance(config, supported.SD20):
-        ms = model.get_model_object("model_sampling")
-        return "SD2-v" if isinstance(ms, comfy.model_sampling.V_PREDICTION) else "SD2"
+        return "SD2-v" if v_prediction() else "SD2"
     if isinstance(config, supported.SD15):
         return "SD1.5"
     return type(config).__name__
+
+
+def family_name(model) -> str:
+    return _family(getattr(model.model, "model_config", None), lambda: isinstance(
+        model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION))
 
 
 def family_of_width(width: int) -> str:
@@ -36,6 +41,21 @@ def family_of_width(width: int) -> str:
 def native_resolution(model) -> int:
     """The image side the checkpoint was trained at (512 for families the pack does not know)."""
     return NATIVE.get(family_name(model), 512)
+
+
+def checkpoint_native_resolution(path) -> int:
+    """``native_resolution`` of the checkpoint file at ``path`` (512 for one ComfyUI does not recognise)."""
+    import comfy.model_base
+    import comfy.model_detection
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(str(path))
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    config = comfy.model_detection.model_config_from_unet(sd, prefix)
+    if config is None:
+        return 512
+    return NATIVE.get(_family(config, lambda: config.model_type(sd, prefix) == comfy.model_base.ModelType.V_PREDICTION),
+                      512)
 
 
 def resolve_resolution(value: int, model, node: str, input: str = "resolution") -> int:

@@ -5,7 +5,9 @@ captions next to them, a CSV (or Parquet, needs pyarrow) with columns path,capti
 holding KEY.jpg/png + KEY.txt. Each image: MTCNN (facenet-pytorch weights), largest face of at least
 --min-face px, Face0's crop margins, embedded with --face-model (a FaceNet VGGFace2 state dict: Face0's
 embedder, or an insightface-format ONNX recogniser); the image is stored at --resolution (short side, centre
-crop), optionally with its VAE latent (--checkpoint, a ComfyUI SD checkpoint). Format: py/train/face0_data.py
+crop; default: the --checkpoint's native size, SDXL 1024), with its original size and crop corner (SDXL's
+micro-conditioning), optionally with its VAE latent (--checkpoint, a ComfyUI SD checkpoint).
+Format: py/train/face0_data.py
 (sources: py/train/face0_sources.py).
 
 Resumable: a shard counts as finished when its report ``shard-NNNNNN.json`` exists; re-running skips it.
@@ -14,7 +16,8 @@ machines (every n-th shard, same sources and --shard-size on every machine). Bad
 images, no face, missing caption) are skipped and counted in report.json, never fatal.
 
     .host/venv/bin/python -P scripts/face0_prepare.py SOURCE [SOURCE ...] --out DIR \\
-        --face-model models/facenet/20180402-114759-vggface2.pt --resolution 512 --shard-size 1000 --workers 8
+        --face-model models/facenet/20180402-114759-vggface2.pt --checkpoint sd_xl_base_1.0.safetensors \\
+        --shard-size 1000 --workers 8
 """
 
 from __future__ import annotations
@@ -115,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--normalize", choices=("auto", "l2", "none"), default="auto",
                     help="auto: FaceNet raw (as Face0), insightface L2-normalised (as FaceEmbed)")
     ap.add_argument("--checkpoint", help="ComfyUI SD checkpoint whose VAE precomputes latents (optional)")
-    ap.add_argument("--resolution", type=int, default=512, help="stored image side (multiple of 8)")
+    ap.add_argument("--resolution", type=int, default=0,
+                    help="stored image side (multiple of 8); 0: the --checkpoint's native size (SD1.x and SD2-base "
+                    "512, SD2-v 768, SDXL 1024), 512 without one")
     ap.add_argument("--min-face", type=int, default=20, help="smallest face kept, px of the original (Face0: 20)")
     ap.add_argument("--detect-max-side", type=int, default=1024, help="detect on images downscaled to this")
     ap.add_argument("--shard-size", type=int, default=1000, help="input items per shard")
@@ -125,9 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="device for MTCNN")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.resolution % 8:
-        ap.error(f"--resolution {args.resolution} must be a multiple of 8 (VAE latents)")
+    if args.resolution % 8 or args.resolution < 0:
+        ap.error(f"--resolution {args.resolution} must be 0 (the checkpoint's native size) or a multiple of 8")
     _pack()
+    if not args.resolution:
+        from facecond.nodes.model_family import checkpoint_native_resolution
+
+        args.resolution = checkpoint_native_resolution(args.checkpoint) if args.checkpoint else 512
+        log.info("--resolution %d (%s)", args.resolution, "the checkpoint's native size" if args.checkpoint else
+                 "no --checkpoint: SD1.5's size")
     from facecond.py.train import face0_data as fd
     from facecond.py.train.face0_sources import source_items
 

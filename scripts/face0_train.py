@@ -1,7 +1,9 @@
 """Train Face0 (Valevski et al. 2023): the face projection jointly with the U-Net, on shards from face0_prepare.py.
 
 Runs alone or under ``accelerate launch`` (DDP over GPUs, nodes, or CPU processes with gloo). Loads a
-ComfyUI-format SD1.x/SD2.x checkpoint in-process (text encoder and VAE frozen), a fresh or saved projection,
+ComfyUI-format SD1.x/SD2.x/SDXL checkpoint in-process (text encoder and VAE frozen; on SDXL the caption's pooled
+CLIP-G output and each sample's stored original size and crop make the U-Net's ADM vector y), a fresh or saved
+projection,
 and trains projection + U-Net (``--mode full``) or projection + LoRA on chosen U-Net blocks (``--mode lora``)
 with the shared ε-denoising loss (py/train/core.py), 10% face dropout, EMA, gradient accumulation, mixed
 precision (accelerate's), checkpoints every --save-every steps (resume with --resume), TensorBoard logs
@@ -63,7 +65,7 @@ def load_checkpoint(path: str):
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="ComfyUI-format SD1.x/SD2.x checkpoint (.safetensors)")
+    ap.add_argument("--checkpoint", required=True, help="ComfyUI-format SD1.x/SD2.x/SDXL checkpoint (.safetensors)")
     ap.add_argument("--shards", required=True, nargs="+", help="shard files or globs from face0_prepare.py")
     ap.add_argument("--out", required=True, help="run folder: state/, logs/, exports, summary.json")
     ap.add_argument("--projection", help="start from this projection file (else a fresh one)")
@@ -164,32 +166,53 @@ def main(argv: list[str] | None = None) -> int:
     dmodel, opt = acc.prepare(model, opt)
     sigmas = base.model_sampling.sigmas.detach().cpu()
     stream = ft.sample_stream(shards, rank, world, cfg.seed, skip=step * cfg.accum * cfg.batch)
-    cache: dict[str, torch.Tensor] = {}
+    cache: dict[str, tuple] = {}
+    adm = ft.needs_adm(base)  # SDXL: the pooled CLIP-G output goes into y (ft.batch_adm)
 
     def encode_text(captions):
+        """(contexts (B, 77, W), pooled (B, 1280) or None): ComfyUI's own encoding (CLIPTextEncode's: every
+        encoder of the checkpoint at the layer ComfyUI uses, SDXL's CLIP-L and CLIP-G side by side), first chunk."""
         out = []
         for c in captions:
             if c not in cache:
-                with torch.no_grad():
-                    ctx = clip.encode_from_tokens(clip.tokenize(c))[:, :77].float().cpu()  # frozen CLIP
+                with torch.no_grad():  # frozen CLIP
+                    if adm:
+                        ctx, pooled = clip.encode_from_tokens(clip.tokenize(c), return_pooled=True)
+                        enc = (ctx[:, :77].float().cpu(), pooled[:1].float().cpu())
+                    else:  # SD1.x / SD2.x: the call made before SDXL support
+                        enc = (clip.encode_from_tokens(clip.tokenize(c))[:, :77].float().cpu(), None)
                 if len(cache) < args.text_cache:
-                    cache[c] = ctx
-                out.append(ctx)
+                    cache[c] = enc
+                out.append(enc)
             else:
                 out.append(cache[c])
-        return torch.cat(out).to(acc.device)
+        ctx = torch.cat([o[0] for o in out]).to(acc.device)
+        return ctx, (torch.cat([o[1] for o in out]).to(acc.device) if adm else None)
 
     def latents_of(batch):
         with torch.no_grad():
             lat = batch["latent"] if "latent" in batch else vae.encode(batch["image"]).float().cpu()  # frozen VAE
             return base.process_latent_in(lat).to(acc.device)
 
+    def inputs(batch):
+        """(x0, context, face embeddings, y) of a collated batch; y None except on SDXL."""
+        lat = latents_of(batch)
+        ctx, pooled = encode_text(batch["captions"])
+        y = ft.batch_adm(base, batch, pooled, lat.shape[-1] * 8)  # target size: the stored square's side
+        return lat, ctx, batch["embeds"].to(acc.device), y
+
+    if adm:
+        try:
+            ft.batch_adm(base, first, torch.zeros(len(first["captions"]), 1280), 8)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+
     def fixed_loss(batch, draws: int = 8) -> float:
         """Mean loss over the same ``draws`` (σ, ε) draws, no face dropout: comparable before/after training."""
         with torch.no_grad(), acc.autocast():
-            lat, ctx, emb = latents_of(batch), encode_text(batch["captions"]), batch["embeds"].to(acc.device)
+            lat, ctx, emb, y = inputs(batch)
             return sum(float(ft.face0_loss(dmodel, lat, ctx, emb, sigmas, ft.step_generator(cfg.seed, 10**12 + i),
-                                           0.0)) for i in range(draws)) / draws
+                                           0.0, y)) for i in range(draws)) / draws
 
     summary = {"start_step": step, "fixed_loss_start": fixed_loss(first), "family": family, "mode": cfg.mode,
                "trainable_parameters": sum(p.numel() for p in params.values()), "processes": world,
@@ -208,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             batch = ft.collate([next(stream) for _ in range(cfg.batch)])
             gen = ft.micro_generator(cfg.seed, step * cfg.accum + micro, rank, world)
             with acc.autocast():
-                return ft.face0_loss(dmodel, latents_of(batch), encode_text(batch["captions"]),
-                                     batch["embeds"].to(acc.device), sigmas, gen, cfg.face_drop)
+                lat, ctx, emb, y = inputs(batch)
+                return ft.face0_loss(dmodel, lat, ctx, emb, sigmas, gen, cfg.face_drop, y)
 
         total = ft.accumulate(micro_loss, cfg.accum, acc.backward, lambda: acc.no_sync(dmodel))
         if cfg.grad_clip > 0:

@@ -99,7 +99,7 @@ def build_people(data: Path, names: list[str], model, clip, vae, adapter, *, siz
                  recogniser: str, clip_vision, max_images: int) -> list[Person]:
     from facecond.py.train import denoiser
 
-    out = []
+    out, encoded = [], {}
     for name in names:
         files = sorted(p for p in (data / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_images]
         if len(files) < 2:
@@ -122,7 +122,9 @@ def build_people(data: Path, names: list[str], model, clip, vae, adapter, *, siz
             for i in kept:
                 txt = files[i].with_suffix(files[i].suffix + ".txt")
                 text = txt.read_text().strip() if txt.is_file() else caption
-                context, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+                if text not in encoded:  # the shared --caption is encoded once (SDXL's CLIP-G is the slow part)
+                    encoded[text] = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+                context, pooled = encoded[text]
                 contexts.append(context.float())
                 # square centre crops resized to `size`: original = target = size, crop (0, 0), as ComfyUI samples
                 adm = denoiser.adm_vector(model.model, pooled, size, size)
@@ -219,11 +221,48 @@ def train(people_train: list[Person], people_test: list[Person], model, adapter,
     return g_module, tuned, losses, test
 
 
+def save_outputs(g_module, tuned, adapter, losses, test, people_train, people_test, *, name: str, source_name: str,
+                 source_path: str, train_what: str, refs: int) -> list[Path]:
+    """Write models/facecond/aggregators/NAME.safetensors and, for ``train_what="adapter"``,
+    models/ipadapter/NAME.safetensors (the tuned adapter with the aggregator inside); returns their paths."""
+    import folder_paths
+
+    from facecond.nodes.ipadapter.adapter import IPADAPTER_FOLDER
+    from facecond.py.ipadapter import adapter as ipa
+    from facecond.py.ipadapter import finetune
+    from facecond.py.ipadapter.aggregate import FILE_PREFIX as PREFIX
+    from facecond.py.ipadapter.aggregate import aggregator_tensors, save_aggregator
+
+    adapter_path = Path(folder_paths.get_folder_paths(IPADAPTER_FOLDER)[0]) / f"{name}.safetensors"
+    out_dir = Path(folder_paths.get_folder_paths("facecond_aggregators")[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paired = adapter_path.name if train_what == "adapter" else source_name
+    meta = {"kind": adapter.variant.input_kind, "ipadapter": paired, "source_ipadapter": source_name,
+            "train": train_what, "refs": str(refs),
+            "train_people": ",".join(p.name for p in people_train),
+            "test_people": ",".join(p.name for p in people_test),
+            "final_train_loss": f"{losses[-1]:.6f}" if losses else "",
+            "test_loss_self_attention": f"{test['self-attention']:.6f}", "test_loss_mean": f"{test['mean']:.6f}"}
+    path = out_dir / f"{name}.safetensors"
+    save_aggregator(g_module, path, meta)
+    written = [path]
+    if train_what == "adapter":
+        from safetensors.torch import save_file
+
+        tensors = finetune.adapter_file_tensors(tuned, ipa.read_file(source_path)) | aggregator_tensors(g_module,
+                                                                                                         PREFIX)
+        adapter_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(adapter_path), metadata={**meta, "attention": g_module.attention})
+        written.append(adapter_path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="folder with one subfolder of photos per person")
     ap.add_argument("--base-dir", type=Path, required=True, help="ComfyUI base directory (its models/ folder)")
-    ap.add_argument("--ckpt", required=True, help="checkpoint name in models/checkpoints (SD1.5)")
+    ap.add_argument("--ckpt", required=True,
+                    help="checkpoint name in models/checkpoints (the IP-Adapter's family: SD1.5 or SDXL)")
     ap.add_argument("--ipadapter", required=True, help="IP-Adapter file name in models/ipadapter")
     ap.add_argument("--recogniser", default="buffalo_l/w600k_r50.onnx", help="FaceEmbed model (FaceID adapters)")
     ap.add_argument("--clip-vision", default=None, help="CLIP-vision file in models/clip_vision (plain/plus)")
@@ -259,10 +298,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import nodes
     from facecond.nodes.ipadapter.adapter import IPADAPTER_FOLDER, LoadIPAdapter
-    from facecond.py.ipadapter import adapter as ipa
-    from facecond.py.ipadapter import finetune
-    from facecond.py.ipadapter.aggregate import FILE_PREFIX as PREFIX
-    from facecond.py.ipadapter.aggregate import aggregator_tensors, save_aggregator
 
     source = folder_paths.get_full_path_or_raise(IPADAPTER_FOLDER, args.ipadapter)
     adapter_path = Path(folder_paths.get_folder_paths(IPADAPTER_FOLDER)[0]) / f"{args.name}.safetensors"
@@ -292,23 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         people_train, people_test, model, adapter, n_refs=args.refs, heads=args.heads, steps=args.steps, lr=args.lr,
         seed=args.seed, state_path=out_dir / f"{args.name}.state.safetensors", resume=args.resume,
         eval_rounds=args.eval_rounds, attention=args.attention, train_what=args.train_what)
-    paired = adapter_path.name if args.train_what == "adapter" else args.ipadapter
-    meta = {"kind": adapter.variant.input_kind, "ipadapter": paired, "source_ipadapter": args.ipadapter,
-            "train": args.train_what, "refs": str(args.refs),
-            "train_people": ",".join(p.name for p in people_train),
-            "test_people": ",".join(p.name for p in people_test),
-            "final_train_loss": f"{losses[-1]:.6f}" if losses else "",
-            "test_loss_self_attention": f"{test['self-attention']:.6f}", "test_loss_mean": f"{test['mean']:.6f}"}
-    path = out_dir / f"{args.name}.safetensors"
-    save_aggregator(g_module, path, meta)
-    written = [path]
-    if args.train_what == "adapter":
-        from safetensors.torch import save_file
-
-        tensors = finetune.adapter_file_tensors(tuned, ipa.read_file(source)) | aggregator_tensors(g_module, PREFIX)
-        adapter_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(adapter_path), metadata={**meta, "attention": g_module.attention})
-        written.append(adapter_path)
+    written = save_outputs(g_module, tuned, adapter, losses, test, people_train, people_test, name=args.name,
+                           source_name=args.ipadapter, source_path=source, train_what=args.train_what, refs=args.refs)
     log.info("saved %s (%s mode, trained: %s); held-out leave-one-out loss: trained %.5f, mean pooling into %s "
              "%.5f", ", ".join(map(os.fspath, written)), g_module.attention, args.train_what, test["self-attention"],
              args.ipadapter, test["mean"])

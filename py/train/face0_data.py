@@ -8,9 +8,13 @@ Shard format (WebDataset: a plain tar, members grouped by the key before the fir
 the stdlib ``tarfile``: ``KEY.jpg`` (the image, short side resized to the training resolution and centre-cropped),
 optionally ``KEY.latent.safetensors`` (tensor ``latent`` (4, R/8, R/8): the VAE encode, ComfyUI's LATENT
 convention, i.e. before ``process_latent_in``), ``KEY.txt`` (UTF-8 caption) and ``KEY.face.safetensors``
-(``embedding`` (D,), ``box`` (4,) x1 y1 x2 y2 in the stored image's pixels; metadata ``embedder``,
-``normalized``, ``source``). Keys are the item's global index (``%09d``), so every machine that enumerates the
-same sources agrees on which item goes into which shard.
+(``embedding`` (D,), ``box`` (4,) x1 y1 x2 y2 in the stored image's pixels, ``original_size`` (2,) int64 height,
+width of the decoded photo before resizing, ``crop_top_left`` (2,) int64 top, left of the centre crop in the resized
+image's pixels; metadata ``embedder``, ``normalized``, ``source``). The last two are SDXL's micro-conditioning
+(Podell et al. 2023, "SDXL", sec. 2.2: the U-Net's ADM vector embeds the original size, the crop's top-left corner
+and the target size); shards written before they existed lack them, which SD1.x / SD2.x training never reads.
+Keys are the item's global index (``%09d``), so every machine that enumerates the same sources agrees on which item goes
+into which shard.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class FaceModel:
 
 @dataclass(frozen=True)
 class PrepConfig:
-    resolution: int = 512  # stored image side (Face0 trained SD at 512)
+    resolution: int = 512  # stored image side: the model's native size (Face0 trained SD1.x at 512; SDXL 1024)
     min_face: int = 20  # Face0 kept faces over 20 px (in the original image's pixels)
     detect_max_side: int = 1024  # detection/cropping on the image downscaled to this longer side
     margin_scale: float = 1.0  # Face0's crop margins (10/10/33/15 px of the 160-px crop)
@@ -96,7 +100,9 @@ def encode_sample(key: str, img: Image.Image, caption: str, emb: torch.Tensor, b
     buf = io.BytesIO()
     out_img.save(buf, format="JPEG", quality=cfg.jpeg_quality)
     meta = {"embedder": fm.model_id, "normalized": "true" if fm.normalized else "false", "source": source}
-    face = st_save({"embedding": emb.contiguous(), "box": b}, metadata=meta)
+    w, h = img.size
+    face = st_save({"embedding": emb.contiguous(), "box": b, "original_size": torch.tensor([h, w]),
+                    "crop_top_left": torch.tensor([int(y0), int(x0)])}, metadata=meta)
     return {f"{key}.jpg": buf.getvalue(), f"{key}.txt": caption.encode("utf-8"), f"{key}.face.safetensors": face}
 
 
@@ -157,12 +163,15 @@ def shard_keys(path: str | os.PathLike) -> list[str]:
 
 def decode_sample(group: dict[str, bytes]) -> dict:
     """A shard sample as tensors: ``latent`` (4, h, w) or ``image`` (H, W, 3) in [0, 1]; caption; embedding;
-    box; embedder."""
+    box; embedder; ``original_size`` (height, width) and ``crop_top_left`` (top, left) as int tuples, or None in
+    shards written before they were stored."""
     raw = group["face.safetensors"]
     face = st_load(raw)
     header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])  # safetensors: u64 length + JSON header
     out = {"caption": group["txt"].decode("utf-8"), "embedding": face["embedding"], "box": face["box"],
-           "embedder": header.get("__metadata__", {}).get("embedder", "")}
+           "embedder": header.get("__metadata__", {}).get("embedder", ""),
+           "original_size": tuple(int(v) for v in face["original_size"]) if "original_size" in face else None,
+           "crop_top_left": tuple(int(v) for v in face["crop_top_left"]) if "crop_top_left" in face else None}
     if "latent.safetensors" in group:
         out["latent"] = st_load(group["latent.safetensors"])["latent"]
     else:

@@ -37,23 +37,23 @@ from .core import (
     sample_sigmas,
     step_generator,
 )
-from .denoiser import denoise
+from .denoiser import adm_vector, denoise, needs_adm
 from .face0_data import decode_sample, iter_shard, shard_keys
 from .lora import LoRASet
 
 STATE_FORMAT = "facecond.face0_train_state.v1"
-# ComfyUI model-config class -> the projection's base_model. SDXL is not here yet: its ADM vector y needs the pooled
-# text output and the original size / crop of each image, which face0_prepare.py's shards do not hold
-# (docs/TRAINING.md); the denoiser call (denoiser.denoise) already takes y.
-FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2"}
+# ComfyUI model-config class -> the projection's base_model. SDXL's U-Net also takes the ADM vector y (pooled CLIP-G
+# output + original size, crop, target size: Podell et al. 2023 sec. 2.2), built per batch by ``batch_adm`` from the
+# shards' ``original_size`` / ``crop_top_left`` (face0_data) and the caption's pooled output.
+FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SDXL": "sdxl"}
 PREDICTIONS = ("EPS", "V_PREDICTION")
 
 
 def check_family(config_name: str, prediction: str, context_dim: int, where: str = "face0_train") -> str:
     """The projection's base_model for a checkpoint, or ValueError saying why it cannot be trained here."""
     if config_name not in FAMILIES:
-        raise ValueError(f"{where}: the checkpoint is a {config_name} model; Face0 training supports SD1.x and "
-                         f"SD2.x checkpoints ({', '.join(FAMILIES)}). Use an SD1.5 or SD2.x checkpoint.")
+        raise ValueError(f"{where}: the checkpoint is a {config_name} model; Face0 training supports SD1.x, SD2.x "
+                         f"and SDXL checkpoints ({', '.join(FAMILIES)}). Use one of those.")
     if prediction not in PREDICTIONS:
         raise ValueError(f"{where}: the checkpoint's prediction type is {prediction}; the denoising loss supports "
                          f"{' and '.join(PREDICTIONS)} models.")
@@ -161,17 +161,36 @@ def draw(x0: torch.Tensor, sigmas: torch.Tensor, gen: torch.Generator, face_drop
     return sigma, noise, drop
 
 
-def drawn_loss(model, x0, context, embeds, sigma, noise, drop) -> torch.Tensor:
-    """The ε-MSE (core) of one micro-batch for given draws (mean over the batch)."""
+def drawn_loss(model, x0, context, embeds, sigma, noise, drop, y=None) -> torch.Tensor:
+    """The ε-MSE (core) of one micro-batch for given draws (mean over the batch); ``y``: SDXL's ADM vectors."""
     def denoise(x, s, ctx):
-        return model(x, s, ctx, embeds, drop.to(x.device))
+        if y is None:  # SD1.x / SD2.x: the call made before SDXL support, unchanged
+            return model(x, s, ctx, embeds, drop.to(x.device))
+        return model(x, s, ctx, embeds, drop.to(x.device), y)
 
     return denoising_loss(denoise, x0, context, sigma.to(x0.device), noise, prediction="x0")
 
 
-def face0_loss(model, x0, context, embeds, sigmas, gen: torch.Generator, face_drop: float) -> torch.Tensor:
+def face0_loss(model, x0, context, embeds, sigmas, gen: torch.Generator, face_drop: float,
+               y: torch.Tensor | None = None) -> torch.Tensor:
     """One micro-batch: σ uniform over the table, ε ~ N(0, I), face dropout mask, ε-MSE (core)."""
-    return drawn_loss(model, x0, context, embeds, *draw(x0, sigmas, gen, face_drop))
+    return drawn_loss(model, x0, context, embeds, *draw(x0, sigmas, gen, face_drop), y=y)
+
+
+def batch_adm(base, batch: dict, pooled: torch.Tensor | None, side: int) -> torch.Tensor | None:
+    """SDXL's ADM vectors y (B, 2816) for a collated batch, one row per sample: the caption's pooled CLIP-G output,
+    the photo's original size and the crop's top-left corner as the shard stores them, the target size ``side``
+    (the stored square), as SDXL was trained (Podell et al. 2023, sec. 2.2) and as ComfyUI's ``encode_adm`` builds
+    it. None for models without class conditioning (SD1.x, SD2.x), whatever the shard holds."""
+    if not needs_adm(base):
+        return None
+    sizes, crops = batch.get("original_sizes"), batch.get("crops_top_left")
+    if sizes is None or any(s is None for s in sizes) or any(c is None for c in crops):
+        raise ValueError("face0_train: this SDXL checkpoint needs each sample's original size and crop (SDXL's "
+                         "micro-conditioning), and the shards were written without them (before SDXL support): "
+                         "re-run scripts/face0_prepare.py on the sources")
+    return adm_vector(base, pooled, [s[1] for s in sizes], [s[0] for s in sizes], crop_w=[c[1] for c in crops],
+                      crop_h=[c[0] for c in crops], target_width=side, target_height=side)
 
 
 def accumulate(micro_loss: Callable[[int], torch.Tensor], accum: int,
@@ -278,4 +297,5 @@ def collate(samples: list[dict]) -> dict:
     embeds = torch.stack([s["embedding"].float() for s in samples])  # (B, D)
     key = "latent" if all("latent" in s for s in samples) else "image"
     return {"captions": [s["caption"] for s in samples], "embeds": embeds, key: torch.stack([s[key] for s in samples]),
-            "embedder": samples[0]["embedder"]}
+            "embedder": samples[0]["embedder"], "original_sizes": [s.get("original_size") for s in samples],
+            "crops_top_left": [s.get("crop_top_left") for s in samples]}

@@ -141,8 +141,9 @@ def test_exports_load_in_comfyui_nodes(lora_run, shards, comfy_base, tiny_model)
 
 
 def test_other_family_refused(lora_run, shards, tmp_path):
-    with pytest.raises(ValueError, match=r"SDXL.*supports SD1\.x and SD2\.x"):
-        check_family("SDXL", "EPS", 2048)
+    with pytest.raises(ValueError, match=r"Flux.*supports SD1\.x, SD2\.x and SDXL"):
+        check_family("Flux", "FLOW", 4096)
+    assert check_family("SDXL", "EPS", 2048) == "sdxl"  # tests/scripts/test_face0_train_sdxl.py trains it
     with pytest.raises(ValueError, match="prediction type is FLOW"):
         check_family("SD15", "FLOW", 768)
     assert check_family("SD20", "V_PREDICTION", 1024) == "sd2"

@@ -155,3 +155,44 @@ def test_face_ti_trained_on_sdxl_is_a_standard_sdxl_embedding(family_model, phot
     # the celebrity-face cache (init='id') is keyed by both token tables
     assert os.path.basename(celeb_faces_path(model, clip, "x", "t")).startswith("celeb_faces_")
     _untouched(model, clip, snap)
+
+
+def test_precompute_celeb_faces_on_sdxl(family_model, tiny_model, stand_in_models):
+    """PrecomputeCelebFaces on SDXL: the real loop samples each name with the SDXL model (CLIPTextEncode's pooled
+    output into y, ComfyUI's sampler) and detects on the decoded image; the tiny random model draws no faces, so it
+    ends in the clear error naming SDXL's native size. Its cache is keyed by both token tables (not SD1.5's key) and
+    a cache written for the same names and settings is returned without sampling again."""
+    from facecond.nodes.celebbasis.inversion import (
+        FACE_PROMPT,
+        PrecomputeCelebFaces,
+        model_hash,
+        precompute_celeb_faces,
+    )
+    from facecond.py.celebbasis import inversion as inv
+    from facecond_dev import host
+
+    model, clip, vae = family_model
+    snap = _snapshot(model, clip)
+    node, names = PrecomputeCelebFaces(), ["Ada Lovelace", "Alan Turing"]
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"PrecomputeCelebFaces: no face was detected in any "
+                                               r"of the 1 generated images.*native size \(1024 px: size 0\)"):
+        precompute_celeb_faces(model, clip, vae, names[:1], "mtcnn", host.STAND_IN_RECOGNISER, steps=1, size=64,
+                               node="PrecomputeCelebFaces")  # the node's loop, one name (the node wants >= 2)
+    _untouched(model, clip, snap)
+    key = model_hash(model, clip, "t")
+    assert key != model_hash(tiny_model[0], tiny_model[1], "t")
+    g = torch.Generator().manual_seed(2)
+    cache = inv.CelebFaces(torch.nn.functional.normalize(torch.randn(2, 128, generator=g), dim=-1),
+                           torch.tensor([True, False]), tuple(names), key, "test/recogniser",
+                           {"prompt": FACE_PROMPT, "steps": 1, "size": 1024, "seed": 0, "detector": "mtcnn",
+                            "embedder_choice": host.STAND_IN_RECOGNISER})
+    path = celeb_faces_path(model, clip, "test/recogniser", "t")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    inv.save_celeb_faces(cache, path)
+    try:  # size 0 = SDXL's 1024: the cache written for 1024 px is reused (sampling at 1024 would take minutes here)
+        report, faces = node.precompute(model, clip, vae, "mtcnn", host.STAND_IN_RECOGNISER, 1, 0, 0,
+                                        names_text="\n".join(names))
+    finally:
+        os.remove(path)
+    assert report == f"PrecomputeCelebFaces: 1 of 2 names gave a face; {os.path.basename(path)}"
+    assert faces.names == tuple(names) and torch.equal(faces.embeds[0], cache.embeds[0])
