@@ -7,10 +7,10 @@
 # FACECOND_TEST_HOSTS="0.28" picks hosts. Exit status: pytest's (5, "no tests collected", is a failure too).
 # Family tests (marker `family`: tiny SD2 / SD2-v / SDXL checkpoints, full-size text encoders) run on the hosts in
 # FACECOND_FAMILY_HOSTS (default "0.28"; "all" = every host); elsewhere they are deselected, except those marked
-# every_host (the SDXL FaceID examples, which issue 20 asks to queue on both hosts). Hostless tests (marker
-# `hostless`: tests/py files that never reach ComfyUI; both venvs hold the same pinned packages) run on the hosts in
-# FACECOND_HOSTLESS_HOSTS (default "0.28"; "all" = every host). Every host runs even when one fails; the exit
-# status is the first failure's.
+# every_host (the SDXL FaceID examples, which issue 20 asks to queue on both hosts). Tests marked `hostless`
+# (tests/py files that never reach ComfyUI; both venvs hold the same pinned packages) or `one_host` (CLI and harness
+# tests whose every ComfyUI call other tests make on every host) run on the hosts in FACECOND_ONE_HOST_HOSTS
+# (default "0.28"; "all" = every host). Every host runs even when one fails; the exit status is the first failure's.
 # (a -m of your own, coming later on the command line, wins).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,15 +35,15 @@ for name in ${FACECOND_TEST_HOSTS:-0.3.75 0.28}; do
   echo "[test] ===== ComfyUI $name ($dir) =====" >&2
   start=$(date +%s)
   family_hosts="${FACECOND_FAMILY_HOSTS:-0.28}"
-  hostless_hosts="${FACECOND_HOSTLESS_HOSTS:-0.28}"
+  one_hosts="${FACECOND_ONE_HOST_HOSTS:-0.28}"
   skip=()
   if [ "$family_hosts" != "all" ] && [[ " $family_hosts " != *" $name "* ]]; then
     skip+=("(family and not every_host)")
     echo "[test] ComfyUI $name: family tests deselected (FACECOND_FAMILY_HOSTS=$family_hosts)" >&2
   fi
-  if [ "$hostless_hosts" != "all" ] && [[ " $hostless_hosts " != *" $name "* ]]; then
-    skip+=("hostless")
-    echo "[test] ComfyUI $name: hostless tests deselected (FACECOND_HOSTLESS_HOSTS=$hostless_hosts)" >&2
+  if [ "$one_hosts" != "all" ] && [[ " $one_hosts " != *" $name "* ]]; then
+    skip+=("hostless" "one_host")
+    echo "[test] ComfyUI $name: hostless and one_host tests deselected (FACECOND_ONE_HOST_HOSTS=$one_hosts)" >&2
   fi
   select=()
   if [ "${#skip[@]}" -gt 0 ]; then

@@ -111,7 +111,11 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "hostless: a test of the pure-torch py/ package that never reaches ComfyUI; both host venvs hold "
         "the same torch and packages (scripts/setup_host.sh pins them), so scripts/test_hosts.sh runs these on the "
-        "0.28 host only unless FACECOND_HOSTLESS_HOSTS=all")
+        "0.28 host only unless FACECOND_ONE_HOST_HOSTS=all")
+    config.addinivalue_line(
+        "markers", "one_host: a CLI or harness test whose ComfyUI calls (checkpoint loading, text encoding, the "
+        "denoiser, the HTTP API) other tests make on every host; scripts/test_hosts.sh runs it on the 0.28 host "
+        "only unless FACECOND_ONE_HOST_HOSTS=all (the reason is written beside each mark)")
     config.addinivalue_line(
         "markers", "every_host: a family test that scripts/test_hosts.sh runs on every host all the same (an issue "
         "asks for it on both hosts)")

@@ -72,6 +72,10 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
 
 
+# one_host: the harness's server calls (queue, history, view, kill and resume) run on every host in
+# test_evaluate_runs.py::test_two_servers_killed_and_resumed...; what this adds (recomputing the report) is
+# host-independent
+@pytest.mark.one_host
 def test_evaluate_runs_resumes_and_reports_recomputable_numbers(setup, shared_data):
     d, out = setup, setup / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -159,6 +163,9 @@ def _plain_cmd(d: Path, data: Path, out: Path, url: str, method: str | None = No
             "--independent-recogniser", "none", "--request-timeout", "600", "--retries", "2"]
 
 
+# one_host: a killed server and a resume run on every host in
+# test_evaluate_runs.py::test_two_servers_killed_and_resumed...; this adds the one-line message
+@pytest.mark.one_host
 def test_a_server_killed_mid_run_ends_it_with_one_line_and_the_rerun_resumes(setup, shared_data, tmp_path):
     """A real ComfyUI killed (SIGKILL) while evaluate.py waits on it: one line naming the server and the resume,
     status 1, no traceback; the rerun against a new server on the same base finishes only what was missing."""

@@ -136,6 +136,8 @@ def _face_analysis(shared_data):
     return app
 
 
+# one_host: --score-only starts no ComfyUI: scoring is pure torch / onnxruntime
+@pytest.mark.one_host
 def test_report_equals_face_analysis_in_insightface_mode(tmp_path, shared_data):
     """--score-only over stored images (real photos standing in for generated ones): every ID equals insightface
     2.1's FaceAnalysis (largest face, normed_embedding, mean cosine over the references) to 1e-5. The detector
@@ -184,6 +186,8 @@ def test_report_equals_face_analysis_in_insightface_mode(tmp_path, shared_data):
     assert "preprocessing insightface" in (out / "report.html").read_text()
 
 
+# one_host: the run ends before it asks any ComfyUI anything
+@pytest.mark.one_host
 def test_fid_inputs_are_checked_before_any_generation(tmp_path):
     (tmp_path / "ids/a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "ids/a/x.png")

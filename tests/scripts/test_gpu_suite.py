@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from facecond_dev.bench import PeakMemory, Report, best_time
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +53,8 @@ def _env(**kw):
     return env | {"FACECOND_HOST": str(host), "OMP_NUM_THREADS": "1"} | kw
 
 
+# one_host: the GPU suite's runner; the face0_train bench's ComfyUI calls run on every host in test_face0_train.py
+@pytest.mark.one_host
 def test_cpu_dry_run_runs_a_bench_through_the_installed_host(tmp_path):
     out = tmp_path / "suite"
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu-dry-run", "--only", "face0_train",
@@ -68,6 +72,9 @@ def test_cpu_dry_run_runs_a_bench_through_the_installed_host(tmp_path):
     assert "face0_train  train[lora, small" in r.stdout
 
 
+# one_host: gpu.sh building its own host (a venv over this Python, ComfyUI 0.3.75's tree): the host under test is
+# not used
+@pytest.mark.one_host
 def test_own_host_uses_the_torch_it_finds(tmp_path):
     # no index (an empty wheel folder): the venv is made over this Python's packages, torch is found there (so
     # nothing installs it), and the first download, ComfyUI's tree, fails with pip's message

@@ -78,6 +78,9 @@ def test_train_face_ti_cli(cli_base):
     assert vectors.shape == (2, 768) and torch.isfinite(vectors).all()
 
 
+# one_host: the aggregator trainer's ComfyUI calls (checkpoint, CLIP, denoiser) run on every host in
+# tests/nodes/ipadapter/test_aggregator_training.py and test_train_celebbasis_cli
+@pytest.mark.one_host
 def test_train_aggregator_cli_paper_adapter_files_load_in_the_nodes(cli_base, shared_data, tiny_model):
     """--attention paper --train adapter, 2 steps: the full IP-Adapter file loads in the real LoadIPAdapter (its
     W'_k, W'_v trained, its other tensors carried over), the aggregator file in AggregateEmbeds (paper mode)."""
@@ -128,6 +131,9 @@ def test_train_aggregator_cli_paper_adapter_files_load_in_the_nodes(cli_base, sh
     torch.testing.assert_close(agg.aggregate(x, "self-attention", inside)[0], one.embeds)
 
 
+# one_host: --init id adds photo reading and name matching (no ComfyUI); test_train_face_ti_cli runs the TI CLI on
+# every host
+@pytest.mark.one_host
 def test_train_face_ti_cli_id_from_celebrity_photos(cli_base, shared_data):
     """--init id --celeb-photos: one sub-folder per celebrity (John_Salley, John_Savage, John_Schneider); the
     person's photos are John Salley's, so the init is his name's two tokens. --celeb-filter without the

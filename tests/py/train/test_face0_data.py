@@ -71,6 +71,9 @@ def test_csv_and_parquet_sources(tmp_path):
             fs.parquet_items(tmp_path / "x.parquet")
 
 
+# one_host: bad files, counts and resume are the CLI's own; its one ComfyUI call (VAE encode) runs on every host in
+# tests/scripts/test_face0_train.py
+@pytest.mark.one_host
 def test_prepare_cli_counts_bad_files_and_resumes(shared_data, tmp_path):
     src = make_sources(shared_data, tmp_path / "src")
     out = tmp_path / "out"
