@@ -18,6 +18,8 @@ COMFY_PYTHON ?=
 MODELS ?=
 IMAGE ?=
 SIZE ?= auto
+# the 25 slowest tests of each host in the log: where CI's minutes go
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: host demo test lint bench
 

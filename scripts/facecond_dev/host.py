@@ -271,7 +271,15 @@ class ComfyServer:
                 "--base-directory", str(self.base), "--disable-all-custom-nodes",
                 "--whitelist-custom-nodes", self.pack_name, "--dont-print-server",
                 # 0.3.75 puts its default database in the host tree, ignoring --base-directory
-                "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}", *self.extra_args]
+                "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}", *self._no_api_nodes(),
+                *self.extra_args]
+
+    def _no_api_nodes(self) -> list[str]:
+        """``--disable-api-nodes`` where the tree knows it (0.3.4x on): core's paid-API nodes import dozens of
+        modules at start-up (1-3 s a start measured on 2 cores) and nothing run here uses them (they need the
+        network and an account). An older tree given to the demo (COMFYUI=) does not know the flag."""
+        cli = Path(self.root) / "comfy" / "cli_args.py"
+        return ["--disable-api-nodes"] if cli.is_file() and "--disable-api-nodes" in cli.read_text() else []
 
     def _spawn(self, env: dict) -> subprocess.Popen:
         with open(self.log_path, "ab") as logf:

@@ -29,6 +29,7 @@ from facecond.py.train import face0_data as fd
 from facecond.py.train import face0_sources as fs
 from facecond.py.train import face0_train as ft
 from facecond_dev import host
+from facecond_dev.comfy_loss import comfy_y, hand_loss
 
 pytestmark = pytest.mark.parametrize("family", ["sdxl"], indirect=True)
 
@@ -101,16 +102,6 @@ def test_prepared_samples_store_original_size_and_crop(sdxl_shards, shared_data)
     assert checkpoint_native_resolution(host.tiny_checkpoint_path()) == 512
 
 
-def _comfy_y(model, cond, latent):
-    """y as ComfyUI's sampler builds it from a conditioning entry (convert_cond + encode_model_conds)."""
-    import comfy.sampler_helpers
-    import comfy.samplers
-
-    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(cond),
-                                              latent, torch.device("cpu"), "positive")
-    return conds[0]["model_conds"]["y"].cond
-
-
 def test_first_step_loss_equals_comfy_model_call_with_y(sdxl_run, sdxl_shards, family_model, family_cond,
                                                          empty_cond):
     from facecond.nodes.face0.projection import ProjectToContext
@@ -132,20 +123,15 @@ def test_first_step_loss_equals_comfy_model_call_with_y(sdxl_run, sdxl_shards, f
         (h, w), (top, left) = batch["original_sizes"][i], batch["crops_top_left"][i]
         sized = [[positive[0][0], {"pooled_output": cond[0][1]["pooled_output"], "width": w, "height": h,
                                    "crop_w": left, "crop_h": top, "target_width": SIDE, "target_height": SIDE}]]
-        ys.append(_comfy_y(model, sized, x0[i:i + 1]))
+        ys.append(comfy_y(model, sized, x0[i:i + 1]))
     context, y = torch.cat(contexts), torch.cat(ys)
     assert y.shape == (2, 2816) and not torch.equal(y[0], y[1])  # each photo's own size and crop
     # step 0's draws (seed 0, micro-step 0, rank 0 of 1: σ, ε, the dropout mask, all-False at --face-drop 0)
     sigma, noise, drop = ft.draw(x0, model.model.model_sampling.sigmas, ft.micro_generator(0, 0, 0, 1), 0.0)
     assert not drop.any()
-    x_t = x0 + sigma.view(-1, 1, 1, 1) * noise
-    with torch.no_grad():
-        x0_hat = model.model.apply_model(x_t, sigma, c_crossattn=context, y=y)
-        no_y = model.model.apply_model(x_t, sigma, c_crossattn=context, y=torch.zeros_like(y))
-    eps_hat = (x_t - x0_hat) / sigma.view(-1, 1, 1, 1)
-    hand = float(torch.mean((eps_hat - noise) ** 2))
+    hand, y_used = hand_loss(model, x0, sigma, noise, context, y)
     assert summary["losses"][0] == pytest.approx(hand, rel=1e-4, abs=1e-6)
-    assert not torch.allclose(x0_hat, no_y)  # y is used: without it the prediction (and the loss) differ
+    assert y_used  # without y the prediction (and the loss) differ
 
 
 def test_exports_drive_project_to_context_and_lora_loads(sdxl_run, sdxl_shards, family_model, family_cond,

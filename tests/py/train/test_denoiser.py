@@ -7,16 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-
-def comfy_y(model, cond, latent):
-    """y as ComfyUI's sampler builds it: convert_cond + encode_model_conds(model.extra_conds) (width/height from the
-    latent, crop 0), the positive prompt."""
-    import comfy.sampler_helpers
-    import comfy.samplers
-
-    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(cond),
-                                              latent, torch.device("cpu"), "positive")
-    return conds[0]["model_conds"]["y"].cond
+from facecond_dev.comfy_loss import comfy_y, hand_loss
 
 
 @pytest.mark.parametrize("family", ["sdxl"], indirect=True)
@@ -49,17 +40,12 @@ def test_sdxl_training_step_loss_equals_comfy_model_call_with_y(family, family_m
     gen = step_generator(5, 0)  # the draws of step 0, by hand through ComfyUI's own model call
     sigma, _ = sample_sigmas(sigmas, 1, gen)
     noise = sample_noise(x0, gen)
-    x_t = x0 + sigma.view(-1, 1, 1, 1) * noise
-    with torch.no_grad():
-        x0_hat = model.model.apply_model(x_t, sigma, c_crossattn=context, y=y_ref)
-        wrong = model.model.apply_model(x_t, sigma, c_crossattn=context, y=torch.zeros_like(y_ref))
-    eps_hat = (x_t - x0_hat) / sigma.view(-1, 1, 1, 1)
-    hand = float(torch.mean((eps_hat - noise) ** 2))
+    hand, y_used = hand_loss(model, x0, sigma, noise, context, y_ref)
     assert losses[0] == pytest.approx(hand, rel=1e-5, abs=1e-7)
-    assert not torch.allclose(x0_hat, wrong)  # y is used: a zero y gives another prediction
+    assert y_used  # a zero y gives another prediction
 
     with pytest.raises(ValueError, match="needs its ADM vector y"):
-        denoiser.denoise(model.model, x_t, sigma, context)
+        denoiser.denoise(model.model, x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, context)
 
     # rows with their own original size and crop (Face0 data): each row is ComfyUI's vector for its values
     rows = denoiser.adm_vector(model.model, pooled.repeat(2, 1), [64, 1024], [64, 768], crop_w=[0, 16], crop_h=[0, 8])
