@@ -11,7 +11,10 @@ and the overhead stays the same.
 one of them, measured in the same run on the same jobs (a plain txt2img workflow on the tiny checkpoint): the
 generation wall time from runs.jsonl (first job's start to last job's end). On one machine the two servers share
 its cores: the ratio is what several GPUs (one ComfyUI each) scale, only where each server has its own device.
+--cores-per-server 1 pins each server to its own core (and the one-server baseline to one core): the CPU stand-in for
+one device per server. Without it the servers share every core and, on a quiet 2-core machine, two are slower than one.
     .host/venv/bin/python -P bench/bench_evaluate.py [--seeds 4] [--size 64] [--steps 2] [--servers 2]
+                                                     [--cores-per-server 1]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import statistics
 import subprocess
@@ -37,6 +41,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--servers", type=int, default=1, help="2+: the multi-server speed-up instead")
+    ap.add_argument("--cores-per-server", type=int, default=0,
+                    help="with --servers: pin each server to its own N cores (OMP_NUM_THREADS=N), as each server "
+                         "would have its own GPU; 0 (default): all servers share every core")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.servers > 1:
@@ -91,8 +98,15 @@ def servers_bench(args) -> None:
     data = host.shared_data()
     work = Path(tempfile.mkdtemp(prefix="facecond-bench-servers-"))
     host.import_comfy(work / "base0")
+    if args.cores_per_server:  # each server its own cores, as each would have its own GPU
+        os.environ["OMP_NUM_THREADS"] = str(args.cores_per_server)
     servers = [host.ComfyServer(host.prepare_base(work / f"base{i}", ROOT, "facecond-pack.dev"),
                                 pack_name="facecond-pack.dev").start() for i in range(args.servers)]
+    if args.cores_per_server:
+        for i, s in enumerate(servers):
+            cores = set(range(i * args.cores_per_server, (i + 1) * args.cores_per_server))
+            for tid in os.listdir(f"/proc/{s.proc.pid}/task"):  # every thread; later ones inherit it
+                os.sched_setaffinity(int(tid), cores)
     try:
         for name in ("John_Salley", "John_Savage"):
             (work / "ids" / name).mkdir(parents=True)
