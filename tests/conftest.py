@@ -123,7 +123,8 @@ def pytest_configure(config):
 
 # A test file under tests/py (the pure-torch ``py/`` package, which imports nothing of ComfyUI) that mentions none of
 # these never reaches ComfyUI: not in-process, not through a CLI or a server. It is marked ``hostless``.
-HOST_WORDS = ("comfy", "facecond_dev", "nodes", "tiny_", "family", "server", "subprocess", "sys.executable")
+HOST_WORDS = ("comfy", "facecond_dev", "nodes", "tiny_", "stand_in", "family", "server", "subprocess",
+              "sys.executable")
 
 
 def _hostless(path: Path, seen: dict) -> bool:
@@ -138,8 +139,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:  # every test that loads a family checkpoint is a family test, marked or not
         if {"family", "family_model", "family_ckpt", "family_cond"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.family)
-        if _hostless(Path(str(item.fspath)).resolve(), seen) and not set(getattr(item, "fixturenames", ())) & {
-                "tiny_model", "tiny_ckpt", "comfy_base", "stand_in_models", "server", "tiny_controlnet"}:
+        if _hostless(Path(str(item.fspath)).resolve(), seen):  # its host fixtures' names are HOST_WORDS too
             item.add_marker(pytest.mark.hostless)
 
 

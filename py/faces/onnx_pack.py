@@ -51,21 +51,13 @@ def make_session(path: str | os.PathLike, cuda: bool = True):
     differently, and a dynamic session's landmarks differ from FaceAnalysis's by one float32 step (3e-5 px),
     enough to move a few pixels of the 112 crop by one grey level. Fixed, they are bit-identical."""
     ort = import_ort()
-
-    def open_with(overrides=()):
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        for name in overrides:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    ins, n_out = onnx_io(path)  # read from the file: no throw-away session to learn the shapes
+    if n_out >= 5 and ins and len(ins[0]) == 4:
+        for name in sorted({d for d in ins[0][2:] if isinstance(d, str)}):  # an unnamed dimension matches no name
             opts.add_free_dimension_override_by_name(name, DETECTOR_SIZE)
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers(cuda))
-
-    session = open_with()
-    shape = session.get_inputs()[0].shape
-    if len(session.get_outputs()) >= 5 and len(shape) == 4:
-        symbolic = [d for d in shape[2:] if not isinstance(d, int)]
-        if symbolic and all(isinstance(d, str) and d for d in symbolic):  # unnamed dimensions cannot be fixed
-            session = open_with(sorted(set(symbolic)))
-    return session
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers(cuda))
 
 
 class SessionModule(nn.Module):
